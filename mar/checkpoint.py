@@ -1,0 +1,308 @@
+"""Async, crash-tolerant checkpoints of the training state (orbax CheckpointManager).
+
+A run directory holds `<workdir>/checkpoints/<step>/` folders, each with two items:
+`state` (a pytree of arrays: params, optimizer state, PRNG key data ...) and `extra`
+(a small JSON dict: data iterator position, counters, anything host-side).
+
+Restoring picks the latest *valid* step. A step that was cut short (kill -9 mid-write,
+files truncated or deleted, commit marker missing) is logged with an absl warning,
+renamed aside to `<step>.invalid-<unix time>` so later saves of that step number do not
+collide with it, and the previous step is used. Unfinished orbax tmp folders are never
+read (orbax skips them; they are deleted when a Checkpointer opens the directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+_STATE = "state"
+_EXTRA = "extra"
+_COMMIT_MARKER = "commit_success.txt"
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+
+PyTree = Any
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    """The checkpoints folder of a run directory."""
+    return os.path.join(os.fspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """Saves every `every_steps` steps (async), keeps the last `keep`, restores the latest valid one.
+
+    Args:
+      directory: the checkpoints folder itself (use `checkpoint_dir(workdir)` or
+        `Checkpointer.from_config`). Local path or any path etils.epath understands.
+      keep: how many most recent steps to keep on disk.
+      every_steps: `save` is a no-op unless `step % every_steps == 0` or `force=True`.
+      async_save: write in a background thread; `save` returns once the arrays are
+        copied to host memory, so donated device buffers may be reused right after.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int = 3,
+        every_steps: int = 1,
+        async_save: bool = True,
+    ):
+        if keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1, found {keep}")
+        if every_steps < 1:
+            raise ValueError(f"checkpoint every_steps must be >= 1, found {every_steps}")
+        self.directory = epath.Path(directory)
+        self.keep = keep
+        self.every_steps = every_steps
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            should_save_fn=lambda step, _last: step % every_steps == 0,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _EXTRA: ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    @classmethod
+    def from_config(cls, workdir: str | os.PathLike, config: Any) -> "Checkpointer":
+        """From a `config.checkpoint` block (every_steps, keep, async_save)."""
+        return cls(
+            checkpoint_dir(workdir),
+            keep=int(config.keep),
+            every_steps=int(config.every_steps),
+            async_save=bool(config.async_save),
+        )
+
+    # ---------------------------------------------------------------- saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force would write a checkpoint."""
+        return self._manager.should_save(step)
+
+    def save(
+        self,
+        step: int,
+        state: PyTree,
+        extra: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Starts writing `state` and `extra` as checkpoint `step`; returns whether it did.
+
+        `extra` must be JSON-able (numpy scalars and arrays are converted); it is checked
+        here, before the background write, so a bad value fails at the call site. Skips
+        (returns False) when the interval says so, or when `step` is already on disk.
+        """
+        step = int(step)
+        extra_json = to_jsonable(dict(extra or {}), where="checkpoint extra")
+        if step in self._manager.all_steps():
+            logging.info("Checkpoint step %d already exists in %s; not saving.", step, self.directory)
+            return False
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra_json)}
+            ),
+            force=force,
+        )
+        if saved:
+            logging.info("Checkpoint step %d started in %s.", step, self.directory)
+        return bool(saved)
+
+    def wait(self) -> None:
+        """Blocks until any background save has been committed (and old steps removed)."""
+        self._manager.wait_until_finished()
+
+    # ------------------------------------------------------------- restoring
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, ascending (validity is checked only on restore)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None for an empty directory."""
+        return self._manager.latest_step()
+
+    def restore(
+        self, target_state_like: PyTree | None = None, step: int | None = None
+    ) -> tuple[int, PyTree, dict] | None:
+        """Returns `(step, state, extra)` of the latest valid checkpoint, or None if there is none.
+
+        With `target_state_like` (a pytree of arrays or `jax.ShapeDtypeStruct`s carrying a
+        sharding) each array is restored with the target's shape, dtype and sharding, so
+        a state sharded over a mesh comes back sharded over it, whatever mesh saved it.
+        Numpy leaves in the target come back as numpy arrays. Without a target, arrays are
+        restored as saved (on the saved devices, if they exist).
+
+        A target whose tree paths or shapes differ from the checkpoint raises ValueError
+        (a config mismatch is not a corrupt checkpoint). Corrupt or partial steps are
+        skipped with a warning; if every step is unreadable, raises RuntimeError.
+        With `step`, restores exactly that step, without fallback.
+        """
+        self.wait()
+        self._manager.reload()
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}; found {steps}")
+            return self._restore_step(step, target_state_like)
+        if not steps:
+            return None
+        bad: list[int] = []
+        errors: list[str] = []
+        for candidate in reversed(steps):
+            try:
+                result = self._restore_step(candidate, target_state_like)
+            except _TargetMismatchError:
+                raise
+            except Exception as e:  # pylint: disable=broad-except
+                path = self._step_path(candidate)
+                logging.warning(
+                    "Checkpoint %s is corrupt or incomplete (%s: %s); falling back to the previous one.",
+                    path, type(e).__name__, _short(str(e)),
+                )
+                bad.append(candidate)
+                errors.append(f"{path}: {type(e).__name__}: {_short(str(e))}")
+                continue
+            if bad:
+                self._set_aside(bad)
+            return result
+        raise RuntimeError(
+            f"no readable checkpoint in {self.directory}; tried steps {sorted(bad, reverse=True)}:\n"
+            + "\n".join(errors)
+        )
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internal
+
+    def _step_path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def _restore_step(self, step: int, target: PyTree | None) -> tuple[int, PyTree, dict]:
+        path = self._step_path(step)
+        missing = [
+            name
+            for name in (_COMMIT_MARKER, _STEP_METADATA, _STATE, _EXTRA)
+            if not (path / name).exists()
+        ]
+        if missing:
+            raise FileNotFoundError(f"{path} lacks {missing}")
+        abstract = None
+        if target is not None:
+            abstract = jax.tree.map(_abstract_leaf, target)
+            stored = self._manager.item_metadata(step)[_STATE]
+            _check_target_matches(stored, abstract, path / _STATE)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract), _EXTRA: ocp.args.JsonRestore()}
+            ),
+        )
+        extra = restored[_EXTRA]
+        if extra is None:
+            raise FileNotFoundError(f"{path / _EXTRA} could not be read")
+        logging.info("Restored checkpoint %s.", path)
+        return step, restored[_STATE], dict(extra)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable steps so they are neither restored nor collide with new saves."""
+        if jax.process_index() == 0:
+            stamp = int(time.time())
+            for step in steps:
+                src = self._step_path(step)
+                dst = self.directory / f"{step}.invalid-{stamp}"
+                logging.warning("Moving unreadable checkpoint %s to %s.", src, dst)
+                src.rename(dst)
+        ocp.multihost.sync_global_processes("mar_checkpoint_set_aside")
+        self._manager.reload()
+
+
+class _TargetMismatchError(ValueError):
+    """The restore target does not describe the stored state (a config error)."""
+
+
+def _abstract_leaf(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x  # ShapeDtypeStruct, numpy array or scalar: orbax handles them as given.
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+    """Tree path as plain names, so a namedtuple field and the dict key it is stored as agree."""
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def _check_target_matches(stored: PyTree, target: PyTree, where: epath.Path) -> None:
+    want = {_path_names(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {
+        _path_names(p): tuple(m.shape)
+        for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+        if hasattr(m, "shape")
+    }
+    problems = []
+    for name in sorted(set(want) - set(have))[:5]:
+        problems.append(f"{'/'.join(name)}: expected in checkpoint, not found")
+    for name in sorted(set(have) - set(want))[:5]:
+        problems.append(f"{'/'.join(name)}: in checkpoint, not in target")
+    for name in sorted(set(want) & set(have)):
+        if tuple(want[name]) != have[name]:
+            problems.append(f"{'/'.join(name)}: expected shape {tuple(want[name])}, found {have[name]}")
+    if problems:
+        raise _TargetMismatchError(
+            f"restore target does not match checkpoint {where}:\n  " + "\n  ".join(problems[:10])
+        )
+
+
+def to_jsonable(value: Any, where: str = "value") -> Any:
+    """Converts numpy/jax scalars and arrays to Python values; raises naming the bad key."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    try:
+        json.dumps(value)
+    except TypeError as e:
+        raise TypeError(f"{where} is not JSON-able: found {type(value).__name__}") from e
+    return value
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."

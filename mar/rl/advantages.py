@@ -1,0 +1,139 @@
+"""Advantage estimators: token-level GAE for PPO and group-relative ones for GRPO.
+
+GAE runs over action tokens only. Multi-attempt episodes interleave model tokens with
+feedback spans inserted by the environment; the value of the state after attempt i is the
+critic value at the first token of attempt i+1, reached with gamma = lam = 1 (the feedback
+is not a decision, so it is neither discounted nor traced). See METHODS.md §1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def gae(
+    rewards: Array,
+    values: Array,
+    action_mask: Array,
+    feedback_mask: Array,
+    gamma: float | Array,
+    lam: float | Array,
+) -> tuple[Array, Array]:
+  """Generalised advantage estimation over the action tokens of each row.
+
+  Args:
+    rewards: [B, T] reward received on token t (episode reward on the last action token).
+      Rewards on non-action tokens are ignored.
+    values: [B, T] critic value of the state before action t.
+    action_mask: [B, T] True on tokens the policy generated and is trained on.
+    feedback_mask: [B, T] True on environment-inserted feedback tokens. Must not overlap
+      the action mask (an overlapping token counts as an action).
+    gamma, lam: discount and trace parameters; replaced by 1 across a feedback span.
+
+  Returns:
+    (advantages, returns), both [B, T] float32, zero outside action tokens;
+    returns = advantages + values on action tokens. The value after the last action
+    token of a row is 0.
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  values = jnp.asarray(values, jnp.float32)
+  act = jnp.asarray(action_mask).astype(bool)
+  fb = jnp.asarray(feedback_mask).astype(bool)
+  gamma = jnp.asarray(gamma, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)
+  batch = rewards.shape[0]
+
+  def step(carry, x):
+    next_value, next_adv, crossed = carry  # [B] each; "next" = next action token
+    r, v, a, f = x
+    g = jnp.where(crossed, 1.0, gamma)
+    l = jnp.where(crossed, 1.0, lam)
+    adv = r + g * next_value - v + g * l * next_adv
+    carry = (
+        jnp.where(a, v, next_value),
+        jnp.where(a, adv, next_adv),
+        jnp.where(a, False, crossed | f),
+    )
+    return carry, jnp.where(a, adv, 0.0)
+
+  init = (
+      jnp.zeros([batch], jnp.float32),
+      jnp.zeros([batch], jnp.float32),
+      jnp.zeros([batch], bool),
+  )
+  xs = (rewards.T, values.T, act.T, fb.T)  # scan over T
+  _, adv_tb = jax.lax.scan(step, init, xs, reverse=True)
+  advantages = adv_tb.T
+  returns = jnp.where(act, advantages + values, 0.0)
+  return advantages, returns
+
+
+def normalize_advantages(adv: Array, mask: Array, eps: float = 1e-8) -> Array:
+  """Whitens advantages over the mask tokens of the whole batch (population std >= eps)."""
+  adv = jnp.asarray(adv, jnp.float32)
+  m = jnp.asarray(mask).astype(bool)
+  mf = m.astype(jnp.float32)
+  n = jnp.maximum(mf.sum(), 1.0)
+  mean = (adv * mf).sum() / n
+  var = (jnp.square(adv - mean) * mf).sum() / n
+  std = jnp.maximum(jnp.sqrt(var), eps)
+  return jnp.where(m, (adv - mean) / std, 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Group-relative estimators: rewards [P, G] (P prompts, G samples each) -> advantages.
+
+
+def _check_group(rewards: Array, name: str, min_size: int) -> Array:
+  rewards = jnp.asarray(rewards, jnp.float32)
+  if rewards.ndim != 2:
+    raise ValueError(f"advantages.py: {name} expects rewards [P, G], found shape {rewards.shape}")
+  if rewards.shape[1] < min_size:
+    raise ValueError(
+        f"advantages.py: {name} needs group size G >= {min_size}, found G = {rewards.shape[1]}"
+    )
+  return rewards
+
+
+def grpo_advantages(rewards: Array) -> Array:
+  """(R - mean) / (std + 1e-6); std is the unbiased (ddof=1) one, as torch.std in verl."""
+  r = _check_group(rewards, "grpo", 2)
+  mean = r.mean(axis=1, keepdims=True)
+  std = jnp.std(r, axis=1, ddof=1, keepdims=True)
+  return (r - mean) / (std + 1e-6)
+
+
+def grpo_no_std_advantages(rewards: Array) -> Array:
+  """R - mean (Dr.GRPO): no division by the group std."""
+  r = _check_group(rewards, "grpo_no_std", 1)
+  return r - r.mean(axis=1, keepdims=True)
+
+
+def rloo_advantages(rewards: Array) -> Array:
+  """R minus the mean of the other G - 1 members (leave-one-out baseline)."""
+  r = _check_group(rewards, "rloo", 2)
+  g = r.shape[1]
+  others_mean = (r.sum(axis=1, keepdims=True) - r) / (g - 1)
+  return r - others_mean
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[Array], Array]] = {
+    "grpo": grpo_advantages,
+    "grpo_no_std": grpo_no_std_advantages,
+    "drgrpo": grpo_no_std_advantages,
+    "rloo": rloo_advantages,
+}
+
+
+def group_advantages(name: str, rewards: Array) -> Array:
+  """Looks up a group estimator by name and applies it to rewards [P, G] -> [P, G]."""
+  if name not in ADVANTAGE_ESTIMATORS:
+    raise ValueError(
+        f"advantages.py: unknown estimator {name!r}; expected one of {sorted(ADVANTAGE_ESTIMATORS)}"
+    )
+  return ADVANTAGE_ESTIMATORS[name](rewards)

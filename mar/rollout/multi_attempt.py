@@ -1,0 +1,203 @@
+"""The multi-attempt episode as one jitted program: a `lax.scan` over turns.
+
+Each turn decodes one attempt for every live row (the sampler's while-loop decode, ending
+at the attempt's first closed `\\boxed{}` or a stop token), verifies all attempts of the
+turn with ONE host callback, and appends the pre-tokenized feedback turn to the live KV
+cache of the rows that were wrong and have attempts left. The cache is never re-filled.
+
+The cache slot layout is the dialogue layout (see `mar.sampling`): slot s of row b holds
+the s-th token of that row's dialogue. Masks are written from what this code inserted,
+never by searching token ids: `action_mask` marks sampled tokens, `feedback_mask` the
+inserted feedback spans (from their leading `<|im_end|>` to `<|im_start|>assistant\\n`).
+A stop token the model emitted is rewound and never kept: the feedback supplies the
+`<|im_end|>` and the final attempt ends without one (METHODS.md §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mar import sampling
+from mar.models.config import QwenConfig
+
+REWARD_CORRECT = 1.0
+REWARD_WRONG_BOX = -0.5
+REWARD_NO_BOX = -1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+  """Static shape and sampling settings of one rollout program (one compile each)."""
+
+  max_attempts: int  # M: the scan length
+  token_budget: int  # generated tokens shared by all attempts of an episode
+  cache_len: int  # S: prompt bucket + budget + feedback turns + 1 slack slot
+  sampling: sampling.SamplingParams
+  stop_ids: tuple[int, ...]
+  check_every: int = 1
+
+
+def cache_len_for(prompt_len: int, token_budget: int, max_attempts: int, feedback_len: int) -> int:
+  """Slots needed by the longest possible episode, plus the decode slack slot."""
+  return prompt_len + token_budget + (max_attempts - 1) * feedback_len + 1
+
+
+class Episodes(NamedTuple):
+  """Rollout output; [B, S] arrays are aligned with the dialogue slots."""
+
+  tokens: jax.Array  # [B, S] int32
+  valid: jax.Array  # [B, S] bool: prompt, attempts and feedback tokens
+  action_mask: jax.Array  # [B, S] bool: model-sampled tokens (loss targets)
+  feedback_mask: jax.Array  # [B, S] bool: inserted feedback spans
+  attempt_id: jax.Array  # [B, S] int32: 1-based attempt of each action token, 0 elsewhere
+  logprobs: jax.Array  # [B, S] f32: sampler log-probs of the action tokens
+  reward: jax.Array  # [B] f32: episode reward (+1 / -0.5 / -1)
+  last_action: jax.Array  # [B] int32: slot of the last action token (-1 if none)
+  n_attempts: jax.Array  # [B] int32: attempts allowed
+  attempts_used: jax.Array  # [B] int32
+  correct_turn: jax.Array  # [M, B] bool: attempt t was made and was correct
+  attempted_turn: jax.Array  # [M, B] bool: attempt t was made
+  boxed_turn: jax.Array  # [M, B] bool: attempt t produced a closed box
+  truncated: jax.Array  # [B] bool: the token budget ran out
+
+
+class _Carry(NamedTuple):
+  state: sampling.SamplerState
+  active: jax.Array  # [B] bool: episode still going
+  attempts_left: jax.Array  # [B] int32
+  budget_left: jax.Array  # [B] int32
+  action_mask: jax.Array
+  feedback_mask: jax.Array
+  attempt_id: jax.Array
+
+
+# verify_fn(example_ids [B], tokens [B, S], start [B], end [B], live [B]) -> (correct [B], boxed [B])
+VerifyFn = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+def _span_mask(shape, start, end):
+  """[B, S] bool, True on slots start[b] <= s < end[b]."""
+  s = jnp.arange(shape[1])[None, :]
+  return (s >= start[:, None]) & (s < end[:, None])
+
+
+def _verify_on_host(verify_fn: VerifyFn, example_ids, tokens, start, end, live):
+  out_shape = (
+      jax.ShapeDtypeStruct(live.shape, jnp.bool_),
+      jax.ShapeDtypeStruct(live.shape, jnp.bool_),
+  )
+
+  def host(ids, toks, st, en, lv):
+    correct, boxed = verify_fn(np.asarray(ids), np.asarray(toks), np.asarray(st),
+                               np.asarray(en), np.asarray(lv))
+    return np.asarray(correct, bool), np.asarray(boxed, bool)
+
+  correct, boxed = jax.pure_callback(host, out_shape, example_ids, tokens, start, end, live)
+  return correct & live, boxed & live
+
+
+def _turn(config, params, spec, stop_predicate, verify_fn, example_ids, feedback, carry, turn):
+  """One attempt for every live row; returns the new carry and per-turn outcomes."""
+  fb_tokens, fb_lengths = feedback
+  state, live = carry.state, carry.active
+  start = state.pos
+  state = sampling.decode(
+      config, params, state,
+      max_new=jnp.where(live, carry.budget_left, 0),
+      sampling=spec.sampling, stop_ids=spec.stop_ids,
+      stop_predicate=stop_predicate, check_every=spec.check_every,
+  )
+  stopped = live & (state.finish == sampling.FINISH_STOP_TOKEN)
+  budget_left = carry.budget_left - jnp.where(live, state.num_new, 0)
+  # The stop token is dropped: the feedback's leading <|im_end|> (or nothing) replaces it.
+  state = sampling.rewind(state, stopped.astype(jnp.int32))
+  end = state.pos
+  span = _span_mask(state.tokens.shape, start, end) & live[:, None]
+  action_mask = carry.action_mask | span
+  attempt_id = jnp.where(span, turn + 1, carry.attempt_id)
+
+  correct, boxed = _verify_on_host(verify_fn, example_ids, state.tokens, start, end, live)
+  attempts_left = carry.attempts_left - live.astype(jnp.int32)
+  go_on = live & ~correct & (attempts_left > 0) & (budget_left > 0)
+
+  fb_len = jnp.where(go_on, fb_lengths[attempts_left], 0)
+  fb_start = state.pos
+  state = sampling.append(config, params, state, fb_tokens[attempts_left], fb_len)
+  feedback_mask = carry.feedback_mask | _span_mask(state.tokens.shape, fb_start, fb_start + fb_len)
+
+  new = _Carry(state, go_on, attempts_left, budget_left, action_mask, feedback_mask, attempt_id)
+  truncated_now = live & ~correct & (budget_left <= 0)
+  return new, (correct, live, boxed, truncated_now)
+
+
+def episode_reward(any_correct: jax.Array, any_box: jax.Array) -> jax.Array:
+  """+1 if any attempt was correct, -0.5 if some box but none correct, -1 if never a box."""
+  return jnp.where(any_correct, REWARD_CORRECT, jnp.where(any_box, REWARD_WRONG_BOX, REWARD_NO_BOX))
+
+
+def rollout(
+    config: QwenConfig,
+    params,
+    spec: RolloutSpec,
+    stop_predicate,
+    verify_fn: VerifyFn,
+    prompt_tokens: jax.Array,  # [B, P] left-padded
+    prompt_mask: jax.Array,  # [B, P] bool
+    n_attempts: jax.Array,  # [B] int32 in 1..M
+    example_ids: jax.Array,  # [B] int32, host-side index of the gold answer
+    feedback_tokens: jax.Array,  # [M + 1, Lf] int32, row n = feedback with n attempts left
+    feedback_lengths: jax.Array,  # [M + 1] int32
+    key: jax.Array,
+) -> Episodes:
+  """Runs a batch of multi-attempt episodes (jit with config/spec/predicate/verify static)."""
+  b = prompt_tokens.shape[0]
+  state = sampling.prefill(config, params, prompt_tokens, prompt_mask, spec.cache_len)
+  state = state._replace(key=key)
+  s = spec.cache_len
+  carry = _Carry(
+      state=state,
+      active=n_attempts > 0,
+      attempts_left=n_attempts.astype(jnp.int32),
+      budget_left=jnp.full((b,), spec.token_budget, jnp.int32),
+      action_mask=jnp.zeros((b, s), bool),
+      feedback_mask=jnp.zeros((b, s), bool),
+      attempt_id=jnp.zeros((b, s), jnp.int32),
+  )
+  turn_fn = lambda c, t: _turn(config, params, spec, stop_predicate, verify_fn, example_ids,
+                               (feedback_tokens, feedback_lengths), c, t)
+  carry, (correct_t, live_t, boxed_t, trunc_t) = jax.lax.scan(
+      turn_fn, carry, jnp.arange(spec.max_attempts))
+
+  any_correct = correct_t.any(0)
+  any_box = boxed_t.any(0)
+  slots = jnp.arange(s)[None, :]
+  last_action = jnp.max(jnp.where(carry.action_mask, slots, -1), axis=1)
+  st = carry.state
+  return Episodes(
+      tokens=st.tokens,
+      valid=st.cache.valid,
+      action_mask=carry.action_mask,
+      feedback_mask=carry.feedback_mask,
+      attempt_id=carry.attempt_id,
+      logprobs=jnp.where(carry.action_mask, st.logprobs, 0.0),
+      reward=episode_reward(any_correct, any_box),
+      last_action=last_action,
+      n_attempts=n_attempts,
+      attempts_used=live_t.sum(0).astype(jnp.int32),
+      correct_turn=correct_t,
+      attempted_turn=live_t,
+      boxed_turn=boxed_t,
+      truncated=trunc_t.any(0),
+  )
+
+
+def token_rewards(episodes: Episodes) -> jax.Array:
+  """[B, S] rewards: the episode reward on its last action token, zero elsewhere."""
+  s = episodes.tokens.shape[1]
+  at_last = jnp.arange(s)[None, :] == episodes.last_action[:, None]
+  return jnp.where(at_last, episodes.reward[:, None], 0.0)

@@ -110,6 +110,8 @@ class Checkpointer:
         """
         step = int(step)
         extra_json = to_jsonable(dict(extra or {}), where="checkpoint extra")
+        if not force and not self._manager.should_save(step):
+            return False
         if step in self._manager.all_steps():
             logging.info("Checkpoint step %d already exists in %s; not saving.", step, self.directory)
             return False
@@ -216,6 +218,8 @@ class Checkpointer:
         if target is not None:
             abstract = jax.tree.map(_abstract_leaf, target)
             stored = self._manager.item_metadata(step)[_STATE]
+            if stored is None or not jax.tree.leaves(stored):
+                raise FileNotFoundError(f"{path / _STATE} has no readable array metadata")
             _check_target_matches(stored, abstract, path / _STATE)
         restored = self._manager.restore(
             step,
@@ -265,8 +269,16 @@ def _path_names(path: tuple) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _stored_shape(x: Any) -> tuple[int, ...]:
+    """Shape as written to disk: typed PRNG keys are stored as their uint32 key data."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, x).shape)
+    return tuple(np.shape(x))
+
+
 def _check_target_matches(stored: PyTree, target: PyTree, where: epath.Path) -> None:
-    want = {_path_names(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    want = {_path_names(p): _stored_shape(x) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
     have = {
         _path_names(p): tuple(m.shape)
         for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]

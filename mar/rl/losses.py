@@ -41,11 +41,20 @@ def _kl_k3(d: Array) -> Array:
 KL_ESTIMATORS: dict[str, Callable[[Array], Array]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
 
 
-def kl_penalty(name: str, logp: Array, ref_logp: Array, clamp: float | None = 10.0) -> Array:
-  """Per-token KL estimate; d = logp - ref_logp is clamped to [-clamp, clamp] first."""
+def kl_penalty(
+    name: str, logp: Array, ref_logp: Array, clamp: float | None = 10.0, mask: Array | None = None
+) -> Array:
+  """Per-token KL estimate; d = logp - ref_logp is clamped to [-clamp, clamp] first.
+
+  With `mask`, d is set to 0 outside it (value 0, zero gradient even for NaN inputs).
+  """
   if name not in KL_ESTIMATORS:
-    raise ValueError(f"losses.py: unknown KL estimator {name!r}; expected one of {sorted(KL_ESTIMATORS)}")
+    raise ValueError(
+        f"losses.py: unknown KL estimator {name!r}; expected one of {sorted(KL_ESTIMATORS)}"
+    )
   d = jnp.asarray(logp, jnp.float32) - jnp.asarray(ref_logp, jnp.float32)
+  if mask is not None:
+    d = jnp.where(jnp.asarray(mask).astype(bool), d, 0.0)
   if clamp is not None:
     d = jnp.clip(d, -clamp, clamp)
   return KL_ESTIMATORS[name](d)
@@ -104,7 +113,9 @@ def aggregate(
   micro-batch losses equals the mini-batch loss even when token counts differ between them.
   """
   if name not in AGGREGATIONS:
-    raise ValueError(f"losses.py: unknown aggregation {name!r}; expected one of {sorted(AGGREGATIONS)}")
+    raise ValueError(
+        f"losses.py: unknown aggregation {name!r}; expected one of {sorted(AGGREGATIONS)}"
+    )
   mask = jnp.asarray(mask).astype(bool)
   values = jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0)
   return AGGREGATIONS[name](values, mask.astype(jnp.float32), max_len, group_norm)
@@ -125,7 +136,8 @@ def _per_token(adv: Array, mask: Array) -> Array:
 
 def _log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
   d = jnp.asarray(logp, jnp.float32) - jnp.asarray(old_logp, jnp.float32)
-  return jnp.where(jnp.asarray(mask).astype(bool), jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0)
+  d = jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+  return jnp.where(jnp.asarray(mask).astype(bool), d, 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +145,12 @@ def _log_ratio(logp: Array, old_logp: Array, mask: Array) -> Array:
 
 
 def ppo_clip_token_loss(
-    logp: Array, old_logp: Array, advantages: Array, mask: Array, clip_low: float = 0.2, clip_high: float = 0.2
+    logp: Array,
+    old_logp: Array,
+    advantages: Array,
+    mask: Array,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
 ) -> tuple[Array, Array, Array]:
   """Per-token -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
 
@@ -192,7 +209,9 @@ def ppo_policy_loss(
   Metrics: clipfrac (share of mask tokens where the clipped term is active) and approx_kl,
   the token mean of (r - 1) - log r, an estimate of KL(pi_old || pi).
   """
-  loss_bt, clipped, log_ratio = ppo_clip_token_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+  loss_bt, clipped, log_ratio = ppo_clip_token_loss(
+      logp, old_logp, advantages, mask, clip_low, clip_high
+  )
   loss = aggregate(agg, loss_bt, mask, max_len=max_len, group_norm=group_norm)
   metrics = {
       "pg_loss": jax.lax.stop_gradient(loss),
@@ -209,10 +228,10 @@ def value_loss(
 
   V_clip = old_values + clip(values - old_values, -clip, clip); clip=None disables clipping.
   """
-  v = jnp.asarray(values, jnp.float32)
-  old = jnp.asarray(old_values, jnp.float32)
-  ret = jnp.asarray(returns, jnp.float32)
   m = jnp.asarray(mask).astype(bool)
+  v = jnp.where(m, jnp.asarray(values, jnp.float32), 0.0)
+  old = jnp.where(m, jnp.asarray(old_values, jnp.float32), 0.0)
+  ret = jnp.where(m, jnp.asarray(returns, jnp.float32), 0.0)
   err = jnp.square(v - ret)
   if clip is None:
     per_token = err
@@ -246,7 +265,11 @@ def lte_offpolicy_loss(
   """LTE's shaped off-policy term -f(r_hat) A over hinted samples, no clipping."""
   loss_bt, weight = lte_shaping_token_loss(logp, old_logp_hinted, advantages, mask, gamma)
   loss = aggregate(agg, loss_bt, mask, max_len=max_len, group_norm=group_norm)
-  return loss, {"offpolicy_loss": jax.lax.stop_gradient(loss), "shaping_weight": _masked_mean(weight, mask)}
+  metrics = {
+      "offpolicy_loss": jax.lax.stop_gradient(loss),
+      "shaping_weight": _masked_mean(weight, mask),
+  }
+  return loss, metrics
 
 
 def grpo_lte_loss(
@@ -295,13 +318,19 @@ def grpo_lte_loss(
     hinted_bt = jnp.asarray(hinted).astype(bool)[:, None] & m
   onpolicy_bt = m & ~hinted_bt
 
-  clip_bt, clipped, log_ratio = ppo_clip_token_loss(logp, old_logp, advantages, onpolicy_bt, clip_low, clip_high)
-  shape_bt, weight = lte_shaping_token_loss(logp, old_logp_hinted, advantages, hinted_bt, shaping_gamma)
+  clip_bt, clipped, log_ratio = ppo_clip_token_loss(
+      logp, old_logp, advantages, onpolicy_bt, clip_low, clip_high
+  )
+  shape_bt, weight = lte_shaping_token_loss(
+      logp, old_logp_hinted, advantages, hinted_bt, shaping_gamma
+  )
   per_token = clip_bt + shape_bt  # disjoint supports
 
   if separate_norm:
     if group_norm is not None:
-      raise ValueError("losses.py: grpo_lte_loss separate_norm=True cannot be combined with group_norm")
+      raise ValueError(
+          "losses.py: grpo_lte_loss separate_norm=True cannot be combined with group_norm"
+      )
     pg_loss = aggregate(agg, clip_bt, onpolicy_bt, max_len=max_len) + aggregate(
         agg, shape_bt, hinted_bt, max_len=max_len
     )
@@ -319,12 +348,15 @@ def grpo_lte_loss(
   if kl_coef != 0.0:
     if ref_logp is None:
       raise ValueError("losses.py: grpo_lte_loss kl_coef != 0 needs ref_logp, found None")
-    kl = aggregate(agg, kl_penalty(kl_name, logp, ref_logp, kl_clamp), m, max_len=max_len, group_norm=group_norm)
+    kl_bt = kl_penalty(kl_name, logp, ref_logp, kl_clamp, m)
+    kl = aggregate(agg, kl_bt, m, max_len=max_len, group_norm=group_norm)
     loss = loss + kl_coef * kl
     metrics["kl"] = jax.lax.stop_gradient(kl)
   if entropy_coef != 0.0:
     if entropy is None:
-      raise ValueError("losses.py: grpo_lte_loss entropy_coef != 0 needs per-token entropy, found None")
+      raise ValueError(
+          "losses.py: grpo_lte_loss entropy_coef != 0 needs per-token entropy, found None"
+      )
     ent = aggregate(agg, entropy, m, max_len=max_len, group_norm=group_norm)
     loss = loss - entropy_coef * ent
     metrics["entropy"] = jax.lax.stop_gradient(ent)
@@ -352,11 +384,13 @@ def ppo_actor_loss(
   The KL to the frozen reference is added to the loss, not to the reward (METHODS §1).
   ref_logp may be None only when kl_coef == 0.
   """
-  loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, "token_mean")
+  loss, metrics = ppo_policy_loss(
+      logp, old_logp, advantages, mask, clip_low, clip_high, "token_mean"
+  )
   if kl_coef != 0.0:
     if ref_logp is None:
       raise ValueError("losses.py: ppo_actor_loss kl_coef != 0 needs ref_logp, found None")
-    kl = aggregate("token_mean", kl_penalty(kl_name, logp, ref_logp, kl_clamp), mask)
+    kl = aggregate("token_mean", kl_penalty(kl_name, logp, ref_logp, kl_clamp, mask), mask)
     loss = loss + kl_coef * kl
     metrics["kl"] = jax.lax.stop_gradient(kl)
   metrics["loss"] = jax.lax.stop_gradient(loss)

@@ -1,0 +1,105 @@
+"""ml_collections helpers shared by every config and by mar.main.
+
+Every `configs/*.py` starts from `common_config()` and adds its own blocks; mar.main
+locks the config (`config_flags.DEFINE_config_file(..., lock_config=True)`) so a
+mistyped `--config.x.y=...` override fails instead of adding a new, unused field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+
+CONFIG_FILE = "config.json"
+
+
+def common_config() -> ml_collections.ConfigDict:
+    """The fields every mar config has, with defaults.
+
+    mesh.{data,fsdp,tensor}: device counts per mesh axis; -1 means "all the devices the
+    other axes leave" (at most one axis may be -1).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 100
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.log_every = 1
+    return c
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The resolved config (field references evaluated) as plain Python containers."""
+    return _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+
+
+def save_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str:
+    """Writes the resolved config to `<workdir>/config.json` (process 0 only); returns the path.
+
+    Values JSON cannot hold (functions, dtypes, ...) are written as their repr.
+    """
+    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+    if jax.process_index() != 0:
+        return path
+    os.makedirs(os.fspath(workdir), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True, default=repr)
+        f.write("\n")
+    os.replace(tmp, path)
+    logging.info("Wrote %s", path)
+    return path
+
+
+def get_by_path(config: Any, key: str) -> Any:
+    """`config.a.b.c` for key "a.b.c"; ValueError naming the first missing part."""
+    node = config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            where = ".".join(parts[: i + 1])
+            raise ValueError(f"config has no field {where!r} (looking up {key!r})") from None
+    return node
+
+
+def check_paths(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+    """Raises ValueError naming every `config.<key>` whose path is unset or does not exist.
+
+    Remote paths (with a scheme such as gs://) are not checked here.
+    """
+    problems = []
+    for key in keys:
+        value = get_by_path(config, key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            problems.append(f"config.{key} is not set; pass --config.{key}=PATH")
+            continue
+        path = os.fspath(value)
+        if "://" in path:
+            continue
+        if not os.path.exists(os.path.expanduser(path)):
+            problems.append(f"config.{key}: path {path!r} does not exist")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,1 @@
+"""Evaluation helpers: pass@k estimators, eval.jsonl rows and tables."""

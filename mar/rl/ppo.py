@@ -1,0 +1,107 @@
+"""Multi-attempt PPO: score a rollout (old/ref log-probs, values, GAE) and update actor and critic.
+
+The path of one PPO step after the rollout:
+  score_episodes   one jit: pi_old and pi_ref log-probs, critic values, token rewards,
+                   GAE across feedback spans, advantage whitening over the batch
+  actor update     jit: PPO-clip + kl_coef * k3, micro-batches accumulated by lax.scan
+  critic update    jit: clipped value loss, same machinery
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mar.models.config import QwenConfig
+from mar.rl import advantages as adv_lib
+from mar.rl import losses
+from mar.rl import scoring
+from mar.rl.update import make_update_step
+from mar.rollout.multi_attempt import Episodes, token_rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOHparams:
+  gamma: float = 1.0
+  lam: float = 0.99
+  clip: float = 0.2
+  value_clip: float = 0.2
+  kl_coef: float = 0.01
+  kl_name: str = "k3"
+  kl_clamp: float = 10.0
+  temperature: float = 1.0
+  logprob_chunk: int = 512
+  micro_batches: int = 1
+
+
+def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes) -> dict:
+  """Everything the PPO losses need, computed once before the update ([B, S] arrays)."""
+  lp = lambda p: scoring.token_logprobs(config, p, ep.tokens, ep.valid, hp.temperature,
+                                        hp.logprob_chunk)
+  old_logp = lp(policy)
+  ref_logp = lp(ref) if hp.kl_coef else jnp.zeros_like(old_logp)
+  values = scoring.token_values(config, critic, ep.tokens, ep.valid)
+  advantages, returns = adv_lib.gae(token_rewards(ep), values, ep.action_mask,
+                                    ep.feedback_mask, hp.gamma, hp.lam)
+  advantages = adv_lib.normalize_advantages(advantages, ep.action_mask)
+  return {
+      "tokens": ep.tokens,
+      "valid": ep.valid,
+      "action_mask": ep.action_mask,
+      "old_logp": old_logp,
+      "ref_logp": ref_logp,
+      "old_values": jnp.where(ep.action_mask, values, 0.0),
+      "advantages": advantages,
+      "returns": returns,
+  }
+
+
+def actor_loss_fn(config: QwenConfig, hp: PPOHparams):
+  def loss_fn(params, mb):
+    logp = scoring.token_logprobs(config, params, mb["tokens"], mb["valid"], hp.temperature,
+                                  hp.logprob_chunk)
+    return losses.ppo_actor_loss(
+        logp, mb["old_logp"], mb["advantages"], mb["action_mask"], mb["ref_logp"],
+        clip_low=hp.clip, clip_high=hp.clip, kl_coef=hp.kl_coef, kl_name=hp.kl_name,
+        kl_clamp=hp.kl_clamp)
+  return loss_fn
+
+
+def critic_loss_fn(config: QwenConfig, hp: PPOHparams):
+  def loss_fn(params, mb):
+    values = scoring.token_values(config, params, mb["tokens"], mb["valid"])
+    return losses.value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"],
+                             hp.value_clip)
+  return loss_fn
+
+
+@dataclasses.dataclass
+class PPOLearner:
+  """Jitted scoring and update programs for one (model config, hyper-parameters) pair."""
+
+  config: QwenConfig
+  hp: PPOHparams
+  actor_opt: Any
+  critic_opt: Any
+
+  def __post_init__(self):
+    c, hp = self.config, self.hp
+    self.score = jax.jit(lambda pol, ref, cri, ep: score_episodes(c, hp, pol, ref, cri, ep))
+    self.update_actor = jax.jit(
+        make_update_step(actor_loss_fn(c, hp), self.actor_opt, hp.micro_batches),
+        donate_argnums=(0, 1))
+    self.update_critic = jax.jit(
+        make_update_step(critic_loss_fn(c, hp), self.critic_opt, hp.micro_batches),
+        donate_argnums=(0, 1))
+
+  def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes):
+    """One PPO iteration (1 epoch) on a rollout batch; returns new params/states + metrics."""
+    batch = self.score(policy, ref, critic, episodes)
+    critic, critic_state, c_metrics = self.update_critic(critic, critic_state, batch)
+    policy, actor_state, a_metrics = self.update_actor(policy, actor_state, batch)
+    metrics = {**{f"actor/{k}": v for k, v in a_metrics.items()},
+               **{f"critic/{k}": v for k, v in c_metrics.items()}}
+    return policy, actor_state, critic, critic_state, metrics

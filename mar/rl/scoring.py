@@ -1,0 +1,77 @@
+"""Per-token log-probs, entropies and values of whole dialogues (training-side forwards).
+
+Dialogues are the rollout's slot buffers: tokens [B, S] with a validity mask; valid slots
+are contiguous after the left padding, so the token at slot s is predicted from the hidden
+state at slot s - 1. Log-probs are computed in sequence chunks so that the [B, S, V]
+logits of a real vocabulary (151k) never exist at once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mar.models import model as qwen
+from mar.models.config import QwenConfig
+
+
+def _shift_right(x: jax.Array, fill) -> jax.Array:
+  """x[:, s] <- x[:, s - 1]; slot 0 gets `fill`."""
+  pad = jnp.full_like(x[:, :1], fill)
+  return jnp.concatenate([pad, x[:, :-1]], axis=1)
+
+
+def _chunked(fn, h, targets, chunk: int):
+  """Applies fn(h_chunk [B, C, D], targets_chunk [B, C]) -> tuple of [B, C] over S."""
+  b, s, d = h.shape
+  c = min(chunk, s)
+  pad = (-s) % c
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  n = h.shape[1] // c
+  hs = h.reshape(b, n, c, d).swapaxes(0, 1)
+  ts = targets.reshape(b, n, c).swapaxes(0, 1)
+  outs = jax.lax.map(lambda xs: fn(*xs), (hs, ts))
+  return tuple(o.swapaxes(0, 1).reshape(b, n * c)[:, :s] for o in outs)
+
+
+def token_logprobs(
+    config: QwenConfig,
+    params,
+    tokens: jax.Array,
+    valid: jax.Array,
+    temperature: float = 1.0,
+    chunk: int = 512,
+    with_entropy: bool = False,
+):
+  """log pi(tokens[s] | tokens[<s]) at every slot s (0 where s has no predecessor).
+
+  Returns logp [B, S] (and entropy [B, S] of the predicting distribution if asked).
+  `temperature` must match the sampler's so these equal the sampling log-probs.
+  """
+  h = qwen.hidden_states(config, params, tokens, attention_mask=valid)
+  h_prev = _shift_right(h, 0.0)
+  t = temperature if temperature > 0 else 1.0
+
+  def score(hc, tc):
+    logits = qwen.logits_from_hidden(config, params, hc) / t
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    logp = picked - logz
+    if not with_entropy:
+      return (logp,)
+    probs = jnp.exp(logits - logz[..., None])
+    ent = logz - jnp.sum(probs * logits, axis=-1)
+    return logp, ent
+
+  outs = _chunked(score, h_prev, tokens, chunk)
+  has_prev = _shift_right(valid, False) & valid
+  outs = tuple(jnp.where(has_prev, o, 0.0) for o in outs)
+  return outs if with_entropy else outs[0]
+
+
+def token_values(config: QwenConfig, critic_params, tokens: jax.Array, valid: jax.Array):
+  """values[b, s] = critic value of the state before the token at slot s ([B, S])."""
+  v = qwen.value_forward(config, critic_params, tokens, attention_mask=valid)
+  return jnp.where(_shift_right(valid, False) & valid, _shift_right(v, 0.0), 0.0)

@@ -1,0 +1,87 @@
+"""One optimizer step from a batch, with gradients accumulated over micro-batches.
+
+Model-agnostic: the PPO actor, the PPO critic and the GRPO/LTE actor all plug their
+`loss_fn(params, micro_batch, *extra) -> (loss, metrics)` in here.
+
+Accumulation takes the mean of the micro-batch gradients. When the loss is a mean over
+examples (or tokens) and the micro-batches hold equally many of them, that equals the
+gradient of the full-batch loss. With token means over micro-batches of unequal token
+counts it does not; pass a global normaliser to the loss (losses.aggregate's group_norm =
+mini-batch count / num_micro_batches) when the exact mini-batch mean is wanted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mar.rl import optim
+
+Array = jax.Array
+LossFn = Callable[..., tuple[Array, dict[str, Array]]]
+
+
+def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+  """Reshapes every leaf [N, ...] to [M, N / M, ...]; N must be divisible by M."""
+
+  def split(path, x):
+    n = x.shape[0] if x.ndim else None
+    if n is None or n % num_micro_batches:
+      raise ValueError(
+          f"update.py: batch field {jax.tree_util.keystr(path)} has leading size {n}, "
+          f"expected a multiple of num_micro_batches={num_micro_batches}"
+      )
+    return x.reshape((num_micro_batches, n // num_micro_batches) + x.shape[1:])
+
+  return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def make_update_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    num_micro_batches: int = 1,
+    accum_dtype: Any = jnp.float32,
+) -> Callable[..., tuple[Any, Any, dict[str, Array]]]:
+  """Builds update(params, opt_state, batch, *extra) -> (params, opt_state, metrics).
+
+  `batch` is a pytree of arrays with a common leading batch axis; `extra` (e.g. a model
+  config, a reference, an rng) is passed to every micro-batch call unchanged. Metrics are
+  the loss_fn metrics averaged over micro-batches plus `loss`, `grad_norm` (global norm of
+  the accumulated gradient, before clipping), `skipped` (1.0 when the gradient was not
+  finite; the optimizer from optim.make_optimizer then leaves params and state unchanged)
+  and, for such an optimizer, `num_skipped` so far. The returned function is not jitted:
+  jit it with donation, `jax.jit(update, donate_argnums=(0, 1))`.
+  """
+  if num_micro_batches < 1:
+    raise ValueError(f"update.py: num_micro_batches must be >= 1, found {num_micro_batches}")
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def update(params, opt_state, batch, *extra):
+    micro = split_micro_batches(batch, num_micro_batches)
+    zeros = jax.tree.map(
+        lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, accum_dtype)), params
+    )
+
+    def body(acc, mb):
+      (loss, metrics), grads = grad_fn(params, mb, *extra)
+      acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+      return acc, dict(metrics, loss=loss)
+
+    grad_sum, metrics = jax.lax.scan(body, zeros, micro)
+    grads = jax.tree.map(lambda g, p: (g / num_micro_batches).astype(p.dtype), grad_sum, params)
+    metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["skipped"] = jnp.logical_not(optim.tree_all_finite(grads)).astype(jnp.float32)
+    count = optim.num_skipped(opt_state)
+    if count is not None:
+      metrics["num_skipped"] = count.astype(jnp.float32)
+    return params, opt_state, metrics
+
+  return update

@@ -100,8 +100,18 @@ class GRPOLearner:
                          hp.micro_batches),
         donate_argnums=(0, 1))
 
-  def step(self, policy, opt_state, batch: dict, ref=None):
-    """batch: tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/advantages."""
+  def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
+    """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
+    advantages), one optimizer step per mini-batch; metrics averaged over them."""
     if self.hp.kl_coef:
       batch = dict(batch, ref_logp=self.logprobs(ref, batch["tokens"], batch["valid"]))
-    return self.update(policy, opt_state, batch)
+    size = batch["tokens"].shape[0]
+    if size % num_mini_batches:
+      raise ValueError(f"group batch {size} is not divisible into {num_mini_batches} "
+                       "mini-batches (config.grpo.mini_batches)")
+    mb, history = size // num_mini_batches, []
+    for i in range(num_mini_batches):
+      part = jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+      policy, opt_state, metrics = self.update(policy, opt_state, part)
+      history.append(metrics)
+    return policy, opt_state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)

@@ -97,11 +97,24 @@ class PPOLearner:
         make_update_step(critic_loss_fn(c, hp), self.critic_opt, hp.micro_batches),
         donate_argnums=(0, 1))
 
-  def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes):
-    """One PPO iteration (1 epoch) on a rollout batch; returns new params/states + metrics."""
+  def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes,
+           num_mini_batches: int = 1):
+    """One PPO epoch on a rollout batch: one optimizer step per mini-batch, in order.
+
+    Returns new params/states and the metrics averaged over the mini-batches.
+    """
     batch = self.score(policy, ref, critic, episodes)
-    critic, critic_state, c_metrics = self.update_critic(critic, critic_state, batch)
-    policy, actor_state, a_metrics = self.update_actor(policy, actor_state, batch)
-    metrics = {**{f"actor/{k}": v for k, v in a_metrics.items()},
-               **{f"critic/{k}": v for k, v in c_metrics.items()}}
+    size = batch["tokens"].shape[0]
+    if size % num_mini_batches:
+      raise ValueError(f"rollout batch {size} is not divisible into {num_mini_batches} "
+                       "mini-batches (config.ppo.mini_batches)")
+    mb = size // num_mini_batches
+    history = []
+    for i in range(num_mini_batches):
+      part = jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+      critic, critic_state, c_metrics = self.update_critic(critic, critic_state, part)
+      policy, actor_state, a_metrics = self.update_actor(policy, actor_state, part)
+      history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
+                      **{f"critic/{k}": v for k, v in c_metrics.items()}})
+    metrics = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
     return policy, actor_state, critic, critic_state, metrics

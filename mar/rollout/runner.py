@@ -109,3 +109,22 @@ class RolloutRunner:
         truncated=np.asarray(episodes.truncated)[:n],
         reward=np.asarray(episodes.reward)[:n],
     )
+
+  def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
+               n_attempts: Sequence[int] | None = None) -> HostEpisodes:
+    """Any number of prompts, in batch-sized chunks; returns the concatenated host view."""
+    n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
+    parts = []
+    for c, lo in enumerate(range(0, len(prompts), self.batch_size)):
+      hi = min(lo + self.batch_size, len(prompts))
+      ep = self.run(params, prompts[lo:hi], answers[lo:hi], n_attempts[lo:hi],
+                    jax.random.fold_in(key, c))
+      parts.append(self.to_host(ep, hi - lo))
+    return HostEpisodes(
+        responses=[r for p in parts for r in p.responses],
+        texts=[t for p in parts for t in p.texts],
+        answers=[a for p in parts for a in p.answers],
+        correct=np.concatenate([p.correct for p in parts]),
+        truncated=np.concatenate([p.truncated for p in parts]),
+        reward=np.concatenate([p.reward for p in parts]),
+    )

@@ -1,0 +1,36 @@
+"""The CPU demo: multi-attempt PPO on synthetic arithmetic with a tiny Qwen3, in minutes.
+
+  python -m mar.main --config=configs/demo.py --workdir=/tmp/mar_demo
+Variants: `:single` trains the single-turn PPO baseline, `:lte` runs LTE (GRPO + hints)
+on the same task. Evaluation at step 0 and at the end goes to eval.jsonl and plots/.
+"""
+
+from mar.defaults import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.method = "ppo"
+  c.train.num_steps = 40
+  c.model.demo = dict(enabled=True, vocab_size=384, sft_steps=300, sft_batch=64, sft_len=96,
+                      sft_lr=3e-3, p_wrong=0.4, style="multi_attempt")
+  c.data.synthetic = dict(enabled=True, num_examples=4096, seed=0, min_digits=1, max_digits=2)
+  c.rollout.update(dict(prompts_per_step=64, prompt_len=64, token_budget=24, max_attempts=2,
+                        attempts="uniform", prompt="multi_attempt", temperature=1.0))
+  c.ppo.update(dict(actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.01, mini_batches=2))
+  c.optim.update(dict(updates_per_step=2, warmup_ratio=0.05))
+  c.eval.update(dict(benchmarks=["synthetic"], kinds=["attempts"], max_attempts=2,
+                     batch_size=128, every_steps=0))
+  c.eval.synthetic = dict(num_examples=256, seed=12345, min_digits=1, max_digits=2)
+  c.checkpoint.update(dict(every_steps=10, keep=2))
+  c.verify.workers = 2
+  if arg == "single":
+    c.rollout.update(dict(max_attempts=1, attempts="fixed", prompt="single_turn"))
+    c.model.demo.style = "single_turn"
+  elif arg == "lte":
+    c.method = "lte"
+    c.model.demo.style = "lte"
+    c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed"))
+    c.grpo.update(dict(group_size=8, lr=3e-4))
+    c.eval.update(dict(kinds=["passk"], num_samples=8, ks=[1, 8]))
+  return c

@@ -1,0 +1,39 @@
+"""GRPO baseline of the LTE paper: Qwen3-8B-Base, G = 8, 128 prompts per step.
+
+  python -m mar.main --config=configs/grpo_qwen.py --config.model.path=/ckpt/Qwen3-8B-Base \
+      --config.data.train=../shared/data/train/math_lvl3to5_8k.jsonl --workdir=/runs/grpo
+Variants: `:drgrpo` (no std, constant normaliser), `:dapo` (clip-higher 0.28),
+`:extra` (GRPO + extra un-hinted rollouts for none-pass groups), `:eval`.
+"""
+
+from mar.defaults import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.method = "grpo"
+  c.train.num_steps = 500
+  c.rollout.update(dict(prompts_per_step=128, batch_size=256, prompt_len=1024,
+                        token_budget=8192, max_attempts=1, attempts="fixed",
+                        temperature=1.0))
+  c.grpo.update(dict(group_size=8, estimator="grpo", agg="token_mean", clip_low=0.2,
+                     clip_high=0.2, kl_coef=0.0, lr=1e-6, mini_batches=2, micro_batches=64))
+  c.optim.update(dict(updates_per_step=2, warmup_ratio=0.0, min_lr_ratio=1.0))
+  c.model.dtype = "bfloat16"
+  c.model.remat = True
+  c.data.train = "../shared/data/train/math_lvl3to5_8k.jsonl"
+  c.eval.update(dict(benchmarks=["math500", "minerva_math", "olympiadbench", "amc23",
+                                 "aime24", "aime25"],
+                     kinds=["passk"], num_samples=16, temperature=0.6, top_p=0.95,
+                     ks=[1, 16], every_steps=50, batch_size=256))
+  c.checkpoint.every_steps = 10
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  if arg == "drgrpo":
+    c.grpo.update(dict(estimator="grpo_no_std", agg="seq_mean_token_sum_norm"))
+  elif arg == "dapo":
+    c.grpo.update(dict(clip_high=0.28))
+  elif arg == "extra":
+    c.method = "grpo_extra"
+  elif arg == "eval":
+    c.mode = "eval"
+  return c

@@ -1,0 +1,15 @@
+"""Single-turn PPO baseline of the multi-attempt paper (N = 1, plain system prompt).
+
+  python -m mar.main --config=configs/ppo_qwen.py --config.model.path=/ckpt/Qwen2.5-Math-1.5B \
+      --config.data.train=../shared/data/train/math_lvl3to5_8k.jsonl --workdir=/runs/ppo
+"""
+
+from configs.multi_attempt_qwen import get_config as multi_attempt_config
+
+
+def get_config(arg: str | None = None):
+  c = multi_attempt_config(arg)
+  c.rollout.max_attempts = 1
+  c.rollout.attempts = "fixed"
+  c.rollout.prompt = "single_turn"
+  return c

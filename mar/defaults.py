@@ -1,0 +1,55 @@
+"""Every config key mar reads, with defaults; experiment files in configs/ override them.
+
+Keys are grouped by the part of the step they steer: model, data, rollout, ppo, grpo,
+optim, eval, verify (plus seed/train/mesh/checkpoint/metrics from `common_config`).
+"""
+
+from ml_collections import ConfigDict
+
+from mar.config_utils import common_config
+
+
+def base_config() -> ConfigDict:
+  c = common_config()
+  c.mode = "train"  # train | eval
+  c.method = "ppo"  # ppo | grpo | lte | grpo_extra
+  c.distributed = False  # jax.distributed.initialize() on multi-host launches
+
+  c.model = ConfigDict(dict(path="", dtype="float32", remat=False))
+  c.model.demo = ConfigDict(dict(enabled=False, sft_steps=0))
+
+  c.data = ConfigDict(dict(dir="../shared/data", train="", question_key="prompt",
+                           answer_key="answer"))
+  c.data.synthetic = ConfigDict(dict(enabled=False, num_examples=0, seed=0, min_digits=1,
+                                     max_digits=2))
+
+  c.rollout = ConfigDict(dict(
+      prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
+      batch_size=0,  # rows per rollout program; 0 = prompts_per_step
+      prompt_len=256,  # left-padded prompt bucket
+      token_budget=512,  # generated tokens shared by all attempts
+      max_attempts=5,  # M
+      attempts="uniform",  # uniform: N ~ U{1..M} per episode; fixed: N = M
+      prompt="multi_attempt",  # multi_attempt | single_turn (PPO prompt style)
+      temperature=1.0, top_p=1.0, top_k=0,
+      check_every=1,  # boxed-stop check period (the reference checks every 64 tokens)
+  ))
+
+  c.ppo = ConfigDict(dict(gamma=1.0, lam=0.99, clip=0.2, value_clip=0.2, kl_coef=0.01,
+                          kl_name="k3", kl_clamp=10.0, actor_lr=5e-7, critic_lr=1e-5,
+                          mini_batches=1, micro_batches=1))
+  c.grpo = ConfigDict(dict(group_size=8, estimator="grpo", agg="token_mean", clip_low=0.2,
+                           clip_high=0.2, kl_coef=0.0, kl_name="k3", entropy_coef=0.0,
+                           shaping_gamma=0.1, separate_norm=False, lr=1e-6,
+                           cap=-1,  # -1: G - 1
+                           mini_batches=1, micro_batches=1))
+  c.optim = ConfigDict(dict(warmup_ratio=0.03, min_lr_ratio=0.1, b1=0.9, b2=0.95,
+                            weight_decay=0.0, grad_clip=1.0, updates_per_step=1))
+
+  c.eval = ConfigDict(dict(
+      benchmarks=["math500"], kinds=["attempts"], every_steps=0, at_start=True, at_end=True,
+      max_attempts=4, num_samples=16, temperature=0.6, top_p=0.95, ks=[1, 16],
+      max_problems=0, batch_size=16, checkpoint_step=-1))
+  c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2))
+  c.verify = ConfigDict(dict(workers=2, timeout=3.0))
+  return c

@@ -1,0 +1,40 @@
+"""Entry point: python -m mar.main --config=configs/X.py[:variant] --workdir=DIR.
+
+The config is locked, so a typo in `--config.foo=...` is an error, not a silent no-op.
+`config.mode` picks training (PPO, GRPO, LTE: `config.method`) or evaluation only.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from mar import config_utils
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config.get("distributed"):
+    jax.distributed.initialize()
+  logging.info("config:\n%s", config)
+  if config.mode == "train":
+    from mar import train
+
+    train.train(config, _WORKDIR.value)
+  elif config.mode == "eval":
+    from mar import eval_only
+
+    eval_only.evaluate_checkpoint(config, _WORKDIR.value)
+  else:
+    raise ValueError(f"config.mode: expected 'train' or 'eval', found {config.mode!r}")
+
+
+if __name__ == "__main__":
+  app.run(main)

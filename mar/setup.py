@@ -1,0 +1,147 @@
+"""Builds everything a run needs from its config: model, tokenizer, data, verifier, learners.
+
+Nothing downloads: the model and tokenizer come from `config.model.path` (a local HF
+folder), the data from `config.data.*` paths. The demo builds its own tiny model folder
+first (`mar.demo`), so the same loading code runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from mar import config_utils
+from mar import models
+from mar.data import datasets, prompts
+from mar.data.tokenizer import Tokenizer
+from mar.models import model as qwen
+from mar.rl import grpo, optim, ppo
+from mar.rollout.runner import RolloutRunner
+from mar.sampling import SamplingParams
+from mar.verify import BatchVerifier
+
+
+@dataclasses.dataclass
+class Run:
+  model_config: models.QwenConfig
+  tokenizer: Tokenizer
+  params: Any
+  ref: Any
+  critic: Any
+  actor_opt: Any
+  critic_opt: Any
+  learner: Any
+  runner: RolloutRunner
+  prompt_fn: Callable[[str, int], str]
+  train_data: list
+  verifier: BatchVerifier
+  _eval_runners: dict = dataclasses.field(default_factory=dict)
+
+  def eval_runner(self, config, kind: str) -> RolloutRunner:
+    """Greedy multi-attempt runner ('attempts') or the sampling runner ('passk'), cached."""
+    if kind not in self._eval_runners:
+      e = config.eval
+      if kind == "attempts":
+        sp, m = SamplingParams(temperature=0.0), e.max_attempts
+      else:
+        sp, m = SamplingParams(temperature=e.temperature, top_p=e.top_p), 1
+      self._eval_runners[kind] = RolloutRunner(
+          self.model_config, self.tokenizer, self.verifier, batch_size=e.batch_size,
+          prompt_len=config.rollout.prompt_len, max_attempts=m,
+          token_budget=config.rollout.token_budget, sampling=sp,
+          check_every=config.rollout.check_every)
+    return self._eval_runners[kind]
+
+  def close(self):
+    self.verifier.close()
+
+
+def prompt_function(config) -> Callable[[str, int], str]:
+  """Initial dialogue text for (question, N) by the config's prompt style."""
+  style = config.rollout.prompt
+  if style == "multi_attempt":
+    return prompts.multi_attempt_prompt
+  if style == "single_turn":
+    return lambda q, n: prompts.single_turn_prompt(q)
+  raise ValueError(f"config.rollout.prompt: unknown style {style!r} "
+                   "(expected 'multi_attempt' or 'single_turn')")
+
+
+def load_train_data(config) -> list:
+  d = config.data
+  if d.get("synthetic") and d.synthetic.enabled:
+    from mar.data import synthetic
+
+    s = d.synthetic
+    return synthetic.make_arithmetic_examples(s.num_examples, s.seed, min_digits=s.min_digits,
+                                              max_digits=s.max_digits)
+  config_utils.check_paths(config, ["data.train"])
+  return datasets.load_train_jsonl(d.train, question_key=d.question_key, answer_key=d.answer_key)
+
+
+def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt):
+  r = config.rollout
+  if config.method == "ppo":
+    p = config.ppo
+    hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
+                        kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
+                        temperature=r.temperature, micro_batches=p.micro_batches)
+    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt)
+  g = config.grpo
+  hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
+                        clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
+                        entropy_coef=g.entropy_coef, shaping_gamma=g.shaping_gamma,
+                        separate_norm=g.separate_norm, temperature=r.temperature,
+                        micro_batches=g.micro_batches)
+  return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget)
+
+
+def _optimizer(config, lr: float):
+  o = config.optim
+  return optim.make_optimizer(lr, config.train.num_steps * o.updates_per_step,
+                              warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
+                              b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                              grad_clip=o.grad_clip)
+
+
+def build_run(config, workdir: str) -> Run:
+  if config.model.get("demo") and config.model.demo.enabled:
+    from mar import demo
+
+    config.model.path = demo.ensure_demo_model(config, workdir)
+  config_utils.check_paths(config, ["model.path"])
+  dtype = models.config.dtype_from_name(config.model.dtype)
+  cfg, params = models.load_hf(config.model.path, dtype=jnp.float32)
+  cfg = cfg.replace(dtype=dtype, remat=config.model.remat)
+  tokenizer = Tokenizer.from_dir(config.model.path)
+  train_data = load_train_data(config) if config.mode == "train" else []
+  verifier = BatchVerifier(num_workers=config.verify.workers, timeout=config.verify.timeout)
+  critic = None
+  if config.method == "ppo":
+    critic = {"backbone": params, "value_head": qwen.init_value_head(
+        cfg, jax.random.PRNGKey(config.seed + 1))}
+    critic = jax.tree.map(jnp.copy, critic)  # its own buffers: the policy's are donated
+  r = config.rollout
+  policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
+  actor_opt = _optimizer(config, policy_lr)
+  critic_opt = _optimizer(config, config.ppo.critic_lr) if critic is not None else None
+  needs_ref = (config.method == "ppo" and config.ppo.kl_coef) or (
+      config.method != "ppo" and config.grpo.kl_coef)
+  ref = jax.tree.map(jnp.copy, params) if needs_ref else None
+  batch = r.prompts_per_step * (1 if config.method == "ppo" else 1)
+  runner = RolloutRunner(
+      cfg, tokenizer, verifier, batch_size=r.batch_size or batch, prompt_len=r.prompt_len,
+      max_attempts=r.max_attempts if config.method == "ppo" else 1,
+      token_budget=r.token_budget,
+      sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
+      check_every=r.check_every)
+  logging.info("model %s: %d layers, hidden %d; %d training examples", cfg.model_type,
+               cfg.num_layers, cfg.hidden_size, len(train_data))
+  return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt,
+             _make_learner(config, cfg, actor_opt, critic_opt), runner, prompt_function(config),
+             train_data, verifier)

@@ -1,0 +1,225 @@
+"""The training loop: host batches -> rollout -> rewards/advantages (+ LTE hints) -> update.
+
+Reads top to bottom:
+  train()            set-up (model, tokenizer, data, verifier, learners), resume, the loop
+  ppo_iteration()    multi-attempt (or single-turn, M = 1) PPO on one rollout batch
+  group_iteration()  GRPO / LTE / "GRPO + extra rollouts" on one batch of prompt groups
+Each step is deterministic given (seed, step): the data order, the attempt counts and the
+PRNG keys are all derived from them, so a run resumed from a checkpoint reproduces the
+metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mar import checkpoint as ckpt_lib
+from mar import config_utils
+from mar import evaluate
+from mar import metrics as metrics_lib
+from mar import plots
+from mar import setup
+from mar.lte import hints, refine
+from mar.rl import grpo, optim, ppo
+
+
+# ----- state -------------------------------------------------------------------------------
+
+
+def init_state(config, run: setup.Run) -> dict:
+  """The checkpointed pytree: policy, critic and their optimizer states."""
+  state = {"policy": run.params, "actor_opt": run.actor_opt.init(run.params)}
+  if config.method == "ppo":
+    state["critic"] = run.critic
+    state["critic_opt"] = run.critic_opt.init(run.critic)
+  return state
+
+
+def batch_indices(config, num_examples: int, step: int) -> np.ndarray:
+  """Example indices of a step: epoch-wise permutations of the data seeded by config.seed."""
+  b = config.rollout.prompts_per_step
+  flat = np.arange(step * b, (step + 1) * b)
+  epochs = flat // num_examples
+  out = np.empty(b, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([config.seed, int(e)]).permutation(num_examples)
+    sel = epochs == e
+    out[sel] = perm[flat[sel] % num_examples]
+  return out
+
+
+def step_key(config, step: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+
+
+# ----- PPO (multi-attempt and single-turn) --------------------------------------------------
+
+
+def attempts_for_step(config, step: int) -> np.ndarray:
+  """N per episode: Uniform{1..M} (training default) or fixed M."""
+  m, b = config.rollout.max_attempts, config.rollout.prompts_per_step
+  if config.rollout.attempts == "uniform":
+    return np.random.default_rng([config.seed, step, 1]).integers(1, m + 1, size=b)
+  return np.full(b, m)
+
+
+def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
+  timer = metrics_lib.Timer()
+  n_attempts = attempts_for_step(config, step)
+  prompts = [run.prompt_fn(ex.question, int(n)) for ex, n in zip(examples, n_attempts)]
+  with timer("sample"):
+    episodes = run.runner.run(state["policy"], prompts, [ex.answer for ex in examples],
+                              n_attempts, step_key(config, step))
+    jax.block_until_ready(episodes.reward)
+  with timer("update"):
+    out = run.learner.step(state["policy"], state["actor_opt"], state["critic"],
+                           state["critic_opt"], run.ref, episodes,
+                           num_mini_batches=config.ppo.mini_batches)
+    state = dict(state, policy=out[0], actor_opt=out[1], critic=out[2], critic_opt=out[3])
+    learn = jax.device_get(out[4])
+  m = evaluate.episode_metrics(episodes, len(examples))
+  m.update(learn)
+  m.update(timer.metrics())
+  m["tokens_per_s"] = m["response_tokens_total"] / max(timer.seconds.get("sample", 1e-9), 1e-9)
+  m["loss"] = learn.get("actor/loss", np.nan)
+  return state, m
+
+
+# ----- GRPO / LTE --------------------------------------------------------------------------
+
+
+def _sample_groups(run, params, questions, answers, user_texts, g, key):
+  """Samples g single-turn responses per prompt (in runner-sized chunks) -> HostEpisodes."""
+  texts = [hints.chat_prompt(u) for u in user_texts for _ in range(g)]
+  golds = [a for a in answers for _ in range(g)]
+  return run.runner.run_host(params, texts, golds, key)
+
+
+def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
+  cfg, g = config.grpo, config.grpo.group_size
+  timer = metrics_lib.Timer()
+  questions = [ex.question for ex in examples]
+  answers = [ex.answer for ex in examples]
+  plain = [hints.plain_prompt(q) for q in questions]
+  key_a, key_b = jax.random.split(step_key(config, step))
+  with timer("sample"):
+    first = _sample_groups(run, state["policy"], questions, answers, plain, g, key_a)
+  rewards = first.correct.reshape(-1, g).astype(np.float32)
+  none_pass = rewards.sum(1) == 0
+  extra, extra_hinted_texts = None, None
+  if config.method in ("lte", "grpo_extra") and none_pass.any():
+    rows = np.flatnonzero(none_pass)
+    if config.method == "lte":
+      extra_user = [
+          hints.hint_prompt(questions[p], first.answers[p * g:(p + 1) * g],
+                            first.truncated[p * g:(p + 1) * g].tolist()) for p in rows]
+    else:
+      extra_user = [plain[p] for p in rows]
+    with timer("sample_extra"):
+      extra = _sample_groups(run, state["policy"], [questions[p] for p in rows],
+                             [answers[p] for p in rows], extra_user, g, key_b)
+    extra_hinted_texts = [hints.chat_prompt(u) for u in extra_user for _ in range(g)]
+  rng = np.random.default_rng([config.seed, step, 2])
+  batch, plan_metrics = _refined_batch(config, run, state, first, extra, extra_hinted_texts,
+                                       plain, rewards, none_pass, rng)
+  with timer("update"):
+    policy, opt_state, learn = run.learner.step(state["policy"], state["actor_opt"], batch,
+                                                ref=run.ref, num_mini_batches=cfg.mini_batches)
+    learn = jax.device_get(learn)
+  state = dict(state, policy=policy, actor_opt=opt_state)
+  m = {
+      "reward_mean": float(rewards.mean()),
+      "none_pass": float(none_pass.sum()),
+      "some_pass": float(((rewards.sum(1) > 0) & (rewards.sum(1) < g)).sum()),
+      "all_pass": float((rewards.sum(1) == g).sum()),
+      "response_length": float(np.mean([len(r) for r in first.responses])),
+      "truncated_frac": float(first.truncated.mean()),
+      **plan_metrics, **learn, **timer.metrics(),
+  }
+  m["loss"] = learn.get("loss", np.nan)
+  m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
+  return state, m
+
+
+def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards, none_pass, rng):
+  """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
+  g, pl, rl = config.grpo.group_size, run.runner.prompt_len, config.rollout.token_budget
+  tok = run.tokenizer
+  prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
+  tokens, valid, action = grpo.pack_sequences(prompt_ids, first.responses, pl, rl, tok.pad_id)
+  original = {"tokens": tokens, "valid": valid, "action_mask": action}
+  hinted: dict[str, Any] = {}
+  metrics = {"lte/num_none_pass": float(none_pass.sum())}
+  if extra is not None:
+    hint_rewards = extra.correct.reshape(-1, g).astype(np.float32)
+    plan = refine.refine_groups(rewards, hint_rewards, none_pass, rng, cap=config.grpo.cap if config.grpo.cap >= 0 else None)
+    metrics.update(plan.metrics())
+    metrics["lte/rescue_rate"] = plan.num_rescued / max(plan.num_none_pass, 1)
+    rows = np.flatnonzero(none_pass)
+    un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
+    h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
+    hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
+    if config.method == "lte":
+      hp_ids = [tok.encode(t) for t in extra_texts]
+      ht, hv, _ = grpo.pack_sequences(hp_ids, extra.responses, pl, rl, tok.pad_id)
+      hinted["logp_hinted"] = np.asarray(run.learner.logprobs(state["policy"], ht, hv))
+    out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
+                            as_hinted=config.method == "lte")
+    rewards = plan.rewards
+  else:
+    out = dict(original, hinted=np.zeros(len(tokens), bool))
+  out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
+  out["old_logp"] = np.asarray(run.learner.logprobs(state["policy"], out["tokens"], out["valid"]))
+  out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
+  return {k: jnp.asarray(v) for k, v in out.items()}, metrics
+
+
+# ----- the loop ----------------------------------------------------------------------------
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last step's metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  config_utils.save_config_json(config, workdir)
+  run = setup.build_run(config, workdir)
+  state = init_state(config, run)
+  ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
+  writer = metrics_lib.MetricsWriter(workdir)
+  start = 0
+  restored = ckpt.restore(state)
+  if restored is not None:
+    start, state, _ = restored
+    logging.info("resumed from checkpoint at step %d", start)
+    writer.truncate_after(start)
+  elif config.eval.at_start:
+    evaluate.run_eval(config, run, state["policy"], workdir, step=0)
+  iteration = ppo_iteration if config.method == "ppo" else group_iteration
+  last: dict = {}
+  bar = metrics_lib.progress(config.train.num_steps, desc=f"train[{config.method}]",
+                             initial=start)
+  for step in range(start, config.train.num_steps):
+    idx = batch_indices(config, len(run.train_data), step)
+    state, last = iteration(config, run, state, [run.train_data[i] for i in idx], step)
+    done = step + 1
+    writer.write(done, last)
+    bar.update(1)
+    bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))
+    ckpt.save(done, state, extra={"step": done, "data_position": done * len(idx)},
+              force=done == config.train.num_steps)
+    if config.eval.every_steps and done % config.eval.every_steps == 0 or \
+        done == config.train.num_steps and config.eval.at_end:
+      evaluate.run_eval(config, run, state["policy"], workdir, step=done)
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  plots.plot_all(workdir)
+  run.close()
+  return last

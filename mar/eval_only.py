@@ -1,0 +1,31 @@
+"""Evaluation-only mode: score `config.model.path`, or the run's latest checkpoint if any."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from mar import checkpoint as ckpt_lib
+from mar import config_utils
+from mar import evaluate
+from mar import setup
+
+
+def evaluate_checkpoint(config, workdir: str) -> list[dict]:
+  os.makedirs(workdir, exist_ok=True)
+  config_utils.save_config_json(config, workdir)
+  run = setup.build_run(config, workdir)
+  params, step = run.params, 0
+  ckpt_path = ckpt_lib.checkpoint_dir(workdir)
+  if os.path.isdir(ckpt_path):
+    ckpt = ckpt_lib.Checkpointer(ckpt_path, async_save=False)
+    restored = ckpt.restore({"policy": params}) if ckpt.latest_step() is not None else None
+    if restored is not None:
+      step, state, _ = restored
+      params = state["policy"]
+      logging.info("evaluating checkpoint step %d", step)
+    ckpt.close()
+  rows = evaluate.run_eval(config, run, params, workdir, step=step)
+  run.close()
+  return rows

@@ -36,15 +36,15 @@ class RolloutSpec:
 
   max_attempts: int  # M: the scan length
   token_budget: int  # generated tokens shared by all attempts of an episode
-  cache_len: int  # S: prompt bucket + budget + feedback turns + 1 slack slot
+  cache_len: int  # S: prompt bucket + budget + feedback turns
   sampling: sampling.SamplingParams
   stop_ids: tuple[int, ...]
   check_every: int = 1
 
 
 def cache_len_for(prompt_len: int, token_budget: int, max_attempts: int, feedback_len: int) -> int:
-  """Slots needed by the longest possible episode, plus the decode slack slot."""
-  return prompt_len + token_budget + (max_attempts - 1) * feedback_len + 1
+  """Slots needed by the longest possible episode."""
+  return prompt_len + token_budget + (max_attempts - 1) * feedback_len
 
 
 class Episodes(NamedTuple):
@@ -101,12 +101,13 @@ def _verify_on_host(verify_fn: VerifyFn, example_ids, tokens, start, end, live):
   return correct & live, boxed & live
 
 
-def _turn(config, params, spec, stop_predicate, verify_fn, example_ids, feedback, carry, turn):
+def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_ids, feedback,
+          carry, turn):
   """One attempt for every live row; returns the new carry and per-turn outcomes."""
-  fb_tokens, fb_lengths = feedback
+  fb_tokens, fb_lengths = (jnp.asarray(x) for x in feedback)
   state, live = carry.state, carry.active
   start = state.pos
-  state = sampling.decode(
+  state = decode_fn(
       config, params, state,
       max_new=jnp.where(live, carry.budget_left, 0),
       sampling=spec.sampling, stop_ids=spec.stop_ids,
@@ -150,14 +151,18 @@ def rollout(
     prompt_mask: jax.Array,  # [B, P] bool
     n_attempts: jax.Array,  # [B] int32 in 1..M
     example_ids: jax.Array,  # [B] int32, host-side index of the gold answer
-    feedback_tokens: jax.Array,  # [M + 1, Lf] int32, row n = feedback with n attempts left
-    feedback_lengths: jax.Array,  # [M + 1] int32
+    feedback_tokens: jax.Array,  # [M, Lf] int32, row n = feedback with n attempts left
+    feedback_lengths: jax.Array,  # [M] int32
     key: jax.Array,
+    decode_fn: Callable = sampling.decode,
 ) -> Episodes:
-  """Runs a batch of multi-attempt episodes (jit with config/spec/predicate/verify static)."""
+  """Runs a batch of multi-attempt episodes (jit with config/spec/predicate/verify static).
+
+  `decode_fn` is the sampler's decode; tests swap in a scripted policy with its signature.
+  """
   b = prompt_tokens.shape[0]
-  state = sampling.prefill(config, params, prompt_tokens, prompt_mask, spec.cache_len)
-  state = state._replace(key=key)
+  state = sampling.prefill(config, params, prompt_tokens, prompt_mask, spec.cache_len,
+                           key=key, stop_predicate=stop_predicate)
   s = spec.cache_len
   carry = _Carry(
       state=state,
@@ -168,8 +173,8 @@ def rollout(
       feedback_mask=jnp.zeros((b, s), bool),
       attempt_id=jnp.zeros((b, s), jnp.int32),
   )
-  turn_fn = lambda c, t: _turn(config, params, spec, stop_predicate, verify_fn, example_ids,
-                               (feedback_tokens, feedback_lengths), c, t)
+  turn_fn = lambda c, t: _turn(config, params, spec, stop_predicate, verify_fn, decode_fn,
+                               example_ids, (feedback_tokens, feedback_lengths), c, t)
   carry, (correct_t, live_t, boxed_t, trunc_t) = jax.lax.scan(
       turn_fn, carry, jnp.arange(spec.max_attempts))
 

@@ -1,0 +1,163 @@
+"""The multi-attempt rollout driven by a scripted policy: dialogue text, masks, rewards, calls."""
+
+import functools
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mar import models, sampling
+from mar.data import prompts
+from mar.data.tiny_tokenizer import build_tiny_tokenizer
+from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.rollout import multi_attempt as ma
+from mar.rollout.host import AttemptVerifier
+from mar.rollout.render import dialogue_text, render_episode
+
+
+def _counting_predicate():
+  """Stop-predicate stand-in whose per-row state counts the attempts made so far."""
+  return sampling.StopPredicate(
+      (), lambda tables, batch: jnp.zeros((batch,), jnp.int32),
+      lambda tables, state, token, live: (state, jnp.zeros_like(live)), "count")
+
+
+def scripted_decode(script, lengths, config, params, state, *, max_new, sampling, stop_ids,
+                    stop_predicate, check_every):
+  """A policy that emits script[b, t, :lengths[b, t]] as attempt t of row b (real cache writes)."""
+  del sampling, stop_predicate, check_every
+  b = state.pos.shape[0]
+  rows = jnp.arange(b)
+  turn = jnp.minimum(state.stop_state, script.shape[1] - 1)
+  live = max_new > 0
+  full = lengths[rows, turn]
+  n = jnp.where(live, jnp.minimum(full, max_new), 0)
+  toks = script[rows, turn]
+  start = state.pos
+  state = sampling_append(config, params, state, toks, n)
+  slots = jnp.arange(state.tokens.shape[1])[None]
+  written = (slots >= start[:, None]) & (slots < state.pos[:, None])
+  last = toks[rows, jnp.maximum(n - 1, 0)]
+  is_stop = live & (n > 0) & jnp.isin(last, jnp.asarray(stop_ids))
+  finish = jnp.where(is_stop, sampling_mod.FINISH_STOP_TOKEN,
+                     jnp.where(n < full, sampling_mod.FINISH_LENGTH, sampling_mod.FINISH_PREDICATE))
+  return state._replace(
+      logprobs=jnp.where(written, -0.25, state.logprobs),
+      num_new=jnp.where(live, n, state.num_new),
+      done=jnp.ones((b,), bool),
+      finish=jnp.where(live, finish, state.finish),
+      stop_state=state.stop_state + live.astype(jnp.int32),
+  )
+
+
+sampling_mod = sampling
+sampling_append = sampling.append
+
+
+class _ListVerifier:
+  """In-process stand-in for BatchVerifier: exact match of the last box."""
+
+  def verify(self, responses, golds):
+    from mar import verify
+
+    return [verify.extract_boxed(r) == g for r, g in zip(responses, golds)]
+
+
+class RolloutTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _run(self, attempts_text, n_attempts, golds, budget=64, max_attempts=3):
+    tok = self.tok
+    b = len(attempts_text)
+    enc = [[tok.encode(a) for a in row] for row in attempts_text]
+    width = max(len(t) for row in enc for t in row)
+    script = np.full((b, max_attempts, width), tok.pad_id, np.int32)
+    lengths = np.zeros((b, max_attempts), np.int32)
+    for i, row in enumerate(enc):
+      for t, ids in enumerate(row):
+        script[i, t, :len(ids)] = ids
+        lengths[i, t] = len(ids)
+    questions = [f"{i}+{i}" for i in range(b)]
+    texts = [prompts.multi_attempt_prompt(q, n) for q, n in zip(questions, n_attempts)]
+    ids = [tok.encode(t) for t in texts]
+    p = max(map(len, ids))
+    ptoks = np.full((b, p), tok.pad_id, np.int32)
+    pmask = np.zeros((b, p), bool)
+    for i, x in enumerate(ids):
+      ptoks[i, p - len(x):], pmask[i, p - len(x):] = x, True
+    fb_t, fb_l = feedback_table(tok, max_attempts)
+    spec = ma.RolloutSpec(max_attempts, budget,
+                          ma.cache_len_for(p, budget, max_attempts, fb_t.shape[1]),
+                          sampling.SamplingParams(temperature=0.0),
+                          (tok.im_end_id, tok.eos_id))
+    verifier = AttemptVerifier(tok, _ListVerifier(), golds)
+    decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
+    fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, _counting_predicate(), verifier,
+                                    ptoks, pmask, jnp.asarray(n_attempts, jnp.int32),
+                                    jnp.arange(b, dtype=jnp.int32), fb_t, fb_l,
+                                    jax.random.PRNGKey(0), decode_fn=decode))
+    return fn(), texts, verifier
+
+  def test_dialogue_masks_rewards_and_calls(self):
+    end = "<|im_end|>"
+    scripts = [
+        ["\\boxed{5}" + end, "I am not sure" + end, "so \\boxed{7}"],  # wrong, no box, correct
+        ["no box here" + end, "still none"],  # never a box
+        ["\\boxed{3}"],  # one wrong attempt
+        ["\\boxed{9}" + end, "unused"],  # correct at once
+    ]
+    n_attempts = [3, 2, 1, 2]
+    golds = ["7", "1", "4", "9"]
+    ep, texts, verifier = self._run(scripts, n_attempts, golds)
+    ep = jax.device_get(ep)
+    self.assertEqual(verifier.calls, 3)  # one host callback per turn, whole batch
+    want = [
+        texts[0] + "\\boxed{5}" + prompts.feedback_text(2) + "I am not sure"
+        + prompts.feedback_text(1) + "so \\boxed{7}",
+        texts[1] + "no box here" + prompts.feedback_text(1) + "still none",
+        texts[2] + "\\boxed{3}",
+        texts[3] + "\\boxed{9}",
+    ]
+    for b in range(4):
+      self.assertEqual(dialogue_text(self.tok, ep, b), want[b])
+    np.testing.assert_allclose(ep.reward, [1.0, -1.0, -0.5, 1.0])
+    np.testing.assert_array_equal(ep.attempts_used, [3, 2, 1, 1])
+    np.testing.assert_array_equal(ep.correct_turn[:, 0], [False, False, True])
+    for b in range(4):
+      valid, act, fb = ep.valid[b], ep.action_mask[b], ep.feedback_mask[b]
+      self.assertFalse((act & fb).any())
+      self.assertTrue(((act | fb) <= valid).all())
+      fb_text = self.tok.decode(ep.tokens[b][fb])
+      act_text = self.tok.decode(ep.tokens[b][act])
+      self.assertEqual(act_text, "".join(s.replace(end, "") for s in scripts[b][:ep.attempts_used[b]]))
+      want_fb = "".join(prompts.feedback_text(n_attempts[b] - 1 - t)
+                        for t in range(ep.attempts_used[b] - 1))
+      self.assertEqual(fb_text, want_fb)
+      np.testing.assert_allclose(ep.logprobs[b][act], -0.25)
+      self.assertTrue((ep.logprobs[b][~act] == 0).all())
+      self.assertEqual(ep.last_action[b], np.flatnonzero(act).max())
+    rewards = jax.device_get(ma.token_rewards(ep))
+    np.testing.assert_allclose(rewards.sum(1), ep.reward)
+    self.assertIn("[feedback>", render_episode(self.tok, ep, 0))
+
+  def test_shared_budget_truncates(self):
+    ep, _, _ = self._run([["aaaa bbbb cccc dddd eeee", "x"]], [2], ["1"], budget=3)
+    ep = jax.device_get(ep)
+    self.assertEqual(int(ep.action_mask.sum()), 3)
+    self.assertTrue(ep.truncated[0])
+    self.assertEqual(ep.attempts_used[0], 1)  # budget gone: no second attempt
+    self.assertEqual(ep.reward[0], -1.0)
+
+
+if __name__ == "__main__":
+  absltest.main()

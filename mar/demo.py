@@ -3,8 +3,8 @@
 `ensure_demo_model` builds (once per workdir) an HF-format folder with a byte-level BPE
 tokenizer and a 2-layer Qwen3, trained briefly with supervised learning on multi-attempt
 arithmetic dialogues in the exact METHODS.md format: some first attempts are wrong, then the
-feedback turn, then a correct retry. The warm start is deliberately short, so RL has
-something to fix and a retry strategy to sharpen. Everything after it (rollout, verifier,
+feedback turn, then a correct retry (a "careless first guess" habit that RL must unlearn,
+see configs/demo.py). Everything after it (rollout, verifier,
 PPO/GRPO, checkpoints, evaluation) is the real pipeline, loading this folder like any
 checkpoint.
 """
@@ -39,11 +39,12 @@ def _attempt(answer) -> str:
   return f"\\boxed{{{answer}}}"
 
 
-def _wrong(answer: int, rng: np.random.Generator) -> int:
-  return answer + int(rng.choice([-10, -2, -1, 1, 2, 10]))
+def _wrong(answer: int, rng: np.random.Generator, deltas) -> int:
+  return answer + int(rng.choice(list(deltas)))
 
 
-def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, style: str):
+def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, style: str,
+                 deltas=(1,)):
   """Token ids and loss mask of one warm-start dialogue."""
   if style == "lte":
     pieces = [(tok.encode(hints.chat_prompt(hints.plain_prompt(ex.question))), False),
@@ -53,7 +54,7 @@ def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, st
             else prompts.single_turn_prompt(ex.question))
   pieces = [(tok.encode(prompt), False)]
   if first_wrong:
-    pieces.append((tok.encode(_attempt(_wrong(int(ex.answer), rng))), True))
+    pieces.append((tok.encode(_attempt(_wrong(int(ex.answer), rng, deltas))), True))
     if n_attempts == 1:
       return pieces
     pieces.append((tok.encode(prompts.feedback_text(n_attempts - 1)), False))
@@ -77,11 +78,11 @@ def _pack(dialogues, length: int, pad_id: int):
   return tokens, valid, target
 
 
-def sft_batch(tok, examples, max_attempts, p_wrong, seed, length, style):
+def sft_batch(tok, examples, max_attempts, p_wrong, seed, length, style, deltas=(1,)):
   rng = np.random.default_rng(seed)
   dialogues = [
       sft_dialogue(tok, ex, int(rng.integers(1, max_attempts + 1)), rng.random() < p_wrong,
-                   rng, style) for ex in examples]
+                   rng, style, deltas) for ex in examples]
   return _pack(dialogues, length, tok.pad_id)
 
 
@@ -98,7 +99,7 @@ def warm_start(cfg, params, tok, config, seed: int):
     exs = synthetic.make_arithmetic_examples(d.sft_batch, seed + 1000 + step,
                                              min_digits=s.min_digits, max_digits=s.max_digits)
     tokens, valid, target = sft_batch(tok, exs, config.rollout.max_attempts, d.p_wrong,
-                                      seed + step, d.sft_len, d.style)
+                                      seed + step, d.sft_len, d.style, tuple(d.wrong_deltas))
     params, opt_state, m = update(params, opt_state,
                                   {"tokens": tokens, "valid": valid, "target": target})
     bar.update(1)

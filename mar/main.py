@@ -4,6 +4,8 @@ The config is locked, so a typo in `--config.foo=...` is an error, not a silent 
 `config.mode` picks training (PPO, GRPO, LTE: `config.method`) or evaluation only.
 """
 
+import logging as py_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -18,8 +20,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config.get("distributed"):
     jax.distributed.initialize()

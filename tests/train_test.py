@@ -1,0 +1,159 @@
+"""The trainer end to end on the tiny demo model: iterations, compile counts, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+import jax
+import numpy as np
+import pytest
+
+from configs import demo as demo_config
+from mar import demo, metrics, setup, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SHARED_MODEL: dict = {}
+
+
+def tiny_config(method="ppo", **over):
+  """The demo config shrunk for tests, using a once-built demo model folder."""
+  c = demo_config.get_config({"ppo": None, "lte": "lte", "grpo": "lte"}[method])
+  if method == "grpo":
+    c.method = "grpo"
+  c.model.demo.enabled = False
+  c.model.path = shared_model()
+  c.train.num_steps = 3
+  c.rollout.prompts_per_step = 8
+  c.ppo.mini_batches = 2
+  c.eval.update(dict(at_start=False, at_end=False))
+  c.data.synthetic.num_examples = 64
+  c.checkpoint.update(dict(every_steps=1, keep=2, async_save=False))
+  c.verify.workers = 1
+  if method != "ppo":
+    c.rollout.prompts_per_step = 2
+    c.grpo.group_size = 4
+  for k, v in over.items():
+    node = c
+    *head, last = k.split(".")
+    for h in head:
+      node = node[h]
+    node[last] = v
+  return c
+
+
+def shared_model() -> str:
+  """Builds one warm-started demo model per test process (a few SFT steps only)."""
+  if "path" not in _SHARED_MODEL:
+    c = demo_config.get_config()
+    c.model.demo.sft_steps = 30
+    work = tempfile.mkdtemp()
+    _SHARED_MODEL["path"] = demo.ensure_demo_model(c, work)
+  return _SHARED_MODEL["path"]
+
+
+def _cache_size(fn) -> int:
+  return fn._cache_size()
+
+
+def _comparable(row: dict) -> dict:
+  """Metrics that must replay exactly (wall-clock figures excluded)."""
+  return {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_s"}
+
+
+class TrainerTest(absltest.TestCase):
+
+  def test_ppo_iterations_compile_once(self):
+    config = tiny_config("ppo")
+    run = setup.build_run(config, self.create_tempdir().full_path)
+    state = train.init_state(config, run)
+    rewards = []
+    for step in range(3):
+      idx = train.batch_indices(config, len(run.train_data), step)
+      state, m = train.ppo_iteration(config, run, state, [run.train_data[i] for i in idx], step)
+      rewards.append(m["reward_mean"])
+      self.assertTrue(np.isfinite(m["loss"]))
+      self.assertIn("success_at_attempt/1", m)
+    run.close()
+    self.assertEqual(_cache_size(run.runner._rollout), 1)
+    self.assertEqual(_cache_size(run.learner.score), 1)
+    self.assertEqual(_cache_size(run.learner.update_actor), 1)
+    self.assertEqual(_cache_size(run.learner.update_critic), 1)
+
+  def test_batch_indices_cover_epochs(self):
+    config = tiny_config("ppo")
+    seen = np.concatenate([train.batch_indices(config, 64, s) for s in range(8)])
+    self.assertEqual(sorted(seen.tolist()), list(range(64)))
+    np.testing.assert_array_equal(train.batch_indices(config, 64, 3),
+                                  train.batch_indices(config, 64, 3))
+
+
+def _main_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "mar.main", "--config=configs/demo.py", f"--workdir={workdir}",
+          *overrides]
+
+
+def _tiny_flags():
+  c = tiny_config("ppo")
+  return [f"--config.model.demo.enabled=False", f"--config.model.path={c.model.path}",
+          "--config.train.num_steps=4", "--config.rollout.prompts_per_step=8",
+          "--config.eval.at_start=False", "--config.eval.at_end=False",
+          "--config.data.synthetic.num_examples=64", "--config.checkpoint.every_steps=1",
+          "--config.checkpoint.async_save=False", "--config.verify.workers=1"]
+
+
+class MainTest(absltest.TestCase):
+
+  def _env(self):
+    return dict(os.environ, MAR_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+
+  def test_config_typo_is_an_error(self):
+    out = subprocess.run(_main_cmd(self.create_tempdir().full_path, "--config.rollout.temprature=0.5"),
+                         cwd=REPO, env=self._env(), capture_output=True, text=True, timeout=120)
+    self.assertNotEqual(out.returncode, 0)
+    self.assertIn("temprature", out.stderr)
+
+  def test_missing_model_path_names_the_key(self):
+    out = subprocess.run(
+        _main_cmd(self.create_tempdir().full_path, "--config.model.demo.enabled=False",
+                  "--config.model.path=/no/such/model"),
+        cwd=REPO, env=self._env(), capture_output=True, text=True, timeout=300)
+    self.assertNotEqual(out.returncode, 0)
+    self.assertIn("config.model.path", out.stderr)
+    self.assertIn("/no/such/model", out.stderr)
+
+  @pytest.mark.slow
+  def test_resume_after_kill_matches_uninterrupted_run(self):
+    flags = _tiny_flags()
+    ref_dir = self.create_tempdir().full_path
+    subprocess.run(_main_cmd(ref_dir, *flags), cwd=REPO, env=self._env(), check=True,
+                   capture_output=True, timeout=900)
+    reference = metrics.read_jsonl(os.path.join(ref_dir, "metrics.jsonl"))
+    self.assertLen(reference, 4)
+
+    work = self.create_tempdir().full_path
+    proc = subprocess.Popen(_main_cmd(work, *flags), cwd=REPO, env=self._env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step2 = os.path.join(work, "checkpoints", "2")
+    deadline = time.time() + 900
+    while not os.path.isdir(step2) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_main_cmd(work, *flags), cwd=REPO, env=self._env(), check=True,
+                   capture_output=True, timeout=900)
+    resumed = metrics.read_jsonl(os.path.join(work, "metrics.jsonl"))
+    self.assertEqual([r["step"] for r in resumed], [1, 2, 3, 4])
+    for a, b in zip(reference, resumed):
+      ra, rb = _comparable(a), _comparable(b)
+      self.assertEqual(ra.keys(), rb.keys())
+      for k in ra:
+        np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+if __name__ == "__main__":
+  absltest.main()

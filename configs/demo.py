@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   elif arg == "lte":
     c.method = "lte"
     c.model.demo.style = "lte"
-    c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed"))
+    c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed", prompt_len=128))
     c.grpo.update(dict(group_size=8, lr=3e-4))
     c.eval.update(dict(kinds=["passk"], num_samples=8, ks=[1, 8]))
   return c

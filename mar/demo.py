@@ -47,9 +47,14 @@ def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, st
                  deltas=(1,)):
   """Token ids and loss mask of one warm-start dialogue."""
   if style == "lte":
-    pieces = [(tok.encode(hints.chat_prompt(hints.plain_prompt(ex.question))), False),
-              (tok.encode(_attempt(ex.answer)), True)]
-    return pieces
+    # Half the dialogues show a hint naming the habitual wrong answer, answered correctly:
+    # the rule LTE's hinted re-sampling can then discover and distil into the plain prompt.
+    wrong = _wrong(int(ex.answer), rng, deltas)
+    if rng.random() < 0.5:
+      user, answer = hints.hint_prompt(ex.question, [str(wrong)], [False]), ex.answer
+    else:
+      user, answer = hints.plain_prompt(ex.question), wrong if first_wrong else ex.answer
+    return [(tok.encode(hints.chat_prompt(user)), False), (tok.encode(_attempt(answer)), True)]
   prompt = (prompts.multi_attempt_prompt(ex.question, n_attempts) if style == "multi_attempt"
             else prompts.single_turn_prompt(ex.question))
   pieces = [(tok.encode(prompt), False)]

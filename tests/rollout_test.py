@@ -15,45 +15,7 @@ from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text, render_episode
-
-
-def _counting_predicate():
-  """Stop-predicate stand-in whose per-row state counts the attempts made so far."""
-  return sampling.StopPredicate(
-      (), lambda tables, batch: jnp.zeros((batch,), jnp.int32),
-      lambda tables, state, token, live: (state, jnp.zeros_like(live)), "count")
-
-
-def scripted_decode(script, lengths, config, params, state, *, max_new, sampling, stop_ids,
-                    stop_predicate, check_every):
-  """A policy that emits script[b, t, :lengths[b, t]] as attempt t of row b (real cache writes)."""
-  del sampling, stop_predicate, check_every
-  b = state.pos.shape[0]
-  rows = jnp.arange(b)
-  turn = jnp.minimum(state.stop_state, script.shape[1] - 1)
-  live = max_new > 0
-  full = lengths[rows, turn]
-  n = jnp.where(live, jnp.minimum(full, max_new), 0)
-  toks = script[rows, turn]
-  start = state.pos
-  state = sampling_append(config, params, state, toks, n)
-  slots = jnp.arange(state.tokens.shape[1])[None]
-  written = (slots >= start[:, None]) & (slots < state.pos[:, None])
-  last = toks[rows, jnp.maximum(n - 1, 0)]
-  is_stop = live & (n > 0) & jnp.isin(last, jnp.asarray(stop_ids))
-  finish = jnp.where(is_stop, sampling_mod.FINISH_STOP_TOKEN,
-                     jnp.where(n < full, sampling_mod.FINISH_LENGTH, sampling_mod.FINISH_PREDICATE))
-  return state._replace(
-      logprobs=jnp.where(written, -0.25, state.logprobs),
-      num_new=jnp.where(live, n, state.num_new),
-      done=jnp.ones((b,), bool),
-      finish=jnp.where(live, finish, state.finish),
-      stop_state=state.stop_state + live.astype(jnp.int32),
-  )
-
-
-sampling_mod = sampling
-sampling_append = sampling.append
+from scripted import counting_predicate, scripted_decode
 
 
 class _ListVerifier:
@@ -102,7 +64,7 @@ class RolloutTest(absltest.TestCase):
                           (tok.im_end_id, tok.eos_id))
     verifier = AttemptVerifier(tok, _ListVerifier(), golds)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
-    fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, _counting_predicate(), verifier,
+    fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, counting_predicate(), verifier,
                                     ptoks, pmask, jnp.asarray(n_attempts, jnp.int32),
                                     jnp.arange(b, dtype=jnp.int32), fb_t, fb_l,
                                     jax.random.PRNGKey(0), decode_fn=decode))

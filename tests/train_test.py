@@ -69,7 +69,7 @@ class TrainerTest(absltest.TestCase):
 
   def test_ppo_iterations_compile_once(self):
     config = tiny_config("ppo")
-    run = setup.build_run(config, self.create_tempdir().full_path)
+    run = setup.build_run(config, tempfile.mkdtemp())
     state = train.init_state(config, run)
     rewards = []
     for step in range(3):
@@ -112,14 +112,14 @@ class MainTest(absltest.TestCase):
     return dict(os.environ, MAR_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
 
   def test_config_typo_is_an_error(self):
-    out = subprocess.run(_main_cmd(self.create_tempdir().full_path, "--config.rollout.temprature=0.5"),
+    out = subprocess.run(_main_cmd(tempfile.mkdtemp(), "--config.rollout.temprature=0.5"),
                          cwd=REPO, env=self._env(), capture_output=True, text=True, timeout=120)
     self.assertNotEqual(out.returncode, 0)
     self.assertIn("temprature", out.stderr)
 
   def test_missing_model_path_names_the_key(self):
     out = subprocess.run(
-        _main_cmd(self.create_tempdir().full_path, "--config.model.demo.enabled=False",
+        _main_cmd(tempfile.mkdtemp(), "--config.model.demo.enabled=False",
                   "--config.model.path=/no/such/model"),
         cwd=REPO, env=self._env(), capture_output=True, text=True, timeout=300)
     self.assertNotEqual(out.returncode, 0)
@@ -129,13 +129,13 @@ class MainTest(absltest.TestCase):
   @pytest.mark.slow
   def test_resume_after_kill_matches_uninterrupted_run(self):
     flags = _tiny_flags()
-    ref_dir = self.create_tempdir().full_path
+    ref_dir = tempfile.mkdtemp()
     subprocess.run(_main_cmd(ref_dir, *flags), cwd=REPO, env=self._env(), check=True,
                    capture_output=True, timeout=900)
     reference = metrics.read_jsonl(os.path.join(ref_dir, "metrics.jsonl"))
     self.assertLen(reference, 4)
 
-    work = self.create_tempdir().full_path
+    work = tempfile.mkdtemp()
     proc = subprocess.Popen(_main_cmd(work, *flags), cwd=REPO, env=self._env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step2 = os.path.join(work, "checkpoints", "2")

@@ -19,6 +19,7 @@ from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.models.config import QwenConfig
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
+from mar import sampling as sampling_lib
 from mar.sampling import boxed_stop_predicate
 
 
@@ -39,7 +40,7 @@ class RolloutRunner:
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
-               sampling, check_every: int = 1, mesh=None):
+               sampling, check_every: int = 1, mesh=None, decode_fn=None):
     self.tok = tokenizer
     self.batch_size, self.prompt_len = batch_size, prompt_len
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
@@ -57,8 +58,9 @@ class RolloutRunner:
     self.stop_predicate = boxed_stop_predicate(strings)
     self.mesh = mesh
     spec, pred, vfn = self.spec, self.stop_predicate, self.verify_fn
+    decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
     self._rollout = jax.jit(lambda params, *args: ma.rollout(
-        model_config, params, spec, pred, vfn, *args))
+        model_config, params, spec, pred, vfn, *args, decode_fn=decode))
 
   def encode_prompts(self, prompts: Sequence[str]):
     """Left-pads tokenized prompts into [B, P] (+ mask); raises if a prompt is too long."""

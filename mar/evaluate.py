@@ -48,9 +48,21 @@ def _benchmark(config, name: str):
   return data[:limit] if limit else data
 
 
+def _fitting(runner, examples, prompt_of, benchmark: str):
+  """Examples whose prompt fits the bucket; the rest are reported, not silently dropped."""
+  keep = [ex for ex in examples if runner.fits(prompt_of(ex.question))]
+  if len(keep) < len(examples):
+    logging.warning("%s: %d of %d problems exceed rollout.prompt_len=%d tokens and are "
+                    "not scored (raise config.rollout.prompt_len)", benchmark,
+                    len(examples) - len(keep), len(examples), runner.prompt_len)
+  return keep
+
+
 def attempt_curve(config, run, params, examples, benchmark: str, step: int) -> list[dict]:
   """Greedy accuracy with k attempts for k = 1..K (one run per k)."""
   runner = run.eval_runner(config, "attempts")
+  examples = _fitting(runner, examples, lambda q: run.prompt_fn(q, config.eval.max_attempts),
+                      benchmark)
   rows = []
   questions = [ex.question for ex in examples]
   answers = [ex.answer for ex in examples]
@@ -65,6 +77,8 @@ def attempt_curve(config, run, params, examples, benchmark: str, step: int) -> l
 def passk_rows(config, run, params, examples, benchmark: str, step: int) -> list[dict]:
   """n samples per problem with the single-turn prompt -> Pass@k rows for config.eval.ks."""
   runner = run.eval_runner(config, "passk")
+  examples = _fitting(runner, examples, lambda q: hints.chat_prompt(hints.plain_prompt(q)),
+                      benchmark)
   n = config.eval.num_samples
   prompts = [hints.chat_prompt(hints.plain_prompt(ex.question)) for ex in examples for _ in range(n)]
   answers = [ex.answer for ex in examples for _ in range(n)]

@@ -12,6 +12,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 import pytest
+import testutil
 
 from configs import demo as demo_config
 from mar import demo, metrics, setup, train
@@ -109,7 +110,7 @@ def _tiny_flags():
 class MainTest(absltest.TestCase):
 
   def _env(self):
-    return dict(os.environ, MAR_NO_PROGRESS="1", JAX_PLATFORMS="cpu")
+    return testutil.subprocess_env()
 
   def test_config_typo_is_an_error(self):
     out = subprocess.run(_main_cmd(tempfile.mkdtemp(), "--config.rollout.temprature=0.5"),
@@ -157,3 +158,35 @@ class MainTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class EvaluateTest(absltest.TestCase):
+
+  def test_benchmark_eval_rows_and_table(self):
+    from mar import evaluate
+    from mar.evaluation import report
+
+    config = tiny_config("ppo")
+    config.data.dir = testutil.DATA_DIR
+    config.rollout.prompt_len = 512
+    config.eval.update(dict(benchmarks=["amc23", "aime24"], kinds=["attempts", "passk"],
+                            max_problems=3, max_attempts=2, num_samples=2, ks=[1, 2],
+                            batch_size=8))
+    config.rollout.token_budget = 8
+    work = tempfile.mkdtemp()
+    run = setup.build_run(config, work)
+    rows = evaluate.run_eval(config, run, run.params, work, step=7)
+    run.close()
+    self.assertLen(rows, 2 * (2 + 2))
+    for r in rows:
+      self.assertEqual(r["step"], 7)
+      self.assertIn(r["benchmark"], ("amc23", "aime24"))
+      if "attempts" in r:
+        self.assertEqual(set(r), {"step", "benchmark", "attempts", "accuracy", "n"})
+      else:
+        self.assertEqual(set(r), {"step", "benchmark", "metric", "k", "value", "n"})
+      self.assertEqual(r["n"], 3)
+    self.assertEqual(report.read_eval_rows(work), rows)
+    table = report.format_table(rows, 7)
+    self.assertIn("amc23", table)
+    self.assertIn("average", table)

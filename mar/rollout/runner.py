@@ -62,6 +62,10 @@ class RolloutRunner:
     self._rollout = jax.jit(lambda params, *args: ma.rollout(
         model_config, params, spec, pred, vfn, *args, decode_fn=decode))
 
+  def fits(self, prompt: str) -> bool:
+    """Whether a prompt text fits the prompt bucket."""
+    return len(self.tok.encode(prompt)) <= self.prompt_len
+
   def encode_prompts(self, prompts: Sequence[str]):
     """Left-pads tokenized prompts into [B, P] (+ mask); raises if a prompt is too long."""
     b, p = self.batch_size, self.prompt_len

@@ -1,0 +1,255 @@
+"""Sharded training: one PPO and one GRPO/LTE step on a 2x2x2 mesh equal the 1-device step.
+
+jax fixes its device count when its backend starts, so the 8-device run happens in a child
+process (this file with --child OUT.npz) that asks for 8 simulated CPU devices before
+importing jax. The 1-device reference runs in this process, on one device, without a mesh.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+if __name__ == "__main__" and "--child" in sys.argv:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+from absl.testing import absltest  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from mar import models, parallel  # noqa: E402
+from mar.models import sharding  # noqa: E402
+from mar.rl import grpo, optim, ppo  # noqa: E402
+from mar.rollout.multi_attempt import Episodes  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, S = 16, 24  # rows, slots
+
+
+def tiny_config() -> models.QwenConfig:
+  """Every sharded dimension divisible by 2, so each rule really splits on a 2x2x2 mesh."""
+  return models.QwenConfig.tiny("qwen3", vocab_size=64).replace(
+      tie_word_embeddings=False, hidden_size=32, intermediate_size=48, num_heads=4,
+      num_kv_heads=2, head_dim=16, num_layers=2)
+
+
+def _masks(rng):
+  """Left-padded prompts (4..7 tokens), responses right after them, one feedback span."""
+  valid = np.zeros((B, S), bool)
+  action = np.zeros((B, S), bool)
+  feedback = np.zeros((B, S), bool)
+  last = np.zeros(B, np.int32)
+  for b in range(B):
+    p, r = 4 + b % 4, 10 + (3 * b) % 8
+    start = 8 - p
+    valid[b, start:8 + r] = True
+    action[b, 8:8 + r] = True
+    if b % 2:  # an attempt, a 3-token feedback span, a second attempt
+      feedback[b, 12:15] = True
+      action[b, 12:15] = False
+    last[b] = 8 + r - 1
+  return valid, action, feedback, last
+
+
+def episodes() -> Episodes:
+  rng = np.random.RandomState(0)
+  valid, action, feedback, last = _masks(rng)
+  tokens = np.where(valid, rng.randint(1, 64, (B, S)), 0).astype(np.int32)
+  zeros_bs = np.zeros((B, S), np.int32)
+  flags = np.zeros((2, B), bool)
+  return Episodes(
+      tokens=tokens, valid=valid, action_mask=action, feedback_mask=feedback,
+      attempt_id=zeros_bs, logprobs=np.zeros((B, S), np.float32),
+      reward=rng.choice([1.0, -0.5, -1.0], B).astype(np.float32), last_action=last,
+      n_attempts=np.full(B, 2, np.int32), attempts_used=np.ones(B, np.int32),
+      correct_turn=flags, attempted_turn=flags, boxed_turn=flags,
+      truncated=np.zeros(B, bool))
+
+
+def group_batch() -> dict:
+  rng = np.random.RandomState(1)
+  valid, action, _, _ = _masks(rng)
+  tokens = np.where(valid, rng.randint(1, 64, (B, S)), 0).astype(np.int32)
+  hinted = np.arange(B) % 4 == 3
+  return {
+      "tokens": tokens, "valid": valid, "action_mask": action, "hinted": hinted,
+      "old_logp_hinted": np.where(hinted[:, None] & action,
+                                  -rng.uniform(0.5, 4.0, (B, S)), 0).astype(np.float32),
+      "advantages": rng.normal(size=B).astype(np.float32),
+  }
+
+
+def _optimizer():
+  """Adam at lr 1e-2 from step 0. Adam's first step is lr * g / (|g| + eps), a step function
+  of g where |g| << eps does not hold; with the default eps 1e-8 a gradient entry of ~1e-9
+  (f32 summation-order noise) flips sign between layouts and moves that weight by 2 * lr.
+  Gradients agree to ~1e-7 (2e-6 of their scale); eps = 1e-3 keeps d(update)/dg = lr / eps
+  small enough that this stays under the tolerance, so the comparison tests the sharding."""
+  return optim.make_optimizer(1e-2, 10, warmup_ratio=0.0, eps=1e-3)
+
+
+def _flat(prefix: str, tree) -> dict:
+  return {prefix + jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def run_steps(mesh=None) -> dict:
+  """One PPO step (2 mini-batches x 2 micro-batches) and one LTE step, from the same init."""
+  config = tiny_config()
+  # The updates donate their inputs (and device_put may alias them): fresh arrays per use.
+  fresh = lambda: models.init_params(config, jax.random.key(0), std=0.2)
+  params = fresh()
+  critic = {"backbone": models.init_params(config, jax.random.key(1), std=0.2),
+            "value_head": models.init_value_head(config, jax.random.key(2))}
+  ref = jax.tree.map(lambda x: x * 0.99, params)
+  out = {}
+
+  hp = ppo.PPOHparams(micro_batches=2, logprob_chunk=8)
+  opt = _optimizer()
+  learner = ppo.PPOLearner(config, hp, opt, opt, mesh=mesh)
+  a_opt, c_opt = opt, opt
+  pol, cri, rf = fresh(), critic, ref
+  if mesh is not None:
+    sh = learner.shardings
+    pol, rf = (parallel.shard_tree(t, sh.params) for t in (fresh(), ref))
+    cri = parallel.shard_tree(critic, sh.critic)
+    a_opt, c_opt = parallel.sharded_init(opt, sh.actor_opt), parallel.sharded_init(opt, sh.critic_opt)
+    out["qkv_shard_shape"] = np.asarray(pol["layers"]["qkv"].addressable_shards[0].data.shape)
+  pol, a_state, cri, c_state, metrics = learner.step(
+      pol, a_opt.init(pol), cri, c_opt.init(cri), rf, episodes(), num_mini_batches=2)
+  out.update(_flat("ppo/metrics", metrics))
+  out.update(_flat("ppo/policy", pol))
+  out.update(_flat("ppo/critic", cri))
+  out.update(_flat("ppo/adam", a_state))
+  if mesh is not None:
+    out["ppo_policy_spec_kept"] = np.asarray(
+        pol["layers"]["qkv"].sharding.spec == learner.shardings.params["layers"]["qkv"].spec)
+
+  ghp = grpo.GRPOHparams(kl_coef=0.01, entropy_coef=0.001, micro_batches=2, logprob_chunk=8)
+  glearner = grpo.GRPOLearner(config, ghp, opt, response_len=16, mesh=mesh)
+  g_opt, gpol, grf = opt, fresh(), ref
+  if mesh is not None:
+    g_opt = parallel.sharded_init(opt, glearner.shardings.actor_opt)
+    gpol, grf = (parallel.shard_tree(t, glearner.shardings.params) for t in (fresh(), ref))
+  batch = group_batch()
+  batch["old_logp"] = np.asarray(glearner.logprobs(gpol, batch["tokens"], batch["valid"])) - 0.05
+  gpol, g_state, gmetrics = glearner.step(gpol, g_opt.init(gpol), batch, ref=grf,
+                                          num_mini_batches=2)
+  out.update(_flat("grpo/metrics", gmetrics))
+  out.update(_flat("grpo/policy", gpol))
+  out.update(_flat("grpo/adam", g_state))
+  out["devices"] = np.asarray(jax.device_count())
+  return out
+
+
+def _child(path: str) -> None:
+  mesh = sharding.make_mesh(2, 2, 2)
+  np.savez(path, **run_steps(mesh))
+
+
+class ShardedStepTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.out = os.path.join(tempfile.mkdtemp(), "sharded.npz")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", cls.out],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=_REPO)
+    with jax.default_device(jax.devices()[0]):  # meanwhile, the 1-device reference
+      cls.single = run_steps(None)
+    _, cls.stderr = child.communicate(timeout=900)
+    cls.returncode = child.returncode
+
+  def sharded(self) -> dict:
+    self.assertEqual(self.returncode, 0, self.stderr[-4000:])
+    return dict(np.load(self.out))
+
+  def test_ran_on_a_2x2x2_mesh(self):
+    got = self.sharded()
+    self.assertEqual(int(got["devices"]), 8)
+    # qkv [L, D, K, R+2, Dh] = [2, 32, 2, 4, 16] split over fsdp (D) and tensor (K).
+    np.testing.assert_array_equal(got["qkv_shard_shape"], [2, 16, 1, 4, 16])
+    self.assertTrue(bool(got["ppo_policy_spec_kept"]))
+
+  def _compare(self, prefix: str):
+    got = self.sharded()
+    keys = sorted(k for k in self.single if k.startswith(prefix))
+    self.assertNotEmpty(keys)
+    for k in keys:
+      ref, val = self.single[k], got[k]
+      self.assertEqual(ref.shape, val.shape, k)
+      if ref.dtype.kind == "f":
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=k)
+      else:
+        np.testing.assert_array_equal(val, ref, err_msg=k)
+
+  def test_ppo_step_equals_single_device(self):
+    self._compare("ppo/")
+    moved = np.abs(self.single["ppo/policy['embed']"] - models.init_params(
+        tiny_config(), jax.random.key(0), std=0.2)["embed"]).max()
+    self.assertGreater(moved, 1e-3)  # the step really changed the params
+    self.assertTrue(np.isfinite(self.single["ppo/metrics['actor/loss']"]))
+
+  def test_grpo_lte_step_equals_single_device(self):
+    self._compare("grpo/")
+    self.assertGreater(float(self.single["grpo/metrics['grad_norm']"]), 0.0)
+
+
+class ParallelHelpersTest(absltest.TestCase):
+
+  def test_rules_from_config_overrides_only_what_it_names(self):
+    c = ml_collections.ConfigDict({"sharding_rules": [["embed", None], ["mlp", ["fsdp", "tensor"]]]})
+    rules = dict(parallel.rules_from_config(c))
+    self.assertIsNone(rules["embed"])
+    self.assertEqual(rules["mlp"], ("fsdp", "tensor"))
+    self.assertEqual(rules["vocab"], "tensor")
+    self.assertEqual(parallel.rules_from_config(ml_collections.ConfigDict({})),
+                     sharding.DEFAULT_RULES)
+    bad = ml_collections.ConfigDict({"sharding_rules": [["embed", "model"]]})
+    with self.assertRaisesRegex(ValueError, r"sharding_rules\[0\]: mesh axis 'model'"):
+      parallel.rules_from_config(bad)
+
+  def test_mesh_from_config_names_the_field(self):
+    c = ml_collections.ConfigDict({"mesh": {"data": 3, "fsdp": 5, "tensor": 1}})
+    with self.assertRaisesRegex(ValueError, r"config.mesh \(data=3, fsdp=5"):
+      parallel.mesh_from_config(c)
+    one = ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1, "tensor": 1}})
+    mesh = parallel.mesh_from_config(one, devices=jax.devices()[:1])
+    self.assertEqual(dict(mesh.shape), {"data": 1, "fsdp": 1, "tensor": 1})
+
+  def test_opt_state_shardings_follow_params(self):
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    config = tiny_config()
+    sh = parallel.TrainShardings.create(config, mesh, actor_opt=_optimizer(),
+                                        critic_opt=_optimizer())
+    mu = sh.actor_opt.inner_state[1][0].mu
+    self.assertIs(mu["layers"]["qkv"], sh.params["layers"]["qkv"])
+    self.assertEqual(sh.actor_opt.num_skipped.spec, P())
+    self.assertIs(sh.critic_opt.inner_state[1][0].nu["value_head"], sh.critic["value_head"])
+
+  def test_local_rows(self):
+    self.assertEqual(parallel.local_rows(16, 1, 2), slice(8, 16))
+    self.assertEqual(parallel.local_rows(16, 0, 1), slice(0, 16))
+    with self.assertRaisesRegex(ValueError, "12 rows does not split over 5 hosts"):
+      parallel.local_rows(12, 0, 5)
+
+  def test_host_fraction(self):
+    m = {"time/total": 10.0, "time/verify": 2.0, "time/host": 0.5, "time/update": 7.5}
+    self.assertAlmostEqual(parallel.host_fraction(m), 0.25)
+    self.assertEqual(parallel.host_fraction({}), 0.0)
+
+
+if __name__ == "__main__":
+  if "--child" in sys.argv:
+    _child(sys.argv[sys.argv.index("--child") + 1])
+  else:
+    absltest.main()

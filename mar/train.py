@@ -157,6 +157,9 @@ def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards
   original = {"tokens": tokens, "valid": valid, "action_mask": action}
   hinted: dict[str, Any] = {}
   metrics = {"lte/num_none_pass": float(none_pass.sum())}
+  if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
+    metrics.update({"lte/num_rescued": 0.0, "lte/num_cap_bound": 0.0, "lte/num_replaced": 0.0,
+                    "lte/rescue_rate": 0.0})
   if extra is not None:
     hint_rewards = extra.correct.reshape(-1, g).astype(np.float32)
     plan = refine.refine_groups(rewards, hint_rewards, none_pass, rng, cap=config.grpo.cap if config.grpo.cap >= 0 else None)
@@ -182,6 +185,11 @@ def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards
 
 
 # ----- the loop ----------------------------------------------------------------------------
+
+
+def _should_eval(config, done: int) -> bool:
+  periodic = config.eval.every_steps and done % config.eval.every_steps == 0
+  return bool(periodic or (done == config.train.num_steps and config.eval.at_end))
 
 
 def train(config, workdir: str) -> dict:
@@ -213,8 +221,7 @@ def train(config, workdir: str) -> dict:
     bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))
     ckpt.save(done, state, extra={"step": done, "data_position": done * len(idx)},
               force=done == config.train.num_steps)
-    if config.eval.every_steps and done % config.eval.every_steps == 0 or \
-        done == config.train.num_steps and config.eval.at_end:
+    if _should_eval(config, done):
       evaluate.run_eval(config, run, state["policy"], workdir, step=done)
   bar.close()
   ckpt.wait()

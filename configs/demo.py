@@ -2,7 +2,7 @@
 
   python -m mar.main --config=configs/demo.py --workdir=/tmp/mar_demo
 Variants: `:single` trains the single-turn PPO baseline, `:lte` runs LTE (GRPO + hints)
-on the same task. Evaluation at step 0 and at the end goes to eval.jsonl and plots/.
+on the same task, `:hybrid` puts LTE's hint into the multi-attempt feedback turn. Evaluation at step 0 and at the end goes to eval.jsonl and plots/.
 """
 
 from mar.defaults import base_config
@@ -29,6 +29,8 @@ def get_config(arg: str | None = None):
   if arg == "single":
     c.rollout.update(dict(max_attempts=1, attempts="fixed", prompt="single_turn"))
     c.model.demo.style = "single_turn"
+  elif arg == "hybrid":  # feedback turns also list the wrong answers so far
+    c.rollout.hint_feedback_len = 48
   elif arg == "lte":
     c.method = "lte"
     c.model.demo.style = "lte"

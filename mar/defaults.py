@@ -33,6 +33,7 @@ def base_config() -> ConfigDict:
       prompt="multi_attempt",  # multi_attempt | single_turn (PPO prompt style)
       temperature=1.0, top_p=1.0, top_k=0,
       check_every=1,  # boxed-stop check period (the reference checks every 64 tokens)
+      hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
   ))
 
   c.ppo = ConfigDict(dict(gamma=1.0, lam=0.99, clip=0.2, value_clip=0.2, kl_coef=0.01,

@@ -12,6 +12,7 @@ from mar import models, sampling
 from mar.data import prompts
 from mar.data.tiny_tokenizer import build_tiny_tokenizer
 from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.lte import hints
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text, render_episode
@@ -38,7 +39,7 @@ class RolloutTest(absltest.TestCase):
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
-  def _run(self, attempts_text, n_attempts, golds, budget=64, max_attempts=3):
+  def _run(self, attempts_text, n_attempts, golds, budget=64, max_attempts=3, hint_len=0):
     tok = self.tok
     b = len(attempts_text)
     enc = [[tok.encode(a) for a in row] for row in attempts_text]
@@ -59,9 +60,9 @@ class RolloutTest(absltest.TestCase):
       ptoks[i, p - len(x):], pmask[i, p - len(x):] = x, True
     fb_t, fb_l = feedback_table(tok, max_attempts)
     spec = ma.RolloutSpec(max_attempts, budget,
-                          ma.cache_len_for(p, budget, max_attempts, fb_t.shape[1]),
+                          ma.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
                           sampling.SamplingParams(temperature=0.0),
-                          (tok.im_end_id, tok.eos_id))
+                          (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
     verifier = AttemptVerifier(tok, _ListVerifier(), golds)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
     fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, counting_predicate(), verifier,
@@ -111,6 +112,18 @@ class RolloutTest(absltest.TestCase):
     rewards = jax.device_get(ma.token_rewards(ep))
     np.testing.assert_allclose(rewards.sum(1), ep.reward)
     self.assertIn("[feedback>", render_episode(self.tok, ep, 0))
+
+  def test_hybrid_feedback_lists_wrong_answers(self):
+    end = "<|im_end|>"
+    scripts = [["\\boxed{5}" + end, "\\boxed{6}", "nothing", "\\boxed{7}"]]
+    ep, texts, verifier = self._run(scripts, [4], ["7"], max_attempts=4, hint_len=96)
+    self.assertEqual(verifier.calls, 4)
+    want = (texts[0] + "\\boxed{5}" + hints.hint_feedback_text(3, ["5"]) + "\\boxed{6}"
+            + hints.hint_feedback_text(2, ["5", "6"]) + "nothing"
+            + hints.hint_feedback_text(1, ["5", "6"]) + "\\boxed{7}")
+    self.assertEqual(dialogue_text(self.tok, jax.device_get(ep), 0), want)
+    self.assertIn("Hint: possible incorrect answers include 5, 6", want)
+    self.assertEqual(float(ep.reward[0]), 1.0)
 
   def test_shared_budget_truncates(self):
     ep, _, _ = self._run([["aaaa bbbb cccc dddd eeee", "x"]], [2], ["1"], budget=3)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from mar.data import prompts
+
 _STEP = "Let's think step by step and output the final answer within \\boxed{}."
 _CONCISE = "Let's think concisely and output the final answer within \\boxed{}."
 _DONT_MENTION = "Do not use or mention the hint explicitly in any of your intermediate steps."
@@ -84,3 +86,21 @@ def hint_prompt(
   listed = sep.join(usable_answers(answers, truncated))
   ending = _CONCISE if kind == "concise_hint" else _STEP
   return f"{question}\n{_HINT_LEAD}{listed}\n{_DONT_MENTION} {ending}"
+
+
+def hint_feedback_text(attempts_left: int, wrong_answers: Sequence[str], sep: str = ", ") -> str:
+  """Hybrid of the two papers: the multi-attempt feedback turn, plus LTE's hint line.
+
+  The system turn says the answer was wrong and how many attempts are left, then lists the
+  distinct wrong answers given so far (first-seen order). With no answers it is exactly
+  the plain multi-attempt feedback.
+  """
+  listed = sep.join(dict.fromkeys(a.strip() for a in wrong_answers if a and a.strip()))
+  if not listed:
+    return prompts.feedback_text(attempts_left)
+  return (
+      f"{prompts.IM_END}\n{prompts.IM_START}system\n"
+      f"Your answer is incorrect. You have {int(attempts_left)} attempts left. "
+      f"Try an alternative.\n{_HINT_LEAD}{listed}{prompts.IM_END}\n"
+      f"{prompts.IM_START}assistant\n"
+  )

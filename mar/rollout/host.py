@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from mar import verify
+from mar.lte import hints
 
 
 class AttemptVerifier:
@@ -28,6 +29,7 @@ class AttemptVerifier:
     self.answers = list(answers)
     self.calls = 0
     self.last_texts: list[str] = []
+    self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
 
   def set_answers(self, answers: Sequence[str]) -> None:
     self.answers = list(answers)
@@ -38,10 +40,12 @@ class AttemptVerifier:
         for b in range(tokens.shape[0])
     ]
 
-  def __call__(self, example_ids, tokens, start, end, live):
+  def __call__(self, example_ids, tokens, start, end, live, turn=0):
     self.calls += 1
     texts = self.attempt_texts(tokens, start, end, live)
     self.last_texts = texts
+    if int(turn) == 0:
+      self.wrong_answers = [[] for _ in texts]
     rows = [b for b in range(len(texts)) if live[b]]
     correct = np.zeros(len(texts), bool)
     boxed = np.array([live[b] and verify.extract_boxed(t) is not None
@@ -50,4 +54,26 @@ class AttemptVerifier:
       golds = [self.answers[int(example_ids[b])] for b in rows]
       results = self.verifier.verify([texts[b] for b in rows], golds)
       correct[rows] = np.asarray(results, bool)
+    for b in rows:
+      answer = verify.extract_boxed(texts[b])
+      if answer is not None and not correct[b]:
+        self.wrong_answers[b].append(answer)
     return correct & boxed, boxed
+
+  def hint_feedback(self, attempts_left, go_on, width: int):
+    """Hybrid feedback turns (multi-attempt feedback + LTE hint) as [B, width] ids + lengths.
+
+    Drops the oldest answers until the text fits `width` tokens.
+    """
+    tokens = np.full((len(go_on), width), self.tokenizer.pad_id, np.int32)
+    lengths = np.zeros(len(go_on), np.int32)
+    for b in np.flatnonzero(go_on):
+      answers = list(self.wrong_answers[b])
+      while True:
+        ids = self.tokenizer.encode(hints.hint_feedback_text(int(attempts_left[b]), answers))
+        if len(ids) <= width or not answers:
+          break
+        answers = answers[1:]
+      ids = ids[:width]
+      tokens[b, :len(ids)], lengths[b] = ids, len(ids)
+    return tokens, lengths

@@ -40,6 +40,9 @@ class RolloutSpec:
   sampling: sampling.SamplingParams
   stop_ids: tuple[int, ...]
   check_every: int = 1
+  # > 0: hybrid mode, the feedback turn also lists the episode's wrong answers (LTE's hint),
+  # built on the host and appended with at most this many tokens.
+  hint_feedback_len: int = 0
 
 
 def cache_len_for(prompt_len: int, token_budget: int, max_attempts: int, feedback_len: int) -> int:
@@ -86,19 +89,28 @@ def _span_mask(shape, start, end):
   return (s >= start[:, None]) & (s < end[:, None])
 
 
-def _verify_on_host(verify_fn: VerifyFn, example_ids, tokens, start, end, live):
+def _verify_on_host(verify_fn: VerifyFn, example_ids, tokens, start, end, live, turn):
   out_shape = (
       jax.ShapeDtypeStruct(live.shape, jnp.bool_),
       jax.ShapeDtypeStruct(live.shape, jnp.bool_),
   )
 
-  def host(ids, toks, st, en, lv):
+  def host(ids, toks, st, en, lv, t):
     correct, boxed = verify_fn(np.asarray(ids), np.asarray(toks), np.asarray(st),
-                               np.asarray(en), np.asarray(lv))
+                               np.asarray(en), np.asarray(lv), int(t))
     return np.asarray(correct, bool), np.asarray(boxed, bool)
 
-  correct, boxed = jax.pure_callback(host, out_shape, example_ids, tokens, start, end, live)
+  correct, boxed = jax.pure_callback(host, out_shape, example_ids, tokens, start, end, live,
+                                     turn)
   return correct & live, boxed & live
+
+
+def _hint_feedback_on_host(verify_fn, attempts_left, go_on, width: int):
+  """Hybrid mode: per-row feedback turns with the wrong answers so far, from the host."""
+  out_shape = (jax.ShapeDtypeStruct((go_on.shape[0], width), jnp.int32),
+               jax.ShapeDtypeStruct(go_on.shape, jnp.int32))
+  host = lambda a, g: verify_fn.hint_feedback(np.asarray(a), np.asarray(g), width)
+  return jax.pure_callback(host, out_shape, attempts_left, go_on)
 
 
 def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_ids, feedback,
@@ -122,13 +134,18 @@ def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_id
   action_mask = carry.action_mask | span
   attempt_id = jnp.where(span, turn + 1, carry.attempt_id)
 
-  correct, boxed = _verify_on_host(verify_fn, example_ids, state.tokens, start, end, live)
+  correct, boxed = _verify_on_host(verify_fn, example_ids, state.tokens, start, end, live, turn)
   attempts_left = carry.attempts_left - live.astype(jnp.int32)
   go_on = live & ~correct & (attempts_left > 0) & (budget_left > 0)
 
-  fb_len = jnp.where(go_on, fb_lengths[attempts_left], 0)
+  if spec.hint_feedback_len:
+    fb_turn, fb_len = _hint_feedback_on_host(verify_fn, attempts_left, go_on,
+                                             spec.hint_feedback_len)
+  else:
+    fb_turn, fb_len = fb_tokens[attempts_left], fb_lengths[attempts_left]
+  fb_len = jnp.where(go_on, fb_len, 0)
   fb_start = state.pos
-  state = sampling.append(config, params, state, fb_tokens[attempts_left], fb_len)
+  state = sampling.append(config, params, state, fb_turn, fb_len)
   feedback_mask = carry.feedback_mask | _span_mask(state.tokens.shape, fb_start, fb_start + fb_len)
 
   new = _Carry(state, go_on, attempts_left, budget_left, action_mask, feedback_mask, attempt_id)

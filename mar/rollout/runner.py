@@ -40,7 +40,8 @@ class RolloutRunner:
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
-               sampling, check_every: int = 1, mesh=None, decode_fn=None):
+               sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
+               decode_fn=None):
     self.tok = tokenizer
     self.batch_size, self.prompt_len = batch_size, prompt_len
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
@@ -48,10 +49,12 @@ class RolloutRunner:
     self.spec = ma.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
-        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts, fb_tokens.shape[1]),
+        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts,
+                                   max(fb_tokens.shape[1], hint_feedback_len)),
         sampling=sampling,
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
+        hint_feedback_len=hint_feedback_len,
     )
     self.verify_fn = AttemptVerifier(tokenizer, verifier)
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]

@@ -190,3 +190,17 @@ class EvaluateTest(absltest.TestCase):
     table = report.format_table(rows, 7)
     self.assertIn("amc23", table)
     self.assertIn("average", table)
+
+
+class ShowRolloutTest(absltest.TestCase):
+
+  def test_prints_marked_dialogues(self):
+    from mar.tools import show_rollout
+
+    config = tiny_config("ppo")
+    texts = show_rollout.show(config, tempfile.mkdtemp(), num=2, attempts=2)
+    self.assertLen(texts, 2)
+    for t in texts:
+      self.assertIn("── attempt 1", t)
+      self.assertIn("You have 2 attempts", t)
+      self.assertRegex(t, r"reward [+-]\d\.\d, attempts used [12]/2")

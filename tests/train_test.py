@@ -35,6 +35,7 @@ def tiny_config(method="ppo", **over):
   c.data.synthetic.num_examples = 64
   c.checkpoint.update(dict(every_steps=1, keep=2, async_save=False))
   c.verify.workers = 1
+  c.mesh.update(dict(data=1, fsdp=1, tensor=1))  # one device (the suite simulates 8)
   if method != "ppo":
     c.rollout.prompts_per_step = 2
     c.grpo.group_size = 4

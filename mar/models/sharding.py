@@ -163,11 +163,12 @@ def make_mesh(
           f"divisible by {known}"
       )
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices):
     raise ValueError(
         f"mesh sizes {dict(zip(MESH_AXES, sizes))} need {math.prod(sizes)} devices, "
         f"found {len(devices)}"
     )
+  devices = devices[:math.prod(sizes)]  # a smaller mesh runs on the first devices
   try:
     grid = mesh_utils.create_device_mesh(sizes, devices)
   except (ValueError, NotImplementedError, AssertionError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
@@ -85,3 +86,9 @@ def make_update_step(
     return params, opt_state, metrics
 
   return update
+
+
+def mean_metrics(history: list[dict]) -> dict:
+  """Averages per-update metric dicts on the host (values may live on any devices)."""
+  host = jax.device_get(history)
+  return {k: float(np.mean([h[k] for h in host])) for k in host[0]}

@@ -14,14 +14,6 @@ from ml_collections import config_flags
 from mar import setup
 from mar.rollout.render import render_episode
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/mar_show_rollout", "Where a demo model is built.")
-_NUM = flags.DEFINE_integer("num", 4, "Episodes to show.")
-_ATTEMPTS = flags.DEFINE_integer("attempts", 0, "N per episode (0: config.rollout.max_attempts).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
 def show(config, workdir: str, num: int, attempts: int = 0, seed: int = 0) -> list[str]:
   """Runs one rollout batch and returns each episode rendered as text."""
   run = setup.build_run(config, workdir)
@@ -35,13 +27,23 @@ def show(config, workdir: str, num: int, attempts: int = 0, seed: int = 0) -> li
   return texts
 
 
+def _define_flags():
+  """Flags exist only when run as a program, so importing `show` defines none."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_string("workdir", "/tmp/mar_show_rollout", "Where a demo model is built.")
+  flags.DEFINE_integer("num", 4, "Episodes to show.")
+  flags.DEFINE_integer("attempts", 0, "N per episode (0: config.rollout.max_attempts).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
   del argv
-  for i, text in enumerate(show(_CONFIG.value, _WORKDIR.value, _NUM.value, _ATTEMPTS.value,
-                                _SEED.value)):
+  f = flags.FLAGS
+  for i, text in enumerate(show(f.config, f.workdir, f.num, f.attempts, f.seed)):
     print(f"==================== episode {i} ====================\n{text}\n")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  _define_flags()
   app.run(main)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from mar import config_utils
 from mar import models
+from mar import parallel
 from mar.data import datasets, prompts
 from mar.data.tokenizer import Tokenizer
 from mar.models import model as qwen
@@ -41,6 +42,7 @@ class Run:
   train_data: list
   verifier: BatchVerifier
   _eval_runners: dict = dataclasses.field(default_factory=dict)
+  mesh: Any = None  # the ('data', 'fsdp', 'tensor') mesh everything is placed on
 
   def eval_runner(self, config, kind: str) -> RolloutRunner:
     """Greedy multi-attempt runner ('attempts') or the sampling runner ('passk'), cached."""
@@ -54,7 +56,9 @@ class Run:
           self.model_config, self.tokenizer, self.verifier, batch_size=e.batch_size,
           prompt_len=config.rollout.prompt_len, max_attempts=m,
           token_budget=config.rollout.token_budget, sampling=sp,
-          check_every=config.rollout.check_every)
+          check_every=config.rollout.check_every,
+          hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
+          mesh=self.mesh)
     return self._eval_runners[kind]
 
   def close(self):
@@ -84,21 +88,23 @@ def load_train_data(config) -> list:
   return datasets.load_train_jsonl(d.train, question_key=d.question_key, answer_key=d.answer_key)
 
 
-def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt):
+def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=None,
+                  rules=None):
   r = config.rollout
   if config.method == "ppo":
     p = config.ppo
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
                         kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
                         temperature=r.temperature, micro_batches=p.micro_batches)
-    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt)
+    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules)
   g = config.grpo
   hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
                         clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
                         entropy_coef=g.entropy_coef, shaping_gamma=g.shaping_gamma,
                         separate_norm=g.separate_norm, temperature=r.temperature,
                         micro_batches=g.micro_batches)
-  return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget)
+  return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
+                          rules=rules)
 
 
 def _optimizer(config, lr: float):
@@ -116,32 +122,41 @@ def build_run(config, workdir: str) -> Run:
     config.model.path = demo.ensure_demo_model(config, workdir)
   config_utils.check_paths(config, ["model.path"])
   dtype = models.config.dtype_from_name(config.model.dtype)
-  cfg, params = models.load_hf(config.model.path, dtype=jnp.float32)
+  mesh, rules = parallel.mesh_from_config(config), parallel.rules_from_config(config)
+  cfg, params = models.load_hf(config.model.path, dtype=jnp.float32, mesh=mesh, rules=rules)
   cfg = cfg.replace(dtype=dtype, remat=config.model.remat)
   tokenizer = Tokenizer.from_dir(config.model.path)
   train_data = load_train_data(config) if config.mode == "train" else []
   verifier = BatchVerifier(num_workers=config.verify.workers, timeout=config.verify.timeout)
-  critic = None
-  if config.method == "ppo":
-    critic = {"backbone": params, "value_head": qwen.init_value_head(
-        cfg, jax.random.PRNGKey(config.seed + 1))}
-    critic = jax.tree.map(jnp.copy, critic)  # its own buffers: the policy's are donated
   r = config.rollout
   policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
   actor_opt = _optimizer(config, policy_lr)
-  critic_opt = _optimizer(config, config.ppo.critic_lr) if critic is not None else None
+  critic_opt = _optimizer(config, config.ppo.critic_lr) if config.method == "ppo" else None
+  learner = _make_learner(config, cfg, actor_opt, critic_opt, mesh, rules)
+  sh = learner.shardings
+  critic = None
+  if config.method == "ppo":
+    # Its own buffers (the policy's are donated), placed by the critic's sharding rules.
+    critic = parallel.shard_tree(
+        {"backbone": jax.tree.map(jnp.copy, params),
+         "value_head": qwen.init_value_head(cfg, jax.random.PRNGKey(config.seed + 1))},
+        sh.critic)
   needs_ref = (config.method == "ppo" and config.ppo.kl_coef) or (
       config.method != "ppo" and config.grpo.kl_coef)
-  ref = jax.tree.map(jnp.copy, params) if needs_ref else None
-  batch = r.prompts_per_step * (1 if config.method == "ppo" else 1)
+  ref = jax.tree.map(jnp.copy, params) if needs_ref else None  # keeps the params' sharding
+  # opt.init(params) (train.init_state) then builds the moments sharded like the params.
+  actor_opt = parallel.sharded_init(actor_opt, sh.actor_opt)
+  if critic_opt is not None:
+    critic_opt = parallel.sharded_init(critic_opt, sh.critic_opt)
+  # One rollout call per step: PPO runs one episode per prompt, GRPO a group of G.
+  batch = r.prompts_per_step * (1 if config.method == "ppo" else config.grpo.group_size)
   runner = RolloutRunner(
       cfg, tokenizer, verifier, batch_size=r.batch_size or batch, prompt_len=r.prompt_len,
       max_attempts=r.max_attempts if config.method == "ppo" else 1,
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-      check_every=r.check_every)
-  logging.info("model %s: %d layers, hidden %d; %d training examples", cfg.model_type,
-               cfg.num_layers, cfg.hidden_size, len(train_data))
-  return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt,
-             _make_learner(config, cfg, actor_opt, critic_opt), runner, prompt_function(config),
-             train_data, verifier)
+      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh)
+  logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
+               cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
+  return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
+             prompt_function(config), train_data, verifier, mesh=mesh)

@@ -5,14 +5,18 @@ process (this file with --child OUT.npz) that asks for 8 simulated CPU devices b
 importing jax. The 1-device reference runs in this process, on one device, without a mesh.
 """
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 
-if __name__ == "__main__" and "--child" in sys.argv:
+if __name__ == "__main__" and ("--child" in sys.argv or "--trainer_child" in sys.argv):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+if __name__ == "__main__" and "--multihost_child" in sys.argv:
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 from absl.testing import absltest  # noqa: E402
@@ -20,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from mar import models, parallel  # noqa: E402
@@ -98,51 +103,69 @@ def _flat(prefix: str, tree) -> dict:
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _gather(tree):
+  """Whole arrays as numpy, also when they span several processes."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def run_steps(mesh=None) -> dict:
-  """One PPO step (2 mini-batches x 2 micro-batches) and one LTE step, from the same init."""
+  """One PPO step (2 mini-batches x 2 micro-batches) and one LTE step, from the same init.
+
+  On a mesh spanning several processes each process feeds only its own rows
+  (`parallel.local_rows`), as the trainer's per-host data and verification would.
+  """
   config = tiny_config()
-  # The updates donate their inputs (and device_put may alias them): fresh arrays per use.
-  fresh = lambda: models.init_params(config, jax.random.key(0), std=0.2)
-  params = fresh()
-  critic = {"backbone": models.init_params(config, jax.random.key(1), std=0.2),
-            "value_head": models.init_value_head(config, jax.random.key(2))}
-  ref = jax.tree.map(lambda x: x * 0.99, params)
+  host = lambda key: jax.device_get(models.init_params(config, jax.random.key(key), std=0.2))
+  params = host(0)
+  critic = {"backbone": host(1),
+            "value_head": np.asarray(models.init_value_head(config, jax.random.key(2)))}
+  ref = jax.tree.map(lambda x: x * np.float32(0.99), params)
+  rows = parallel.local_rows(B)
   out = {}
 
   hp = ppo.PPOHparams(micro_batches=2, logprob_chunk=8)
   opt = _optimizer()
   learner = ppo.PPOLearner(config, hp, opt, opt, mesh=mesh)
+  # The updates donate their inputs: fresh device arrays per use.
   a_opt, c_opt = opt, opt
-  pol, cri, rf = fresh(), critic, ref
+  pol, cri, rf = (jax.tree.map(jnp.asarray, t) for t in (params, critic, ref))
   if mesh is not None:
     sh = learner.shardings
-    pol, rf = (parallel.shard_tree(t, sh.params) for t in (fresh(), ref))
+    pol, rf = (parallel.shard_tree(t, sh.params) for t in (params, ref))
     cri = parallel.shard_tree(critic, sh.critic)
     a_opt, c_opt = parallel.sharded_init(opt, sh.actor_opt), parallel.sharded_init(opt, sh.critic_opt)
     out["qkv_shard_shape"] = np.asarray(pol["layers"]["qkv"].addressable_shards[0].data.shape)
+  ep = episodes()
+  ep = ep._replace(**{f: getattr(ep, f)[rows] for f in ppo._SCORED})  # pylint: disable=protected-access
   pol, a_state, cri, c_state, metrics = learner.step(
-      pol, a_opt.init(pol), cri, c_opt.init(cri), rf, episodes(), num_mini_batches=2)
-  out.update(_flat("ppo/metrics", metrics))
-  out.update(_flat("ppo/policy", pol))
-  out.update(_flat("ppo/critic", cri))
-  out.update(_flat("ppo/adam", a_state))
+      pol, a_opt.init(pol), cri, c_opt.init(cri), rf, ep, num_mini_batches=2)
   if mesh is not None:
     out["ppo_policy_spec_kept"] = np.asarray(
         pol["layers"]["qkv"].sharding.spec == learner.shardings.params["layers"]["qkv"].spec)
+  out.update(_flat("ppo/metrics", metrics))
+  out.update(_flat("ppo/policy", _gather(pol)))
+  out.update(_flat("ppo/critic", _gather(cri)))
+  out.update(_flat("ppo/adam", _gather(a_state)))
 
   ghp = grpo.GRPOHparams(kl_coef=0.01, entropy_coef=0.001, micro_batches=2, logprob_chunk=8)
   glearner = grpo.GRPOLearner(config, ghp, opt, response_len=16, mesh=mesh)
-  g_opt, gpol, grf = opt, fresh(), ref
+  g_opt, gpol, grf = opt, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, ref)
+  batch = {k: v[rows] for k, v in group_batch().items()}
+  tv = (batch["tokens"], batch["valid"])
   if mesh is not None:
     g_opt = parallel.sharded_init(opt, glearner.shardings.actor_opt)
-    gpol, grf = (parallel.shard_tree(t, glearner.shardings.params) for t in (fresh(), ref))
-  batch = group_batch()
-  batch["old_logp"] = np.asarray(glearner.logprobs(gpol, batch["tokens"], batch["valid"])) - 0.05
+    gpol, grf = (parallel.shard_tree(t, glearner.shardings.params) for t in (params, ref))
+    tv = parallel.put_batch(tv, mesh)
+  batch["old_logp"] = parallel.host_local(glearner.logprobs(gpol, *tv)) - np.float32(0.05)
   gpol, g_state, gmetrics = glearner.step(gpol, g_opt.init(gpol), batch, ref=grf,
                                           num_mini_batches=2)
   out.update(_flat("grpo/metrics", gmetrics))
-  out.update(_flat("grpo/policy", gpol))
-  out.update(_flat("grpo/adam", g_state))
+  out.update(_flat("grpo/policy", _gather(gpol)))
+  out.update(_flat("grpo/adam", _gather(g_state)))
   out["devices"] = np.asarray(jax.device_count())
   return out
 
@@ -150,6 +173,71 @@ def run_steps(mesh=None) -> dict:
 def _child(path: str) -> None:
   mesh = sharding.make_mesh(2, 2, 2)
   np.savez(path, **run_steps(mesh))
+
+
+def _multihost_child(pid: int, port: int, workdir: str) -> None:
+  """One of 2 processes x 4 CPU devices (jax.distributed, gloo collectives), mesh 2x2x2.
+
+  Runs `run_steps` on its own rows, then saves and restores a sharded state with the
+  orbax Checkpointer and writes a metrics row; process 0 writes what it saw to workdir.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=pid)
+  from mar import checkpoint, metrics  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(2, 2, 2)
+  out = run_steps(mesh)
+  out["local_devices"] = np.asarray(jax.local_device_count())
+  config = tiny_config()
+  params = jax.device_get(models.init_params(config, jax.random.key(5)))
+  state = {"policy": parallel.shard_tree(params, sharding.param_shardings(config, mesh))}
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), async_save=False)
+  ckpt.save(1, state, extra={"step": 1}, force=True)
+  ckpt.wait()
+  step, restored, extra = ckpt.restore(state)
+  ckpt.close()
+  out["ckpt_step"] = np.asarray(step)
+  out["ckpt_equal"] = np.asarray(all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_gather(restored)),
+                                           jax.tree.leaves(params))))
+  out["ckpt_spec_kept"] = np.asarray(
+      restored["policy"]["layers"]["qkv"].sharding == state["policy"]["layers"]["qkv"].sharding)
+  writer = metrics.MetricsWriter(os.path.join(workdir, f"metrics_{pid}"))
+  writer.write(1, {"loss": 1.0})
+  writer.close()
+  if pid == 0:
+    np.savez(os.path.join(workdir, "multihost.npz"), **out)
+
+
+def _trainer_child() -> dict:
+  """Two PPO and two LTE iterations of the real trainer (setup.build_run) on a 2x2x2 mesh."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_test  # pylint: disable=g-import-not-at-top
+  from mar import setup, train  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  for method in ("ppo", "lte"):
+    config = train_test.tiny_config(method)
+    config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    run = setup.build_run(config, tempfile.mkdtemp())
+    state = train.init_state(config, run)
+    iteration = train.ppo_iteration if method == "ppo" else train.group_iteration
+    losses = []
+    for step in range(2):
+      idx = train.batch_indices(config, len(run.train_data), step)
+      state, m = iteration(config, run, state, [run.train_data[i] for i in idx], step)
+      losses.append(float(m["loss"]))
+    mu = state["actor_opt"].inner_state[1][0].mu
+    out[method] = {
+        "mesh": dict(run.mesh.shape), "losses": losses,
+        "qkv_spec": str(state["policy"]["layers"]["qkv"].sharding.spec),
+        "mu_qkv_spec": str(mu["layers"]["qkv"].sharding.spec),
+        "critic_spec": str(state["critic"]["backbone"]["layers"]["down"].sharding.spec)
+                       if method == "ppo" else None,
+    }
+    run.close()
+  return out
 
 
 class ShardedStepTest(absltest.TestCase):
@@ -204,6 +292,77 @@ class ShardedStepTest(absltest.TestCase):
     self.assertGreater(float(self.single["grpo/metrics['grad_norm']"]), 0.0)
 
 
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+class MultiHostTest(absltest.TestCase):
+  """Two processes (jax.distributed on localhost), each feeding its own half of the rows."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = tempfile.mkdtemp()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--multihost_child",
+                               str(pid), str(port), cls.workdir], env=env, cwd=_REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in (0, 1)]
+    with jax.default_device(jax.devices()[0]):
+      cls.single = run_steps(None)
+    cls.results = [p.communicate(timeout=900) + (p.returncode,) for p in procs]
+
+  def got(self) -> dict:
+    for _, err, code in self.results:
+      self.assertEqual(code, 0, err[-4000:])
+    return dict(np.load(os.path.join(self.workdir, "multihost.npz")))
+
+  def test_steps_equal_single_device(self):
+    got = self.got()
+    self.assertEqual(int(got["devices"]), 8)
+    self.assertEqual(int(got["local_devices"]), 4)
+    for k in sorted(self.single):
+      if k.startswith(("ppo/", "grpo/")) and self.single[k].dtype.kind == "f":
+        scale = max(float(np.abs(self.single[k]).max()), 1e-6)
+        np.testing.assert_allclose(got[k], self.single[k], rtol=1e-5, atol=1e-5 * scale,
+                                   err_msg=k)
+
+  def test_checkpoint_and_metrics(self):
+    got = self.got()
+    self.assertEqual(int(got["ckpt_step"]), 1)
+    self.assertTrue(bool(got["ckpt_equal"]))
+    self.assertTrue(bool(got["ckpt_spec_kept"]))
+    self.assertTrue(os.path.exists(os.path.join(self.workdir, "metrics_0", "metrics.jsonl")))
+    self.assertFalse(os.path.exists(os.path.join(self.workdir, "metrics_1", "metrics.jsonl")))
+
+
+@pytest.mark.slow
+class ShardedTrainerTest(absltest.TestCase):
+  """setup.build_run wires the mesh: the trainer runs PPO and LTE with sharded state."""
+
+  def test_ppo_and_lte_iterations_on_2x2x2_mesh(self):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trainer_child"],
+                          env=env, capture_output=True, text=True, timeout=1200, cwd=_REPO)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for method in ("ppo", "lte"):
+      r = got[method]
+      self.assertEqual(r["mesh"], {"data": 2, "fsdp": 2, "tensor": 2})
+      self.assertTrue(all(np.isfinite(r["losses"])), r)
+      self.assertEqual(r["qkv_spec"], "P(None, 'fsdp', 'tensor', None, None)")
+      self.assertEqual(r["mu_qkv_spec"], r["qkv_spec"])  # Adam moments follow the params
+    self.assertEqual(got["ppo"]["critic_spec"], "P(None, 'tensor', 'fsdp')")
+
+
 class ParallelHelpersTest(absltest.TestCase):
 
   def test_rules_from_config_overrides_only_what_it_names(self):
@@ -249,7 +408,12 @@ class ParallelHelpersTest(absltest.TestCase):
 
 
 if __name__ == "__main__":
-  if "--child" in sys.argv:
+  if "--multihost_child" in sys.argv:
+    i = sys.argv.index("--multihost_child")
+    _multihost_child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
+  elif "--trainer_child" in sys.argv:
+    print(json.dumps(_trainer_child()))
+  elif "--child" in sys.argv:
     _child(sys.argv[sys.argv.index("--child") + 1])
   else:
     absltest.main()

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mar import parallel
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import scoring
-from mar.rl.update import make_update_step
+from mar.rl.update import make_update_step, mean_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,34 +85,56 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
 
 @dataclasses.dataclass
 class GRPOLearner:
-  """Jitted log-prob scoring and the policy update for GRPO / LTE / Dr.GRPO / DAPO-style runs."""
+  """Jitted log-prob scoring and the policy update for GRPO / LTE / Dr.GRPO / DAPO-style runs.
+
+  With a `mesh`: params and optimizer state keep their `parallel.TrainShardings` layout
+  across updates and batches are sharded by rows over data x fsdp (as in `PPOLearner`).
+  """
 
   config: QwenConfig
   hp: GRPOHparams
   optimizer: Any
   response_len: int
+  mesh: Any = None
+  rules: Any = None
 
   def __post_init__(self):
-    c, hp = self.config, self.hp
-    self.logprobs = jax.jit(lambda p, tokens, valid: scoring.token_logprobs(
-        c, p, tokens, valid, hp.temperature, hp.logprob_chunk))
+    c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
+    constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
+    self.shardings, kw = None, {}
+    if mesh is not None:
+      self.shardings = sh = parallel.TrainShardings.create(c, mesh, rules,
+                                                           actor_opt=self.optimizer)
+      kw = dict(out_shardings=(sh.params, sh.actor_opt, parallel.replicated(mesh)))
+    self.logprobs = jax.jit(lambda p, tokens, valid: constrain(scoring.token_logprobs(
+        c, p, *constrain((tokens, valid)), hp.temperature, hp.logprob_chunk)))
+    self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
+                         static_argnums=1)
+    loss = parallel.batch_constrained(actor_loss_fn(c, hp, self.response_len), mesh, rules)
     self.update = jax.jit(
-        make_update_step(actor_loss_fn(c, hp, self.response_len), self.optimizer,
-                         hp.micro_batches),
-        donate_argnums=(0, 1))
+        make_update_step(loss, self.optimizer, hp.micro_batches),
+        donate_argnums=(0, 1), **kw)
 
   def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
     """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
     advantages), one optimizer step per mini-batch; metrics averaged over them."""
-    if self.hp.kl_coef:
-      batch = dict(batch, ref_logp=self.logprobs(ref, batch["tokens"], batch["valid"]))
     size = batch["tokens"].shape[0]
     if size % num_mini_batches:
       raise ValueError(f"group batch {size} is not divisible into {num_mini_batches} "
                        "mini-batches (config.grpo.mini_batches)")
-    mb, history = size // num_mini_batches, []
-    for i in range(num_mini_batches):
-      part = jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+    if self.mesh is not None:
+      batch = parallel.put_batch(batch, self.mesh, self.rules)
+    if self.hp.kl_coef:
+      batch = dict(batch, ref_logp=self.logprobs(ref, batch["tokens"], batch["valid"]))
+    if self.mesh is not None:  # one program splits, each part is a local slice
+      split = jax.block_until_ready(self.split(batch, num_mini_batches))
+      parts = [jax.tree.map(lambda x: x[i], split) for i in range(num_mini_batches)]
+    else:
+      mb = size // num_mini_batches
+      parts = [jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+               for i in range(num_mini_batches)]
+    history = []
+    for part in parts:
       policy, opt_state, metrics = self.update(policy, opt_state, part)
       history.append(metrics)
-    return policy, opt_state, jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
+    return policy, opt_state, mean_metrics(history)

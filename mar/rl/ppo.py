@@ -15,11 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mar import parallel
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import scoring
-from mar.rl.update import make_update_step
+from mar.rl.update import make_update_step, mean_metrics
 from mar.rollout.multi_attempt import Episodes, token_rewards
 
 
@@ -78,24 +79,56 @@ def critic_loss_fn(config: QwenConfig, hp: PPOHparams):
   return loss_fn
 
 
+# Episode fields the scoring reads; the rest ([M, B] per-turn flags, sampler log-probs) stay
+# on the host side of the step.
+_SCORED = ("tokens", "valid", "action_mask", "feedback_mask", "reward", "last_action")
+
+
+def scored_fields(ep: Episodes) -> Episodes:
+  """`ep` with only the fields `score_episodes` reads (the others None)."""
+  return ep._replace(**{f: None for f in Episodes._fields if f not in _SCORED})
+
+
 @dataclasses.dataclass
 class PPOLearner:
-  """Jitted scoring and update programs for one (model config, hyper-parameters) pair."""
+  """Jitted scoring and update programs for one (model config, hyper-parameters) pair.
+
+  With a `mesh`, the programs keep policy, critic and optimizer states in their
+  `parallel.TrainShardings` layout (out_shardings, so donated buffers are reused and the
+  layout never drifts) and constrain every batch to rows over data x fsdp.
+  """
 
   config: QwenConfig
   hp: PPOHparams
   actor_opt: Any
   critic_opt: Any
+  mesh: Any = None
+  rules: Any = None
 
   def __post_init__(self):
-    c, hp = self.config, self.hp
-    self.score = jax.jit(lambda pol, ref, cri, ep: score_episodes(c, hp, pol, ref, cri, ep))
+    c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
+    constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
+    self.shardings = None
+    actor_kw, critic_kw = {}, {}
+    if mesh is not None:
+      self.shardings = sh = parallel.TrainShardings.create(
+          c, mesh, rules, actor_opt=self.actor_opt, critic_opt=self.critic_opt,
+          with_critic=True)
+      rep = parallel.replicated(mesh)
+      actor_kw = dict(out_shardings=(sh.params, sh.actor_opt, rep))
+      critic_kw = dict(out_shardings=(sh.critic, sh.critic_opt, rep))
+    self.score = jax.jit(lambda pol, ref, cri, ep: constrain(
+        score_episodes(c, hp, pol, ref, cri, constrain(ep))))
+    self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
+                         static_argnums=1)
+    actor_loss = parallel.batch_constrained(actor_loss_fn(c, hp), mesh, rules)
+    critic_loss = parallel.batch_constrained(critic_loss_fn(c, hp), mesh, rules)
     self.update_actor = jax.jit(
-        make_update_step(actor_loss_fn(c, hp), self.actor_opt, hp.micro_batches),
-        donate_argnums=(0, 1))
+        make_update_step(actor_loss, self.actor_opt, hp.micro_batches),
+        donate_argnums=(0, 1), **actor_kw)
     self.update_critic = jax.jit(
-        make_update_step(critic_loss_fn(c, hp), self.critic_opt, hp.micro_batches),
-        donate_argnums=(0, 1))
+        make_update_step(critic_loss, self.critic_opt, hp.micro_batches),
+        donate_argnums=(0, 1), **critic_kw)
 
   def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes,
            num_mini_batches: int = 1):
@@ -103,18 +136,26 @@ class PPOLearner:
 
     Returns new params/states and the metrics averaged over the mini-batches.
     """
-    batch = self.score(policy, ref, critic, episodes)
-    size = batch["tokens"].shape[0]
+    size = episodes.tokens.shape[0]
     if size % num_mini_batches:
       raise ValueError(f"rollout batch {size} is not divisible into {num_mini_batches} "
                        "mini-batches (config.ppo.mini_batches)")
-    mb = size // num_mini_batches
+    if self.mesh is not None:
+      episodes = parallel.put_batch(scored_fields(episodes), self.mesh, self.rules)
+    batch = self.score(policy, ref, critic, episodes)
+    if self.mesh is not None:  # one program splits, each part is a local slice
+      split = jax.block_until_ready(self.split(batch, num_mini_batches))
+      parts = [jax.tree.map(lambda x: x[i], split) for i in range(num_mini_batches)]
+    else:
+      mb = size // num_mini_batches
+      parts = [jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+               for i in range(num_mini_batches)]
     history = []
-    for i in range(num_mini_batches):
-      part = jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
+    for part in parts:
       critic, critic_state, c_metrics = self.update_critic(critic, critic_state, part)
       policy, actor_state, a_metrics = self.update_actor(policy, actor_state, part)
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
                       **{f"critic/{k}": v for k, v in c_metrics.items()}})
-    metrics = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v)), *history)
+    metrics = mean_metrics(history)
     return policy, actor_state, critic, critic_state, metrics
+

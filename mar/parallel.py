@@ -1,0 +1,336 @@
+"""The training state on a device mesh: shardings of params, critic, optimizer state, batches.
+
+`mar.models.sharding` says how one model's arrays split (logical axes -> mesh axes by a
+rules table). This module applies that to everything a training step holds:
+
+  mesh_from_config / rules_from_config   the mesh and rules a config asks for
+  TrainShardings                         NamedShardings of policy, critic and optimizer states
+  sharded_init                           an optimizer whose `init` places its state sharded
+  constrain_batch / batch_constrained    rows over ('data', 'fsdp') inside a jit / a loss
+  split_mini_batches                     mini-batches as local slices (no resharding programs)
+  put_batch / host_local                 host rows -> global arrays -> this host's rows
+  local_rows / is_main_process           which rows and files this host owns (multi-host)
+  reshard                                explicit, timed move between two layouts
+  per_device_bytes / host_fraction       what one device holds; the host's share of a step
+
+Everything runs unchanged on one device: a 1x1x1 mesh is a valid mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mar.models import sharding as sharding_lib
+from mar.models.config import QwenConfig
+from mar.models.init import param_shapes
+
+Rules = sharding_lib.Rules
+BATCH_AXIS = "batch"
+
+
+# ----- mesh and rules from the config --------------------------------------------------------
+
+
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh of `config.mesh` over all (or the given) devices."""
+  m = config.mesh
+  try:
+    return sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
+  except ValueError as e:
+    raise ValueError(f"config.mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}): {e}") from e
+
+
+def rules_from_config(config) -> Rules:
+  """`config.sharding_rules` as ((logical, mesh axes), ...) pairs; the defaults if unset.
+
+  Each rule is [logical_name, mesh_axis | [mesh_axes...] | None]. Logical names the config
+  does not mention keep their default mapping, so a config lists only what it changes.
+  """
+  given = config.get("sharding_rules") if hasattr(config, "get") else None
+  if not given:
+    return sharding_lib.DEFAULT_RULES
+  table = dict(sharding_lib.DEFAULT_RULES)
+  for i, rule in enumerate(given):
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"config.sharding_rules[{i}]: expected [logical_name, mesh_axes], "
+                       f"found {rule!r}")
+    name, axes = rule
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    for a in (axes,) if isinstance(axes, str) else axes or ():
+      if a not in sharding_lib.MESH_AXES:
+        raise ValueError(f"config.sharding_rules[{i}]: mesh axis {a!r} is not one of "
+                         f"{sharding_lib.MESH_AXES}")
+    table[name] = axes
+  return tuple(table.items())
+
+
+# ----- shardings of the training state ---------------------------------------------------------
+
+
+def critic_logical_axes(config: QwenConfig) -> dict:
+  """Logical axes of the PPO critic {'backbone': params, 'value_head': [D]}."""
+  return {"backbone": sharding_lib.param_logical_axes(config), "value_head": ("embed",)}
+
+
+def critic_shapes(config: QwenConfig) -> dict:
+  return {"backbone": param_shapes(config), "value_head": (config.hidden_size,)}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(jax.tree_util.keystr((k,)) for k in path)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params_like, param_sh, mesh):
+  """NamedSharding of every leaf of `optimizer.init(params)`, without allocating it.
+
+  A state leaf whose tree path ends with a parameter's path and has its shape (Adam's mu
+  and nu, accumulators) shares that parameter's sharding; anything else (step counts,
+  flags) is replicated.
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(getattr(x, "shape", x), np.float32),
+                        params_like, is_leaf=lambda x: isinstance(x, tuple) and all(
+                            isinstance(d, int) for d in x))
+  state = jax.eval_shape(optimizer.init, shapes)
+  by_path = {}
+  for (path, p), (_, s) in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                               jax.tree_util.tree_flatten_with_path(param_sh)[0]):
+    by_path[_keys(path)] = (tuple(p.shape), s)
+  rep = replicated(mesh)
+
+  def pick(path, leaf):
+    keys = _keys(path)
+    for n in range(len(keys), 0, -1):
+      hit = by_path.get(keys[-n:])
+      if hit is not None and hit[0] == tuple(leaf.shape):
+        return hit[1]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShardings:
+  """Shardings of one run's arrays on one mesh (critic/optimizer entries None when absent)."""
+
+  mesh: Mesh
+  rules: Rules
+  params: Any
+  critic: Any = None
+  actor_opt: Any = None
+  critic_opt: Any = None
+
+  @classmethod
+  def create(cls, config: QwenConfig, mesh: Mesh, rules: Rules | None = None, *,
+             actor_opt=None, critic_opt=None, with_critic: bool = False) -> "TrainShardings":
+    rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+    shapes = param_shapes(config)
+    params = sharding_lib.logical_to_sharding(sharding_lib.param_logical_axes(config), mesh,
+                                              rules, shapes)
+    critic = None
+    if with_critic or critic_opt is not None:
+      critic = sharding_lib.logical_to_sharding(critic_logical_axes(config), mesh, rules,
+                                                critic_shapes(config))
+    a_opt = None if actor_opt is None else opt_state_shardings(actor_opt, shapes, params, mesh)
+    c_opt = None if critic_opt is None else opt_state_shardings(
+        critic_opt, critic_shapes(config), critic, mesh)
+    return cls(mesh, rules, params, critic, a_opt, c_opt)
+
+
+def sharded_init(optimizer: optax.GradientTransformation, state_shardings):
+  """`optimizer` whose `init` builds its state directly in `state_shardings` (one jit).
+
+  Lets callers keep writing `opt.init(params)` while the moments land sharded like the
+  params instead of on one device.
+  """
+  init = jax.jit(optimizer.init, out_shardings=state_shardings)
+  return optax.GradientTransformation(init, optimizer.update)
+
+
+def shard_tree(tree, shardings):
+  """device_put of a pytree onto matching shardings (a no-op for arrays already there)."""
+  return jax.device_put(tree, shardings)
+
+
+# ----- batches ---------------------------------------------------------------------------------
+
+
+def batch_spec(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> PartitionSpec:
+  """Leading axis over the 'batch' rule's mesh axes (where they divide it), rest replicated."""
+  if not shape:
+    return PartitionSpec()
+  axes = (BATCH_AXIS,) + (None,) * (len(shape) - 1)
+  return sharding_lib.logical_to_spec(axes, mesh, rules, shape)
+
+
+def batch_shardings(tree, mesh: Mesh, rules: Rules | None = None):
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(mesh, rules, np.shape(x))), tree)
+
+
+def constrain_batch(tree, mesh: Mesh | None, rules: Rules | None = None):
+  """Inside a jit: every leaf's leading axis is the batch (over data x fsdp)."""
+  if mesh is None:
+    return tree
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, batch_spec(mesh, rules, x.shape))), tree)
+
+
+def split_mini_batches(tree, n: int, mesh: Mesh | None, rules: Rules | None = None):
+  """Inside a jit: leaves [N, ...] -> [n, N / n, ...], rows of each part over data x fsdp.
+
+  Mini-batch i is then `x[i]`, a slice along an unsharded axis that each device takes
+  locally. Slicing rows of a row-sharded array eagerly instead runs a resharding program
+  with collectives between the update programs; on XLA:CPU (the 8 simulated devices of
+  the tests) such interleaved collective programs can deadlock.
+  """
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+
+  def split(x):
+    x = x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    if mesh is None:
+      return x
+    spec = PartitionSpec(None, *batch_spec(mesh, rules, x.shape[1:]))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(split, tree)
+
+
+def batch_constrained(loss_fn, mesh: Mesh | None, rules: Rules | None = None):
+  """loss_fn(params, batch, *extra) whose batch is pinned to rows over data x fsdp.
+
+  The constraint on the (micro-)batch is what makes the forward and backward passes data
+  parallel: XLA propagates it to every activation. Identity without a mesh.
+  """
+  if mesh is None:
+    return loss_fn
+
+  def wrapped(params, batch, *extra):
+    return loss_fn(params, constrain_batch(batch, mesh, rules), *extra)
+
+  return wrapped
+
+
+def put_batch(tree, mesh: Mesh | None, rules: Rules | None = None):
+  """Host batch -> global arrays with rows over data x fsdp.
+
+  One process: `tree` is the whole batch. Several processes (`jax.distributed`): each
+  passes its own rows (see `local_rows`) and the global batch is their concatenation in
+  process order. Arrays already sharded on `mesh` pass through.
+  """
+  if mesh is None:
+    return tree
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  procs = jax.process_count()
+
+  def put(x):
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and \
+        x.sharding.mesh == mesh and not x.is_fully_addressable:
+      return x  # already a global array
+    if procs == 1:
+      return jax.device_put(x, NamedSharding(mesh, batch_spec(mesh, rules, np.shape(x))))
+    local = np.asarray(x)
+    shape = (local.shape[0] * procs,) + local.shape[1:] if local.ndim else ()
+    sh = NamedSharding(mesh, batch_spec(mesh, rules, shape))
+    return jax.make_array_from_process_local_data(sh, local, shape)
+
+  return jax.tree.map(put, tree)
+
+
+def host_local(tree):
+  """Global batch arrays -> numpy of the rows this process holds (the inverse of put_batch).
+
+  One process: the whole array. Several: this host's rows, in order, replicas dropped;
+  arrays replicated over the batch (scalars, P()) come back whole.
+  """
+
+  def local(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    if x.ndim == 0:
+      return np.asarray(x.addressable_shards[0].data)
+    parts: dict[int, Any] = {}
+    for shard in x.addressable_shards:
+      parts.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+
+  return jax.tree.map(local, tree)
+
+
+# ----- multi-host bookkeeping -------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+  """Host 0 writes metrics, plots and configs; every host takes part in checkpoints."""
+  return jax.process_index() == 0
+
+
+def local_rows(global_rows: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
+  """The rows of a global batch this host builds, tokenizes and verifies."""
+  i = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  if global_rows % n:
+    raise ValueError(f"a global batch of {global_rows} rows does not split over {n} hosts")
+  per = global_rows // n
+  return slice(i * per, (i + 1) * per)
+
+
+# ----- layouts: resharding and byte counts ------------------------------------------------------
+
+
+def reshard(tree, shardings) -> tuple[Any, dict]:
+  """Moves `tree` to `shardings` and reports what it cost.
+
+  The sampler and the learner may want different layouts of the same policy (e.g. tensor
+  parallel decode, FSDP training). Returns (tree, {'seconds', 'bytes_moved'}), where
+  bytes_moved counts the arrays whose sharding changed.
+  """
+  moved = 0
+  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
+      shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))):
+    if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)):
+      moved += x.size * x.dtype.itemsize
+  start = time.perf_counter()
+  out = jax.block_until_ready(jax.device_put(tree, shardings))
+  return out, {"seconds": time.perf_counter() - start, "bytes_moved": float(moved)}
+
+
+def per_device_bytes(tree, device=None) -> int:
+  """Bytes of `tree` resident on one device (the first addressable one by default)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.Array):
+      continue
+    dev = device if device is not None else next(iter(x.sharding.addressable_devices))
+    for shard in x.addressable_shards:
+      if shard.device == dev:
+        total += math.prod(shard.data.shape) * x.dtype.itemsize
+  return total
+
+
+def host_fraction(time_metrics: dict, host_keys: Sequence[str] = ("time/host", "time/verify"),
+                  total_key: str = "time/total") -> float:
+  """Share of a step's wall time the host was on the critical path (device idle).
+
+  `time_metrics` are a step's `time/*` splits; host_keys name the splits spent in host
+  work the device waited for (verification callbacks, packing, hint building).
+  """
+  total = time_metrics.get(total_key, 0.0)
+  if total <= 0:
+    return 0.0
+  return min(1.0, sum(time_metrics.get(k, 0.0) for k in host_keys) / total)

@@ -14,6 +14,8 @@ def base_config() -> ConfigDict:
   c.mode = "train"  # train | eval
   c.method = "ppo"  # ppo | grpo | lte | grpo_extra
   c.distributed = False  # jax.distributed.initialize() on multi-host launches
+  # (logical axis, mesh axes) pairs; empty = mar.models.sharding.DEFAULT_RULES
+  c.sharding_rules = ()
 
   c.model = ConfigDict(dict(path="", dtype="float32", remat=False))
   c.model.demo = ConfigDict(dict(enabled=False, sft_steps=0))

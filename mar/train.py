@@ -117,9 +117,8 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   if config.method in ("lte", "grpo_extra") and none_pass.any():
     rows = np.flatnonzero(none_pass)
     if config.method == "lte":
-      extra_user = [
-          hints.hint_prompt(questions[p], first.answers[p * g:(p + 1) * g],
-                            first.truncated[p * g:(p + 1) * g].tolist()) for p in rows]
+      extra_user = [_fitting_hint(run, questions[p], first.answers[p * g:(p + 1) * g],
+                                  first.truncated[p * g:(p + 1) * g].tolist()) for p in rows]
     else:
       extra_user = [plain[p] for p in rows]
     with timer("sample_extra"):
@@ -146,6 +145,21 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
   return state, m
+
+
+def _fitting_hint(run, question, answers, truncated, max_chars: int = 64) -> str:
+  """The LTE hint prompt, shortened until it fits the prompt bucket.
+
+  Long quoted answers are cut to `max_chars`, then answers are dropped from the end; if
+  none fits, the hint falls back to its no-answer case (Concise or plain).
+  """
+  answers = [a if a is None or len(a) <= max_chars else a[:max_chars] for a in answers]
+  while True:
+    user = hints.hint_prompt(question, answers, truncated)
+    if run.runner.fits(hints.chat_prompt(user)) or not any(a for a in answers):
+      return user
+    last = max(i for i, a in enumerate(answers) if a)
+    answers = answers[:last] + [None] + answers[last + 1:]
 
 
 def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards, none_pass, rng):

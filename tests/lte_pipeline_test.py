@@ -78,5 +78,26 @@ class LTEPipelineTest(absltest.TestCase):
     self.assertEqual(metrics[0]["hinted_token_frac"], 0.0)
 
 
+class FittingHintTest(absltest.TestCase):
+
+  def _run_with_limit(self, chars):
+    runner = type("R", (), {"fits": staticmethod(lambda text: len(text) <= chars)})()
+    return type("Run", (), {"runner": runner})()
+
+  def test_hint_shrinks_to_fit_the_prompt_bucket(self):
+    q = "What is 1+1?"
+    answers = ["3", "x" * 500, "4"]
+    full = hints.chat_prompt(hints.hint_prompt(q, ["3", "x" * 64, "4"], [False] * 3))
+    run = self._run_with_limit(len(full))
+    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3),
+                     hints.hint_prompt(q, ["3", "x" * 64, "4"], [False] * 3))
+    short = hints.chat_prompt(hints.hint_prompt(q, ["3"], [False]))
+    run = self._run_with_limit(len(short))
+    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3),
+                     hints.hint_prompt(q, ["3"], [False]))
+    run = self._run_with_limit(10)
+    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3), hints.plain_prompt(q))
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -20,7 +20,7 @@ from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import scoring
-from mar.rl.update import make_update_step, mean_metrics
+from mar.rl.update import make_update_step, mean_metrics, mini_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +126,8 @@ class GRPOLearner:
       batch = parallel.put_batch(batch, self.mesh, self.rules)
     if self.hp.kl_coef:
       batch = dict(batch, ref_logp=self.logprobs(ref, batch["tokens"], batch["valid"]))
-    if self.mesh is not None:  # one program splits, each part is a local slice
-      split = jax.block_until_ready(self.split(batch, num_mini_batches))
-      parts = [jax.tree.map(lambda x: x[i], split) for i in range(num_mini_batches)]
-    else:
-      mb = size // num_mini_batches
-      parts = [jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
-               for i in range(num_mini_batches)]
     history = []
-    for part in parts:
+    for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
       policy, opt_state, metrics = self.update(policy, opt_state, part)
       history.append(metrics)
     return policy, opt_state, mean_metrics(history)

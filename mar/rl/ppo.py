@@ -20,7 +20,7 @@ from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import scoring
-from mar.rl.update import make_update_step, mean_metrics
+from mar.rl.update import make_update_step, mean_metrics, mini_batches
 from mar.rollout.multi_attempt import Episodes, token_rewards
 
 
@@ -143,15 +143,8 @@ class PPOLearner:
     if self.mesh is not None:
       episodes = parallel.put_batch(scored_fields(episodes), self.mesh, self.rules)
     batch = self.score(policy, ref, critic, episodes)
-    if self.mesh is not None:  # one program splits, each part is a local slice
-      split = jax.block_until_ready(self.split(batch, num_mini_batches))
-      parts = [jax.tree.map(lambda x: x[i], split) for i in range(num_mini_batches)]
-    else:
-      mb = size // num_mini_batches
-      parts = [jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch)
-               for i in range(num_mini_batches)]
     history = []
-    for part in parts:
+    for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
       critic, critic_state, c_metrics = self.update_critic(critic, critic_state, part)
       policy, actor_state, a_metrics = self.update_actor(policy, actor_state, part)
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},

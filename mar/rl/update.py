@@ -92,3 +92,18 @@ def mean_metrics(history: list[dict]) -> dict:
   """Averages per-update metric dicts on the host (values may live on any devices)."""
   host = jax.device_get(history)
   return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+
+
+def mini_batches(batch: Any, num: int, split_fn: Callable | None = None) -> list:
+  """Cuts a batch into `num` equal row slices, one optimizer step each.
+
+  On a mesh pass `split_fn(batch, num) -> [num, rows/num, ...]` (one jitted program):
+  eagerly slicing row-sharded arrays between update programs can deadlock XLA:CPU's
+  collectives, while indexing the split result is a local slice.
+  """
+  if split_fn is not None:
+    split = jax.block_until_ready(split_fn(batch, num))
+    return [jax.tree.map(lambda x: x[i], split) for i in range(num)]
+  size = jax.tree.leaves(batch)[0].shape[0]
+  mb = size // num
+  return [jax.tree.map(lambda x: x[i * mb:(i + 1) * mb], batch) for i in range(num)]

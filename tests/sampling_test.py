@@ -120,13 +120,11 @@ class StateTest(parameterized.TestCase):
     toks, mask = sampling.pad_prompts(prompts, p, len(prompts))
     return sampling.prefill(self.config, self.params, toks, mask, s, **kw)
 
-  def _logits_of(self, seqs):
-    """Reference next-token logits after each sequence (an uncached forward)."""
-    out = []
-    for s in seqs:
-      lg = qwen.forward(self.config, self.params, jnp.asarray([s]))
-      out.append(np.asarray(lg[0, -1]))
-    return np.stack(out)
+  def _logits_of(self, seqs, width=32):
+    """Reference next-token logits after each sequence (one uncached, left-padded forward)."""
+    toks, mask = sampling.pad_prompts(seqs, width, len(seqs))
+    fwd = jax.jit(qwen.forward, static_argnums=0)
+    return np.asarray(fwd(self.config, self.params, toks, attention_mask=mask)[:, -1])
 
   def test_prefill_layout(self):
     prompts = prompts_for(lens=(3, 16))
@@ -169,12 +167,13 @@ class StateTest(parameterized.TestCase):
     # Keep decoding: identical to greedy continuation of the compacted dialogue.
     st = sampling.decode(self.config, self.params, st, max_new=5, sampling=greedy)
     got = np.asarray(st.tokens)
-    for b, s in enumerate(seqs):
-      ids = list(s)
-      for _ in range(5):
-        ids.append(int(np.argmax(self._logits_of([ids])[0])))
+    ids = [list(s) for s in seqs]
+    for _ in range(5):
+      for row, nxt in zip(ids, np.argmax(self._logits_of(ids), axis=-1)):
+        row.append(int(nxt))
+    for b in range(3):
       start = int(np.asarray(st.pos)[b]) - 5
-      self.assertEqual(got[b, start:start + 5].tolist(), ids[-5:])
+      self.assertEqual(got[b, start:start + 5].tolist(), ids[b][-5:])
     lp = np.asarray(st.logprobs)
     self.assertTrue(np.all(lp[valid & ~np.asarray(st.cache.valid)] == 0))
 

@@ -21,6 +21,13 @@ reads and per-op overhead, and fewer, larger matmuls help both.
 
 Attention masks are per key slot (`valid`), never a contiguous length, so left padding
 and turns appended later can sit anywhere; RoPE positions are passed in explicitly.
+
+Two layouts of the same numbers: `params["layers"]` stacked as above (run with a scan), or
+a tuple of per-layer dicts (`unstack_layers`, run as an unrolled loop), and likewise
+`KVCache.k/v` stacked or per-layer (`unstack_cache`). XLA:CPU copies the per-layer dynamic
+slices of a scan over stacked weights on every call, so the sampler's decode loop runs
+unstacked there. Matmuls are 2-D with the weights in their stored order (the reshapes
+are free), and cached passes scatter k/v in place instead of rebuilding the cache.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ _MASK_VALUE = -1e30  # finite, so a row with no valid key gives uniform weights,
 
 
 class KVCache(NamedTuple):
-  """Fixed-size cache. k, v: [L, B, K, S, Dh]; valid: [B, S] marks real slots."""
+  """Fixed-size cache. k, v: [L, B, K, S, Dh]; valid: [B, S] marks real slots.
+
+  k and v may also be tuples of L per-layer arrays (`unstack_cache`): k[i] [B, K, Dh, S]
+  (keys transposed) and v[i] [B, K, S, Dh]. That is the layout the sampler's decode loop
+  uses: each layer's cache is its own buffer, updated in place and read without a slice
+  copy, and both attention products are plain (non-transposed) matmuls, which XLA:CPU
+  runs about 3x faster than q . k^T against a [S, Dh] key block.
+  """
 
   k: jax.Array
   v: jax.Array
@@ -53,6 +67,42 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=None) -> KVCa
   )
 
 
+def unstack_cache(cache: KVCache) -> KVCache:
+  """Stacked k/v -> per-layer tuples, keys transposed to [B, K, Dh, S] (one copy). Idempotent."""
+  if isinstance(cache.k, (tuple, list)):
+    return cache
+  n = cache.k.shape[0]
+  return cache._replace(k=tuple(jnp.swapaxes(cache.k[i], -1, -2) for i in range(n)),
+                        v=tuple(cache.v[i] for i in range(n)))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+  """Inverse of `unstack_cache`."""
+  if not isinstance(cache.k, (tuple, list)):
+    return cache
+  return cache._replace(k=jnp.stack([jnp.swapaxes(k, -1, -2) for k in cache.k]),
+                        v=jnp.stack(cache.v))
+
+
+def pad_cache(cache: KVCache, max_len: int) -> KVCache:
+  """Appends empty (invalid) slots up to `max_len`, in either layout."""
+  extra = max_len - cache.valid.shape[1]
+  if extra < 0:
+    raise ValueError(f"pad_cache: cache has {cache.valid.shape[1]} slots > max_len {max_len}")
+
+  def grow(a, axis):
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths)
+
+  per_layer = isinstance(cache.k, (tuple, list))
+  return KVCache(
+      k=tuple(grow(k, -1) for k in cache.k) if per_layer else grow(cache.k, -2),
+      v=tuple(grow(v, -2) for v in cache.v) if per_layer else grow(cache.v, -2),
+      valid=grow(cache.valid, 1),
+  )
+
+
 # ----- building blocks ----------------------------------------------------------------
 
 
@@ -62,84 +112,190 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return (weight.astype(jnp.float32) * xf).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF 'rotate_half' convention. x: [B, T, ..., Dh]; positions: [B, T]."""
-  dh = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+def _rope_tables(positions: jax.Array, head_dim: int, theta: float):
+  """cos, sin [B, T, Dh/2] (f32) for positions [B, T]; computed once per pass, not per layer."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  # The barrier keeps XLA from fusing (and so re-evaluating) cos/sin into every layer's use.
+  return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [B, T, ..., Dh]; cos, sin: [B, T, Dh/2]. HF 'rotate_half' convention."""
+  shape = cos.shape[:2] + (1,) * (x.ndim - 3) + cos.shape[-1:]
+  cos, sin = cos.reshape(shape), sin.reshape(shape)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
-def _project_qkv(config: QwenConfig, lp: dict, x: jax.Array, positions: jax.Array):
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' convention. x: [B, T, ..., Dh]; positions: [B, T]."""
+  return _apply_rope(x, *_rope_tables(positions, x.shape[-1], theta))
+
+
+def _dot(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """einsum of activations with a weight.
+
+  Weights narrower than the activations (bf16 weights, f32 compute) multiply in the
+  weight dtype with accumulation in the activation dtype: half the bytes read per
+  decode step, and no per-call upcast copy of the weights. Otherwise the weight is cast
+  to the activation dtype (a no-op when they agree).
+  """
+  if w.dtype != x.dtype and jnp.finfo(w.dtype).bits < jnp.finfo(x.dtype).bits:
+    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=x.dtype)
+  return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+def _project_qkv(config: QwenConfig, lp: dict, x: jax.Array, rope_cs):
   """x: [B, T, D] -> q [B, T, K, R, Dh], k and v [B, T, K, Dh] (RoPE applied)."""
-  r = config.group_size
-  qkv = jnp.einsum("btd,dkjh->btkjh", x, lp["qkv"].astype(x.dtype))
+  r, (b, t, d) = config.group_size, x.shape
+  w = lp["qkv"]
+  qkv = _dot("btd,de->bte", x, w.reshape(d, -1)).reshape((b, t) + w.shape[1:])  # one matmul
   if config.qkv_bias:
     qkv = qkv + lp["qkv_bias"].astype(x.dtype)
   q, k, v = qkv[..., :r, :], qkv[..., r, :], qkv[..., r + 1, :]
   if config.qk_norm:
     q = rms_norm(q, lp["q_norm"], config.rms_norm_eps)
     k = rms_norm(k, lp["k_norm"], config.rms_norm_eps)
-  q = rope(q, positions, config.rope_theta)
-  k = rope(k, positions, config.rope_theta)
+  q = _apply_rope(q, *rope_cs)
+  k = _apply_rope(k, *rope_cs)
   return q, k, v
 
 
-def _attend(config: QwenConfig, q, k, v, mask) -> jax.Array:
-  """q: [B, T, K, R, Dh]; k, v: [B, K, S, Dh]; mask: [B, T, S] -> [B, T, K, R, Dh]."""
+def _attend(config: QwenConfig, q, k, v, mask, k_transposed: bool = False) -> jax.Array:
+  """q: [B, T, K, R, Dh]; k: [B, K, S, Dh] (or [B, K, Dh, S] if k_transposed);
+  v: [B, K, S, Dh]; mask: [B, T, S] -> [B, T, K * R * Dh].
+
+  Written as batched matmuls over (B, K) with the R query heads of a group and the T
+  positions merged into one row dimension, operands in the order XLA wants, so no
+  weight or cache ends up transposed (for T = 1 every reshape here is free).
+  """
+  b, t, kh, r, dh = q.shape
   scale = config.head_dim**-0.5
-  scores = jnp.einsum("btkrh,bksh->bkrts", q, k, preferred_element_type=jnp.float32)
+  qg = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, r * t, dh)  # [B, K, R*T, Dh]
+  batch = ((0, 1), (0, 1))
+  k_contract = 2 if k_transposed else 3
+  scores = jax.lax.dot_general(qg, k, (((3,), (k_contract,)), batch),
+                               preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, kh, r, t, -1)
   scores = jnp.where(mask[:, None, None], scores * scale, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkrts,bksh->btkrh", probs, v)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kh, r * t, -1)
+  out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # [B, K, R*T, Dh]
+  return out.reshape(b, kh, r, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * r * dh)
 
 
 def _mlp(lp: dict, x: jax.Array) -> jax.Array:
-  gu = jnp.einsum("btd,dcf->btcf", x, lp["gate_up"].astype(x.dtype))
-  h = jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
-  return jnp.einsum("btf,fd->btd", h, lp["down"].astype(x.dtype))
+  w = lp["gate_up"]  # [D, 2, F]
+  gu = _dot("btd,de->bte", x, w.reshape(w.shape[0], -1))
+  g, u = gu[..., :w.shape[-1]], gu[..., w.shape[-1]:]
+  return _dot("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
 
 
-def _layer(config: QwenConfig, lp: dict, x, positions, mask, cache_kv, start):
-  """One decoder layer. Without a cache (cache_kv None) attends within x.
+def _write_kv(c: jax.Array, new: jax.Array, slots: jax.Array, layer=None,
+              slot_last: bool = False) -> jax.Array:
+  """Scatters new [B, T, K, Dh] into cache c at slots [B, T] in place; slots >= S are dropped.
 
-  With a cache, writes this call's k/v at slots start[b] .. start[b]+T-1 and attends to
-  the whole cache (`mask` already covers validity and causality by slot).
+  c is one layer's [B, K, S, Dh] ([B, K, Dh, S] with slot_last), or the stacked
+  [L, B, K, S, Dh] with `layer` given.
+  """
+  b = jnp.arange(new.shape[0])[:, None]
+  if layer is not None:
+    idx = (layer, b, slice(None), slots)
+  elif slot_last:
+    idx = (b, slice(None), slice(None), slots)
+  else:
+    idx = (b, slice(None), slots)
+  return c.at[idx].set(new.astype(c.dtype), mode="drop")
+
+
+def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, layer=None):
+  """One decoder layer. Without a cache (kv None) attends within x.
+
+  With a cache (kv = (k, v), one layer's or stacked with `layer` its index), scatters this
+  call's k/v at `slots` [B, T] and attends to the whole cache (`mask` already covers
+  validity and causality by slot).
   """
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
-  q, k, v = _project_qkv(config, lp, h, positions)
-  k = k.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
-  v = v.transpose(0, 2, 1, 3)
-  if cache_kv is not None:
-    ck, cv = cache_kv
-    write = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (0, s, 0)))
-    ck = write(ck, k.astype(ck.dtype), start)
-    cv = write(cv, v.astype(cv.dtype), start)
-    k, v, cache_kv = ck.astype(x.dtype), cv.astype(x.dtype), (ck, cv)
-  attn = _attend(config, q, k, v, mask)
-  x = x + jnp.einsum("btkrh,krhd->btd", attn, lp["o"].astype(x.dtype))
+  q, k, v = _project_qkv(config, lp, h, rope_cs)
+  per_layer = kv is not None and layer is None  # keys stored [B, K, Dh, S]
+  if kv is None:
+    k_att, v_att = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+  else:
+    kv = (_write_kv(kv[0], k, slots, layer, slot_last=per_layer),
+          _write_kv(kv[1], v, slots, layer))
+    ck, cv = kv
+    if layer is not None:
+      ck, cv = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
+    k_att, v_att = ck.astype(x.dtype), cv.astype(x.dtype)
+  attn = _attend(config, q, k_att, v_att, mask, k_transposed=per_layer)  # [B, T, K*R*Dh]
+  x = x + _dot("bte,ed->btd", attn, lp["o"].reshape(-1, lp["o"].shape[-1]))
   x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_norm_eps))
-  return x, cache_kv
-
-
-def _run_layers(config: QwenConfig, params, x, positions, mask, cache=None, start=None):
-  def body(x, xs):
-    if cache is None:
-      lp, kv = xs, None
-    else:
-      lp, kv = xs
-    x, kv = _layer(config, lp, x, positions, mask, kv, start)
-    return x, kv
-
-  if config.remat:
-    body = jax.checkpoint(body, prevent_cse=False)
-  xs = params["layers"] if cache is None else (params["layers"], (cache.k, cache.v))
-  x, kv = jax.lax.scan(body, x, xs)
   return x, kv
+
+
+def is_unstacked(tree) -> bool:
+  """True for per-layer tuples (params['layers'] or KVCache.k), False for stacked arrays."""
+  return isinstance(tree, (tuple, list))
+
+
+def unstack_layers(params: dict) -> dict:
+  """params with 'layers' as a tuple of per-layer dicts (the unrolled decode layout).
+
+  Stacked layers run under `lax.scan`, whose per-layer dynamic slices of the weights XLA:CPU
+  copies on every step; a tuple runs as an unrolled loop that reads each weight in place.
+  Costs one copy of the layer weights. Idempotent.
+  """
+  layers = params["layers"]
+  if is_unstacked(layers):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))}
+
+
+def stack_layers(params: dict) -> dict:
+  """Inverse of `unstack_layers`."""
+  layers = params["layers"]
+  if not is_unstacked(layers):
+    return params
+  return {**params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+
+
+def _layer_params(layers, i: int) -> dict:
+  return layers[i] if is_unstacked(layers) else jax.tree.map(lambda a: a[i], layers)
+
+
+def _run_layers(config: QwenConfig, params, x, rope_cs, mask, kv=None, slots=None):
+  """All decoder layers; kv = (k, v) of the cache or None. Returns (x, kv).
+
+  Scans when the layers and the cache are stacked; otherwise runs an unrolled loop
+  (per-layer tuples are read in place, stacked ones by static slices).
+  """
+  layers = params["layers"]
+  unrolled = is_unstacked(layers) or (kv is not None and is_unstacked(kv[0]))
+  layer_fn = _layer
+  if config.remat:
+    layer_fn = jax.checkpoint(_layer, static_argnums=(0,), prevent_cse=False)
+  if not unrolled:
+    def body(carry, xs):
+      x, kv = carry
+      lp, i = xs
+      x, kv = layer_fn(config, lp, x, rope_cs, mask, kv, slots, None if kv is None else i)
+      return (x, kv), None
+
+    (x, kv), _ = jax.lax.scan(body, (x, kv), (layers, jnp.arange(config.num_layers)))
+    return x, kv
+  ks, vs = (None, None) if kv is None else kv
+  for i in range(config.num_layers):
+    lp = _layer_params(layers, i)
+    if kv is None:
+      x, _ = layer_fn(config, lp, x, rope_cs, mask)
+    elif is_unstacked(ks):
+      x, (k_i, v_i) = layer_fn(config, lp, x, rope_cs, mask, (ks[i], vs[i]), slots)
+      ks, vs = ks[:i] + (k_i,) + ks[i + 1:], vs[:i] + (v_i,) + vs[i + 1:]
+    else:
+      x, (ks, vs) = layer_fn(config, lp, x, rope_cs, mask, (ks, vs), slots, i)
+  return x, (None if kv is None else (ks, vs))
 
 
 def _embed(config: QwenConfig, params, tokens):
@@ -148,8 +304,13 @@ def _embed(config: QwenConfig, params, tokens):
 
 def logits_from_hidden(config: QwenConfig, params, h: jax.Array) -> jax.Array:
   """Final-normed hidden [..., D] -> f32 logits [..., V]."""
-  w = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-  return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  if config.tie_word_embeddings:
+    w, spec = params["embed"], "...d,vd->...v"
+  else:
+    w, spec = params["lm_head"], "...d,dv->...v"
+  if w.dtype != h.dtype and jnp.finfo(w.dtype).bits < jnp.finfo(h.dtype).bits:
+    h = h.astype(w.dtype)
+  return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -170,7 +331,8 @@ def hidden_states(config: QwenConfig, params, tokens, positions=None, attention_
     positions = default_positions(attention_mask)
   causal = jnp.tril(jnp.ones((t, t), bool))
   mask = causal[None] & attention_mask[:, None, :]
-  x, _ = _run_layers(config, params, _embed(config, params, tokens), positions, mask)
+  rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
+  x, _ = _run_layers(config, params, _embed(config, params, tokens), rope_cs, mask)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps)
 
 
@@ -192,19 +354,21 @@ def forward_cached(
   """Cached pass used by prefill, decode and turn appends.
 
   tokens, positions, token_valid: [B, T]; start: [B] int32, the cache slot of tokens[:, 0].
-  Writes the T new tokens at slots start[b] + (0..T-1); their validity is token_valid.
-  Each query attends to valid slots at or before its own slot.
-  Returns (final-normed hidden [B, T, D], updated cache). The caller must keep
-  start + T <= S (dynamic_update_slice would clamp and shift the write).
+  Writes the valid tokens' k/v at slots start[b] + (0..T-1) in place and marks them valid;
+  invalid tokens (padding, finished rows) write nothing, and slots >= S are dropped, so a
+  padded or finished row never disturbs its cache. Each query attends to valid slots at or
+  before its own slot. Returns (final-normed hidden [B, T, D], updated cache).
+  Works with stacked or per-layer (`unstack_layers`, tuple `KVCache.k/v`) layouts.
   """
   b, t = tokens.shape
   s = cache.valid.shape[1]
-  slots = start[:, None] + jnp.arange(t)[None]  # [B, T]
-  write_valid = jax.vmap(lambda c, n, st: jax.lax.dynamic_update_slice(c, n, (st,)))
-  valid = write_valid(cache.valid, token_valid.astype(bool), start)
+  slots = start[:, None] + jnp.arange(t, dtype=start.dtype)[None]  # [B, T]
+  write_slots = jnp.where(token_valid.astype(bool), slots, s)
+  valid = cache.valid.at[jnp.arange(b)[:, None], write_slots].set(True, mode="drop")
   mask = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
+  rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x = _embed(config, params, tokens)
-  x, (k, v) = _run_layers(config, params, x, positions, mask, cache, start)
+  x, (k, v) = _run_layers(config, params, x, rope_cs, mask, (cache.k, cache.v), write_slots)
   h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
   return h, KVCache(k=k, v=v, valid=valid)
 

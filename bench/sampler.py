@@ -1,0 +1,312 @@
+"""Sampler throughput: mar's jitted KV-cache decode vs HF `generate`, same weights, same process.
+
+  python bench/sampler.py                      # tiny and medium, f32
+  python bench/sampler.py --configs=medium --weights=bf16
+  python bench/sampler.py --compile_1p5b       # compile time of a Qwen2.5-1.5B-shaped model
+
+Prints one JSON object. Per config: steady-state tokens/s of both (whole call, and decode
+only), mar's compile time (separately), and the share of the machine's limits measured in
+this process: achieved GFLOP/s vs a jitted 1024^2 f32 matmul, and decode bytes read per
+step (matmul weights + the KV cache the step attends over) vs the read bandwidth of a
+jitted sum over a 256 MB array. HF is forced to generate exactly max_new tokens
+(min_new_tokens), and torch uses the same thread count as XLA's CPU client is given.
+Timings are best-of-N wall clock with the contenders run round-robin; on a shared machine
+pass --idle_wait_s to start each timed run only once other processes leave the CPUs idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mar import sampling  # noqa: E402
+from mar.models import hf_io  # noqa: E402
+from mar.models import init as init_lib  # noqa: E402
+from mar.models import model as qwen  # noqa: E402
+from mar.models.config import QwenConfig  # noqa: E402
+
+CONFIGS = {
+    # hidden, layers, heads, kv heads, intermediate, vocab, batch, prompt, new tokens
+    "tiny": dict(hidden=256, layers=4, heads=4, kv=2, inter=704, vocab=1024, batch=8,
+                 prompt=32, new=128),
+    "medium": dict(hidden=768, layers=8, heads=12, kv=4, inter=2048, vocab=8192, batch=16,
+                   prompt=64, new=64),
+}
+
+
+def _cpu_idle_fraction(window: float = 0.25) -> float:
+  """Share of all cores idle over `window` seconds (from /proc/stat; 1.0 where unavailable)."""
+  def snap():
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)  # idle + iowait, total
+
+  try:
+    i0, t0 = snap()
+    time.sleep(window)
+    i1, t1 = snap()
+  except OSError:
+    return 1.0
+  return (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.9) -> None:
+  """On a shared machine, waits (up to max_wait_s) until other processes leave the CPUs idle."""
+  deadline = time.time() + max_wait_s
+  while time.time() < deadline and _cpu_idle_fraction() < threshold:
+    time.sleep(0.5)
+
+
+def interleaved_best(fns: dict, repeats: int, idle_wait_s: float = 0.0) -> dict:
+  """Best wall time of each fn, running them round-robin so load drifts hit all alike."""
+  best = {k: float("inf") for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      if idle_wait_s:
+        wait_for_idle(idle_wait_s)
+      best[k] = min(best[k], fn())
+  return best
+
+
+def machine_limits(repeats: int = 5, idle_wait_s: float = 0.0) -> dict:
+  """Measured compute roofline (f32 matmul) and read bandwidth (sum over 256 MB)."""
+  a = jnp.asarray(np.random.RandomState(0).randn(1024, 1024).astype(np.float32))
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  big = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(big).block_until_ready()
+
+  def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+  best = interleaved_best({
+      "mm": lambda: timed(lambda: [mm(a) for _ in range(10)][-1].block_until_ready()) / 10,
+      "sum": lambda: timed(lambda: total(big).block_until_ready()),
+  }, repeats, idle_wait_s)
+  t, tb = best["mm"], best["sum"]
+  return {"matmul_gflops": 2 * 1024**3 / t / 1e9, "read_gb_s": big.nbytes / tb / 1e9}
+
+
+def hf_model(c: dict, seed: int = 0):
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  hc = Qwen2Config(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
+                   num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                   num_key_value_heads=c["kv"], max_position_embeddings=4096)
+  return Qwen2ForCausalLM(hc).float().eval()
+
+
+def hf_runner(model, tokens: np.ndarray, new: int):
+  """(timed runs {name: fn -> seconds}, generated tokens) of HF generate, greedy, no early stop."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  x = torch.tensor(tokens, dtype=torch.long)
+  mask = torch.ones_like(x)
+
+  def run(n):
+    with torch.no_grad():
+      return model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+
+  def timed(n):
+    t0 = time.perf_counter()
+    run(n)
+    return time.perf_counter() - t0
+
+  out = run(new)
+  assert out.shape[1] == tokens.shape[1] + new
+  return {"hf_all": lambda: timed(new), "hf_one": lambda: timed(1)}, out[:, tokens.shape[1]:].numpy()
+
+
+def hf_summary(t: dict, b: int, new: int) -> dict:
+  return {
+      "total_s": t["hf_all"],
+      "tokens_per_s": b * new / t["hf_all"],
+      "decode_tokens_per_s": b * (new - 1) / max(t["hf_all"] - t["hf_one"], 1e-9),
+  }
+
+
+def matmul_params(cfg: QwenConfig) -> int:
+  """Parameters read by matmuls in one decode step (layers + lm head)."""
+  d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  qkv = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+  o = cfg.num_heads * cfg.head_dim * d
+  return l * (qkv + o + 3 * d * f) + d * cfg.vocab_size
+
+
+def mar_runner(cfg: QwenConfig, params, tokens: np.ndarray, new: int, unroll: bool | None,
+               tag: str):
+  """(timed runs, compile seconds, generated tokens) of mar's prefill + greedy decode."""
+  b, p = tokens.shape
+  cache_len = p + new
+  mask = np.ones_like(tokens, bool)
+  max_new = jnp.full((b,), new, jnp.int32)
+  toks = jnp.asarray(tokens, jnp.int32)
+  greedy = sampling.SamplingParams(temperature=0.0)
+
+  def prefill():
+    return sampling.prefill(cfg, params, toks, mask, cache_len)
+
+  def decode(state):
+    return sampling.decode(cfg, params, state, max_new=max_new, unroll=unroll, sampling=greedy)
+
+  def timed_prefill():
+    t0 = time.perf_counter()
+    jax.block_until_ready(prefill())
+    return time.perf_counter() - t0
+
+  def timed_decode():
+    state = jax.block_until_ready(prefill())
+    t0 = time.perf_counter()
+    jax.block_until_ready(decode(state).tokens)
+    return time.perf_counter() - t0
+
+  first_prefill = timed_prefill()
+  first_decode = timed_decode()  # both first calls include compilation
+  state = decode(prefill())
+  out = np.asarray(state.tokens[:, p:p + new])
+  compile_s = {"prefill": first_prefill - timed_prefill(), "decode": first_decode - timed_decode()}
+  return {f"{tag}_prefill": timed_prefill, f"{tag}_decode": timed_decode}, compile_s, out
+
+
+def mar_summary(t: dict, tag: str, compile_s: dict, b: int, new: int) -> dict:
+  pre, dec = t[f"{tag}_prefill"], t[f"{tag}_decode"]
+  return {
+      "compile_s": compile_s,
+      "prefill_s": pre,
+      "decode_s": dec,
+      "tokens_per_s": b * new / (pre + dec),
+      "decode_tokens_per_s": b * new / dec,
+  }
+
+
+def roofline(cfg: QwenConfig, mar: dict, b: int, p: int, new: int, limits: dict,
+             weight_bytes: int) -> dict:
+  s = p + new
+  step = mar["decode_s"] / new
+  kv_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * s * cfg.head_dim * 4
+  attn_flops = 4 * b * cfg.num_heads * cfg.head_dim * s * cfg.num_layers
+  flops = 2 * b * matmul_params(cfg) + attn_flops
+  bytes_step = matmul_params(cfg) * weight_bytes + kv_bytes
+  gflops = flops / step / 1e9
+  gbs = bytes_step / step / 1e9
+  return {
+      "decode_step_ms": step * 1e3,
+      "decode_gflops": gflops,
+      "share_of_matmul_roofline": gflops / limits["matmul_gflops"],
+      "decode_bytes_per_step_mb": bytes_step / 1e6,
+      "decode_gb_s": gbs,
+      "share_of_bandwidth_roofline": gbs / limits["read_gb_s"],
+  }
+
+
+def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
+               limits: dict, idle_wait_s: float = 0.0) -> dict:
+  c = CONFIGS[name]
+  b, new = c["batch"], c["new"]
+  model = hf_model(c)
+  with tempfile.TemporaryDirectory() as tmp:
+    model.save_pretrained(tmp)
+    cfg, params = hf_io.load_hf(tmp)
+  tokens = np.random.RandomState(1).randint(0, c["vocab"], (b, c["prompt"]))
+  fns, hf_tokens = hf_runner(model, tokens, new)
+  compiles, outs = {}, {}
+  for w in weights:
+    p = params
+    if w == "bf16":  # matrices in bf16 (multiplied in bf16, accumulated in f32); norms f32
+      p = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 else a, p)
+    if unroll is not False:
+      p = jax.block_until_ready(qwen.unstack_layers(p))
+    run, compiles[w], outs[w] = mar_runner(cfg, p, tokens, new, unroll, w)
+    fns.update(run)
+  t = interleaved_best(fns, repeats, idle_wait_s)
+  hf = hf_summary(t, b, new)
+  out = {"config": c, "hf": hf}
+  for w in weights:
+    mar = mar_summary(t, w, compiles[w], b, new)
+    out[f"mar_{w}"] = {
+        **mar,
+        "speedup_total": mar["tokens_per_s"] / hf["tokens_per_s"],
+        "speedup_decode": mar["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+        "greedy_tokens_equal_to_hf": float((outs[w] == hf_tokens).mean()),
+        "roofline": roofline(cfg, mar, b, c["prompt"], new, limits, 2 if w == "bf16" else 4),
+    }
+  return out
+
+
+def compile_1p5b(batch: int, prompt: int, cache_len: int, unroll: bool | None) -> dict:
+  """AOT-compiles prefill and decode for Qwen2.5-1.5B shapes (f32) without allocating weights."""
+  cfg = QwenConfig.qwen2_5_math_1_5b()
+  shapes = jax.eval_shape(lambda: init_lib.init_params(cfg, jax.random.key(0)))
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
+  if unroll:
+    shapes = jax.eval_shape(qwen.unstack_layers, shapes)
+  toks = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+  mask = jax.ShapeDtypeStruct((batch, prompt), jnp.bool_)
+  out = {"batch": batch, "prompt": prompt, "cache_len": cache_len, "unroll": unroll}
+  t0 = time.perf_counter()
+  lowered = sampling.prefill.lower(cfg, shapes, toks, mask, cache_len)
+  lowered.compile()
+  out["prefill_compile_s"] = time.perf_counter() - t0
+  state = jax.eval_shape(lambda p, t, m: sampling.prefill(cfg, p, t, m, cache_len), shapes, toks,
+                         mask)
+  from mar.sampling import sampler  # pylint: disable=g-import-not-at-top
+
+  t0 = time.perf_counter()
+  lowered = sampler._decode.lower(  # pylint: disable=protected-access
+      cfg, shapes, state, jax.ShapeDtypeStruct((batch,), jnp.int32), None,
+      sampling=sampling.SamplingParams(temperature=1.0), stop_ids=(151645, 151643),
+      check_every=1, unroll=unroll)
+  lowered.compile()
+  out["decode_compile_s"] = time.perf_counter() - t0
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--configs", default="tiny,medium")
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses the machine)")
+  ap.add_argument("--weights", default="f32,bf16", help="comma list of f32, bf16")
+  ap.add_argument("--unroll", default="auto", choices=["auto", "yes", "no"])
+  ap.add_argument("--compile_1p5b", action="store_true")
+  ap.add_argument("--idle_wait_s", type=float, default=0.0,
+                  help="shared machine: before each timed run wait up to this long for idle CPUs")
+  args = ap.parse_args()
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.threads)
+  unroll = {"auto": None, "yes": True, "no": False}[args.unroll]
+  limits = machine_limits(idle_wait_s=args.idle_wait_s)
+  result = {"machine": {**limits, "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+                        "jax": jax.__version__, "backend": jax.default_backend(),
+                        "loadavg_at_start": os.getloadavg()[0]}}
+  for name in filter(None, args.configs.split(",")):
+    result[name] = run_config(name, args.repeats, args.weights.split(","), unroll, limits,
+                              args.idle_wait_s)
+  if args.compile_1p5b:
+    result["compile_qwen2_5_1_5b"] = compile_1p5b(8, 256, 1024, unroll)
+  result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
+  print(json.dumps(result, indent=1, default=float))
+
+
+if __name__ == "__main__":
+  main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from absl import logging
 import jax
-import numpy as np
 
 from mar import plots
 from mar.data import datasets

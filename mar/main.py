@@ -12,7 +12,6 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from mar import config_utils
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

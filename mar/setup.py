@@ -8,7 +8,6 @@ first (`mar.demo`), so the same loading code runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 from absl import logging

@@ -11,7 +11,6 @@ metrics of an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -27,7 +26,7 @@ from mar import metrics as metrics_lib
 from mar import plots
 from mar import setup
 from mar.lte import hints, refine
-from mar.rl import grpo, optim, ppo
+from mar.rl import grpo
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -95,7 +94,7 @@ def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
 # ----- GRPO / LTE --------------------------------------------------------------------------
 
 
-def _sample_groups(run, params, questions, answers, user_texts, g, key):
+def _sample_groups(run, params, answers, user_texts, g, key):
   """Samples g single-turn responses per prompt (in runner-sized chunks) -> HostEpisodes."""
   texts = [hints.chat_prompt(u) for u in user_texts for _ in range(g)]
   golds = [a for a in answers for _ in range(g)]
@@ -110,7 +109,7 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   plain = [hints.plain_prompt(q) for q in questions]
   key_a, key_b = jax.random.split(step_key(config, step))
   with timer("sample"):
-    first = _sample_groups(run, state["policy"], questions, answers, plain, g, key_a)
+    first = _sample_groups(run, state["policy"], answers, plain, g, key_a)
   rewards = first.correct.reshape(-1, g).astype(np.float32)
   none_pass = rewards.sum(1) == 0
   extra, extra_hinted_texts = None, None
@@ -122,8 +121,8 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
     else:
       extra_user = [plain[p] for p in rows]
     with timer("sample_extra"):
-      extra = _sample_groups(run, state["policy"], [questions[p] for p in rows],
-                             [answers[p] for p in rows], extra_user, g, key_b)
+      extra = _sample_groups(run, state["policy"], [answers[p] for p in rows], extra_user, g,
+                             key_b)
     extra_hinted_texts = [hints.chat_prompt(u) for u in extra_user for _ in range(g)]
   rng = np.random.default_rng([config.seed, step, 2])
   batch, plan_metrics = _refined_batch(config, run, state, first, extra, extra_hinted_texts,

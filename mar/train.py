@@ -86,6 +86,7 @@ def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
   m = evaluate.episode_metrics(episodes, len(examples))
   m.update(learn)
   m.update(timer.metrics())
+  m["time/verify"] = run.runner.verify_fn.take_seconds()  # host share, inside time/sample
   m["tokens_per_s"] = m["response_tokens_total"] / max(timer.seconds.get("sample", 1e-9), 1e-9)
   m["loss"] = learn.get("actor/loss", np.nan)
   return state, m
@@ -140,6 +141,7 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
       "response_length": float(np.mean([len(r) for r in first.responses])),
       "truncated_frac": float(first.truncated.mean()),
       **plan_metrics, **learn, **timer.metrics(),
+      "time/verify": run.runner.verify_fn.take_seconds(),  # host share, inside time/sample*
   }
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)

@@ -8,6 +8,7 @@ process pool, so a hanging or crashing check is a wrong answer, never a dead run
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ class AttemptVerifier:
     self.verifier = verifier
     self.answers = list(answers)
     self.calls = 0
+    self.seconds = 0.0  # host time spent in verification callbacks (for time/verify)
     self.last_texts: list[str] = []
     self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
 
@@ -41,6 +43,18 @@ class AttemptVerifier:
     ]
 
   def __call__(self, example_ids, tokens, start, end, live, turn=0):
+    t0 = time.perf_counter()
+    try:
+      return self._verify(example_ids, tokens, start, end, live, turn)
+    finally:
+      self.seconds += time.perf_counter() - t0
+
+  def take_seconds(self) -> float:
+    """Verification seconds since the last call (the rollout's host share)."""
+    out, self.seconds = self.seconds, 0.0
+    return out
+
+  def _verify(self, example_ids, tokens, start, end, live, turn):
     self.calls += 1
     texts = self.attempt_texts(tokens, start, end, live)
     self.last_texts = texts

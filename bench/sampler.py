@@ -1,8 +1,8 @@
 """Sampler throughput: mar's jitted KV-cache decode vs HF `generate`, same weights, same process.
 
-  python bench/sampler.py                      # tiny and medium, f32
-  python bench/sampler.py --configs=medium --weights=bf16
-  python bench/sampler.py --compile_1p5b       # compile time of a Qwen2.5-1.5B-shaped model
+  python bench/sampler.py                      # tiny and medium, f32 and bf16 weights
+  python bench/sampler.py --configs=medium --weights=bf16 --idle_wait_s=60
+  python bench/sampler.py --configs= --compile_1p5b   # compile time, Qwen2.5-1.5B shapes
 
 Prints one JSON object. Per config: steady-state tokens/s of both (whole call, and decode
 only), mar's compile time (separately), and the share of the machine's limits measured in

@@ -10,6 +10,7 @@ from mar import checkpoint as ckpt_lib
 from mar import config_utils
 from mar import evaluate
 from mar import setup
+from mar import train
 
 
 def evaluate_checkpoint(config, workdir: str) -> list[dict]:
@@ -20,7 +21,9 @@ def evaluate_checkpoint(config, workdir: str) -> list[dict]:
   ckpt_path = ckpt_lib.checkpoint_dir(workdir)
   if os.path.isdir(ckpt_path):
     ckpt = ckpt_lib.Checkpointer(ckpt_path, async_save=False)
-    restored = ckpt.restore({"policy": params}) if ckpt.latest_step() is not None else None
+    # The target must be the whole training state: restore checks every leaf against it.
+    target = train.init_state(config, run)
+    restored = ckpt.restore(target) if ckpt.latest_step() is not None else None
     if restored is not None:
       step, state, _ = restored
       params = state["policy"]

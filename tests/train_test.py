@@ -205,3 +205,19 @@ class ShowRolloutTest(absltest.TestCase):
       self.assertIn("── attempt 1", t)
       self.assertIn("You have 2 attempts", t)
       self.assertRegex(t, r"reward [+-]\d\.\d, attempts used [12]/2")
+
+
+class EvalOnlyTest(absltest.TestCase):
+
+  def test_evaluates_the_latest_checkpoint(self):
+    from mar import eval_only
+
+    config = tiny_config("ppo")
+    config.train.num_steps = 1
+    work = tempfile.mkdtemp()
+    train.train(config, work)
+    config.mode = "eval"
+    config.eval.update(dict(benchmarks=["synthetic"], max_attempts=1, batch_size=8))
+    config.eval.synthetic.num_examples = 4
+    rows = eval_only.evaluate_checkpoint(config, work)
+    self.assertEqual([r["step"] for r in rows], [1])

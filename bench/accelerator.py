@@ -1,0 +1,324 @@
+"""Accelerator benchmarks (GPU or TPU): decode vs the HBM roofline, update-step MFU in bf16.
+
+  python bench/accelerator.py                 # on a GPU/TPU host: Qwen2.5-1.5B shapes
+  JAX_PLATFORMS=cpu python bench/accelerator.py --smoke   # tiny shapes: checks the script
+
+Prints one JSON object (and writes it to --out when given, after every section, so a run
+cut short keeps what it measured):
+  machine  measured bf16 matmul TFLOP/s (n^3 product) and HBM read bandwidth (jitted sum
+           over a large array), the two roofline denominators;
+  decode   Qwen2.5-1.5B-shaped model, random weights, bf16 weights and compute, greedy, no
+           early stop: mar's decode tokens/s per batch size; bytes read per step (matmul
+           weights + the whole KV cache the step attends over) / measured bandwidth gives
+           the roofline tokens/s; and HF `generate` (torch, bf16, same weights loaded from
+           the same folder) in the same process for the ratio;
+  update   one PPO step (critic + actor, as `PPOLearner`) and one GRPO step (`GRPOLearner`)
+           with f32 master weights and bf16 compute: tokens/s and MFU = model FLOPs
+           (6 N T + attention, as bench/train_step.py counts them) / measured bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("JAX_PLATFORMS", "")  # the host's accelerator (train_step sets cpu)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the device
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_BENCH, ".."))
+sys.path.insert(0, _BENCH)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mar import sampling  # noqa: E402
+from mar.models import hf_io  # noqa: E402
+from mar.models import init as init_lib  # noqa: E402
+from mar.models import model as qwen  # noqa: E402
+from mar.models.config import QwenConfig  # noqa: E402
+from mar.rl import grpo, optim, ppo  # noqa: E402
+import train_step as ts  # noqa: E402  (shared FLOP counts and batch builder)
+
+NOMINAL_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, no sparsity
+
+
+def smoke_config() -> QwenConfig:
+  return QwenConfig("qwen2", 1024, 256, 704, 4, 4, 2, 64, 10000.0, 1e-6, True, 4096)
+
+
+def best_of(fn, repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def machine_limits(n: int, read_bytes: int) -> dict:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(mm(a))
+  t_mm = best_of(lambda: mm(a), 10)
+  big = jnp.ones((read_bytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  jax.block_until_ready(total(big))
+  t_sum = best_of(lambda: total(big), 10)
+  kind = jax.devices()[0].device_kind
+  nominal = next((v for k, v in NOMINAL_TFLOPS.items() if k in kind), None)
+  return {"device": kind, "backend": jax.default_backend(), "jax": jax.__version__,
+          "bf16_matmul_tflops": 2 * n**3 / t_mm / 1e12, "matmul_n": n,
+          "nominal_bf16_tflops": nominal, "read_gb_s": big.nbytes / t_sum / 1e9}
+
+
+# ----- decode ----------------------------------------------------------------------------------
+
+
+def hf_folder(cfg: QwenConfig, tmp: str, seed: int = 0):
+  """A random HF Qwen2 with cfg's shapes in bf16 on the GPU, saved to tmp; returns the model."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  hc = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                   num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                   max_position_embeddings=cfg.max_position_embeddings,
+                   tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = Qwen2ForCausalLM(hc).to(torch.bfloat16).to(device).eval()
+  model.save_pretrained(tmp)
+  return model
+
+
+def hf_decode(model, tokens: np.ndarray, new: int, repeats: int) -> tuple[dict, np.ndarray]:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  dev = next(model.parameters()).device
+  x = torch.tensor(tokens, dtype=torch.long, device=dev)
+
+  def run(n):
+    with torch.no_grad():
+      out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+    if dev.type == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  out = run(new)
+  t_all = best_of(lambda: run(new).shape, repeats)
+  t_one = best_of(lambda: run(1).shape, repeats)
+  b = tokens.shape[0]
+  return ({"tokens_per_s": b * new / t_all,
+           "decode_tokens_per_s": b * (new - 1) / max(t_all - t_one, 1e-9)},
+          out[:, tokens.shape[1]:].cpu().numpy())
+
+
+def mar_decode(cfg: QwenConfig, params, tokens: np.ndarray, new: int, repeats: int):
+  b, p = tokens.shape
+  toks, mask = jnp.asarray(tokens, jnp.int32), jnp.ones((b, p), bool)
+  max_new = jnp.full((b,), new, jnp.int32)
+  greedy = sampling.SamplingParams(temperature=0.0)
+  prefill = lambda: sampling.prefill(cfg, params, toks, mask, p + new)
+  decode = lambda st: sampling.decode(cfg, params, st, max_new=max_new, sampling=greedy)
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(decode(prefill()))
+  first = time.perf_counter() - t0
+  t_pre = best_of(prefill, repeats)
+  best_dec = float("inf")
+  for _ in range(repeats):
+    state = jax.block_until_ready(prefill())
+    t0 = time.perf_counter()
+    jax.block_until_ready(decode(state).tokens)
+    best_dec = min(best_dec, time.perf_counter() - t0)
+  return ({"compile_s": first - t_pre - best_dec, "prefill_s": t_pre, "decode_s": best_dec,
+           "tokens_per_s": b * new / (t_pre + best_dec), "decode_tokens_per_s": b * new / best_dec},
+          np.asarray(out.tokens[:, p:p + new]))
+
+
+def decode_roofline(cfg: QwenConfig, b: int, s: int, step_s: float, read_gb_s: float) -> dict:
+  weight_bytes = ts.matmul_params(cfg) * 2  # bf16
+  kv_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * s * cfg.head_dim * 2
+  step_bytes = weight_bytes + kv_bytes
+  ideal = step_bytes / (read_gb_s * 1e9)
+  return {"decode_step_ms": step_s * 1e3, "bytes_per_step_mb": step_bytes / 1e6,
+          "achieved_gb_s": step_bytes / step_s / 1e9, "roofline_tokens_per_s": b / ideal,
+          "share_of_bandwidth_roofline": ideal / step_s}
+
+
+def bench_decode(cfg: QwenConfig, batches: list[int], prompt: int, new: int, repeats: int,
+                 read_gb_s: float, with_hf: bool) -> dict:
+  cfg = cfg.replace(dtype=jnp.bfloat16)
+  out = {"shape": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
+                   "kv_heads": cfg.num_kv_heads, "inter": cfg.intermediate_size,
+                   "vocab": cfg.vocab_size, "matmul_params": ts.matmul_params(cfg)},
+         "prompt": prompt, "new": new}
+  with tempfile.TemporaryDirectory() as tmp:
+    model = hf_folder(cfg, tmp) if with_hf else None
+    if with_hf:
+      cfg, params = hf_io.load_hf(tmp, dtype=jnp.bfloat16)
+    else:
+      params = init_lib.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+  for b in batches:
+    tokens = np.random.RandomState(b).randint(0, cfg.vocab_size, (b, prompt))
+    mar, mar_tokens = mar_decode(cfg, params, tokens, new, repeats)
+    row = {"mar": mar, "roofline": decode_roofline(cfg, b, prompt + new, mar["decode_s"] / new,
+                                                   read_gb_s)}
+    if model is not None:
+      hf, hf_tokens = hf_decode(model, tokens, new, repeats)
+      row["hf"] = hf
+      row["speedup_decode"] = mar["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+      row["speedup_total"] = mar["tokens_per_s"] / hf["tokens_per_s"]
+      # bf16 greedy paths drift apart once two logits round to a tie; the prefix agrees.
+      row["greedy_tokens_equal_to_hf_first16"] = float((mar_tokens[:, :16] ==
+                                                        hf_tokens[:, :16]).mean())
+    out[f"batch_{b}"] = row
+  if model is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    del model
+    torch.cuda.empty_cache()  # hand the memory to the update section
+  return out
+
+
+# ----- update steps ----------------------------------------------------------------------------
+
+
+def train_batch(cfg: QwenConfig, rows: int, prompt: int, response: int) -> dict:
+  c = {"batch": rows, "prompt": prompt, "response": response, "vocab": cfg.vocab_size}
+  batch = ts.make_batch(c)
+  logp = np.zeros(batch["tokens"].shape, np.float32) - 5.0  # near a flat policy's log-probs
+  return {k: jnp.asarray(v) for k, v in ts.with_old_logp(batch, logp).items()}
+
+
+def time_ppo(cfg, params, batch, micro: int, repeats: int) -> tuple[float, float]:
+  opt = optim.make_optimizer(1e-6, 100, warmup_ratio=0.0, grad_clip=1.0)
+  learner = ppo.PPOLearner(cfg, ppo.PPOHparams(micro_batches=micro), opt, opt)
+  critic = {"backbone": jax.tree.map(jnp.copy, params),
+            "value_head": qwen.init_value_head(cfg, jax.random.key(1))}
+  s = {"pol": jax.tree.map(jnp.copy, params), "a": opt.init(params), "cri": critic,
+       "c": opt.init(critic)}
+  keys = ("tokens", "valid", "action_mask", "old_logp", "ref_logp", "advantages", "returns",
+          "old_values")
+  mb = {k: batch[k] for k in keys}
+
+  def step():
+    s["cri"], s["c"], _ = learner.update_critic(s["cri"], s["c"], mb)
+    s["pol"], s["a"], m = learner.update_actor(s["pol"], s["a"], mb)
+    return s["pol"], s["cri"], m["loss"]
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(step())
+  first = time.perf_counter() - t0
+  t = best_of(step, repeats)
+  return t, first - t
+
+
+def time_grpo(cfg, params, batch, micro: int, response: int, repeats: int):
+  opt = optim.make_optimizer(1e-6, 100, warmup_ratio=0.0, grad_clip=1.0)
+  learner = grpo.GRPOLearner(cfg, grpo.GRPOHparams(micro_batches=micro), opt,
+                             response_len=response)
+  gb = {"tokens": batch["tokens"], "valid": batch["valid"], "action_mask": batch["action_mask"],
+        "old_logp": batch["old_logp"], "old_logp_hinted": jnp.zeros_like(batch["old_logp"]),
+        "hinted": jnp.zeros(batch["tokens"].shape[0], bool),
+        "advantages": batch["seq_advantages"]}
+  s = {"pol": jax.tree.map(jnp.copy, params), "o": opt.init(params)}
+
+  def step():
+    s["pol"], s["o"], m = learner.update(s["pol"], s["o"], gb)
+    return s["pol"], m["loss"]
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(step())
+  first = time.perf_counter() - t0
+  t = best_of(step, repeats)
+  return t, first - t
+
+
+def bench_update(cfg: QwenConfig, rows: int, prompt: int, response: int, micro: int,
+                 repeats: int, peak_tflops: float, algos: list[str]) -> dict:
+  cfg = cfg.replace(dtype=jnp.bfloat16)  # bf16 compute, f32 master weights and Adam state
+  params = init_lib.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+  batch = train_batch(cfg, rows, prompt, response)
+  seq = prompt + response
+  flops = ts.step_flops(cfg, rows, seq)
+  out = {"rows": rows, "seq": seq, "micro_batches": micro, "tokens_per_step": rows * seq,
+         "tflop_per_step": {"grpo": flops / 1e12, "ppo": 2 * flops / 1e12}}
+  for algo in algos:
+    try:
+      if algo == "ppo":
+        t, compile_s = time_ppo(cfg, params, batch, micro, repeats)
+      else:
+        t, compile_s = time_grpo(cfg, params, batch, micro, response, repeats)
+      f = flops * (2 if algo == "ppo" else 1)
+      out[algo] = {"step_s": t, "compile_s": compile_s, "tokens_per_s": rows * seq / t,
+                   "tflops": f / t / 1e12, "mfu": f / t / 1e12 / peak_tflops}
+    except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory: report, go on)
+      out[algo] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script")
+  ap.add_argument("--sections", default="decode,update")
+  ap.add_argument("--batches", default="16,64,256")
+  ap.add_argument("--prompt", type=int, default=256)
+  ap.add_argument("--new", type=int, default=256)
+  ap.add_argument("--no_hf", action="store_true", help="skip the HF generate reference")
+  ap.add_argument("--train_rows", type=int, default=16)
+  ap.add_argument("--train_prompt", type=int, default=256)
+  ap.add_argument("--train_response", type=int, default=768)
+  ap.add_argument("--micro_batches", type=int, default=4)
+  ap.add_argument("--algos", default="grpo,ppo")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+  cfg = QwenConfig.qwen2_5_math_1_5b()
+  n, read = 8192, 2 << 30
+  if args.smoke:
+    cfg, n, read = smoke_config(), 256, 64 << 20
+    args.batches, args.prompt, args.new, args.repeats = "2", 8, 8, 1
+    args.train_rows, args.train_prompt, args.train_response = 2, 8, 8
+    args.micro_batches = 2
+  result = {"machine": machine_limits(n, read)}
+
+  def emit():
+    text = json.dumps(result, indent=1, default=float)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write(text)
+    return text
+
+  emit()
+  sections = args.sections.split(",")
+  m = result["machine"]
+  if "decode" in sections:
+    try:
+      result["decode"] = bench_decode(cfg, [int(b) for b in args.batches.split(",")],
+                                      args.prompt, args.new, args.repeats, m["read_gb_s"],
+                                      not args.no_hf)
+    except Exception:  # pylint: disable=broad-except
+      result["decode"] = {"error": traceback.format_exc()[-2000:]}
+    emit()
+  if "update" in sections:
+    result["update"] = bench_update(cfg, args.train_rows, args.train_prompt, args.train_response,
+                                    args.micro_batches, args.repeats, m["bf16_matmul_tflops"],
+                                    args.algos.split(","))
+    if m["nominal_bf16_tflops"]:
+      for algo in args.algos.split(","):
+        if "tflops" in result["update"].get(algo, {}):
+          result["update"][algo]["mfu_vs_nominal"] = (result["update"][algo]["tflops"] /
+                                                      m["nominal_bf16_tflops"])
+  print(emit())
+
+
+if __name__ == "__main__":
+  main()

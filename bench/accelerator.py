@@ -121,13 +121,15 @@ def hf_decode(model, tokens: np.ndarray, new: int, repeats: int) -> tuple[dict, 
           out[:, tokens.shape[1]:].cpu().numpy())
 
 
-def mar_decode(cfg: QwenConfig, params, tokens: np.ndarray, new: int, repeats: int):
+def mar_decode(cfg: QwenConfig, params, tokens: np.ndarray, new: int, repeats: int,
+               unroll: bool | None):
   b, p = tokens.shape
   toks, mask = jnp.asarray(tokens, jnp.int32), jnp.ones((b, p), bool)
   max_new = jnp.full((b,), new, jnp.int32)
   greedy = sampling.SamplingParams(temperature=0.0)
   prefill = lambda: sampling.prefill(cfg, params, toks, mask, p + new)
-  decode = lambda st: sampling.decode(cfg, params, st, max_new=max_new, sampling=greedy)
+  decode = lambda st: sampling.decode(cfg, params, st, max_new=max_new, sampling=greedy,
+                                      unroll=unroll)
   t0 = time.perf_counter()
   out = jax.block_until_ready(decode(prefill()))
   first = time.perf_counter() - t0
@@ -154,21 +156,23 @@ def decode_roofline(cfg: QwenConfig, b: int, s: int, step_s: float, read_gb_s: f
 
 
 def bench_decode(cfg: QwenConfig, batches: list[int], prompt: int, new: int, repeats: int,
-                 read_gb_s: float, with_hf: bool) -> dict:
+                 read_gb_s: float, with_hf: bool, unroll: bool | None) -> dict:
   cfg = cfg.replace(dtype=jnp.bfloat16)
   out = {"shape": {"hidden": cfg.hidden_size, "layers": cfg.num_layers, "heads": cfg.num_heads,
                    "kv_heads": cfg.num_kv_heads, "inter": cfg.intermediate_size,
                    "vocab": cfg.vocab_size, "matmul_params": ts.matmul_params(cfg)},
-         "prompt": prompt, "new": new}
+         "prompt": prompt, "new": new, "unroll": unroll}
   with tempfile.TemporaryDirectory() as tmp:
     model = hf_folder(cfg, tmp) if with_hf else None
     if with_hf:
       cfg, params = hf_io.load_hf(tmp, dtype=jnp.bfloat16)
     else:
       params = init_lib.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+  if unroll:  # per-layer weights, converted once (the sampler would otherwise per call)
+    params = jax.block_until_ready(qwen.unstack_layers(params))
   for b in batches:
     tokens = np.random.RandomState(b).randint(0, cfg.vocab_size, (b, prompt))
-    mar, mar_tokens = mar_decode(cfg, params, tokens, new, repeats)
+    mar, mar_tokens = mar_decode(cfg, params, tokens, new, repeats, unroll)
     row = {"mar": mar, "roofline": decode_roofline(cfg, b, prompt + new, mar["decode_s"] / new,
                                                    read_gb_s)}
     if model is not None:
@@ -198,13 +202,17 @@ def train_batch(cfg: QwenConfig, rows: int, prompt: int, response: int) -> dict:
   return {k: jnp.asarray(v) for k, v in ts.with_old_logp(batch, logp).items()}
 
 
-def time_ppo(cfg, params, batch, micro: int, repeats: int) -> tuple[float, float]:
+def f32_params(cfg: QwenConfig, seed: int = 0) -> dict:
+  return init_lib.init_params(cfg, jax.random.key(seed), dtype=jnp.float32)
+
+
+def time_ppo(cfg, batch, micro: int, repeats: int) -> tuple[float, float]:
   opt = optim.make_optimizer(1e-6, 100, warmup_ratio=0.0, grad_clip=1.0)
   learner = ppo.PPOLearner(cfg, ppo.PPOHparams(micro_batches=micro), opt, opt)
-  critic = {"backbone": jax.tree.map(jnp.copy, params),
+  critic = {"backbone": f32_params(cfg, 1),
             "value_head": qwen.init_value_head(cfg, jax.random.key(1))}
-  s = {"pol": jax.tree.map(jnp.copy, params), "a": opt.init(params), "cri": critic,
-       "c": opt.init(critic)}
+  pol = f32_params(cfg)
+  s = {"pol": pol, "a": opt.init(pol), "cri": critic, "c": opt.init(critic)}
   keys = ("tokens", "valid", "action_mask", "old_logp", "ref_logp", "advantages", "returns",
           "old_values")
   mb = {k: batch[k] for k in keys}
@@ -221,7 +229,7 @@ def time_ppo(cfg, params, batch, micro: int, repeats: int) -> tuple[float, float
   return t, first - t
 
 
-def time_grpo(cfg, params, batch, micro: int, response: int, repeats: int):
+def time_grpo(cfg, batch, micro: int, response: int, repeats: int):
   opt = optim.make_optimizer(1e-6, 100, warmup_ratio=0.0, grad_clip=1.0)
   learner = grpo.GRPOLearner(cfg, grpo.GRPOHparams(micro_batches=micro), opt,
                              response_len=response)
@@ -229,7 +237,8 @@ def time_grpo(cfg, params, batch, micro: int, response: int, repeats: int):
         "old_logp": batch["old_logp"], "old_logp_hinted": jnp.zeros_like(batch["old_logp"]),
         "hinted": jnp.zeros(batch["tokens"].shape[0], bool),
         "advantages": batch["seq_advantages"]}
-  s = {"pol": jax.tree.map(jnp.copy, params), "o": opt.init(params)}
+  pol = f32_params(cfg)
+  s = {"pol": pol, "o": opt.init(pol)}
 
   def step():
     s["pol"], s["o"], m = learner.update(s["pol"], s["o"], gb)
@@ -243,20 +252,22 @@ def time_grpo(cfg, params, batch, micro: int, response: int, repeats: int):
 
 
 def bench_update(cfg: QwenConfig, rows: int, prompt: int, response: int, micro: int,
-                 repeats: int, peak_tflops: float, algos: list[str]) -> dict:
-  cfg = cfg.replace(dtype=jnp.bfloat16)  # bf16 compute, f32 master weights and Adam state
-  params = init_lib.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+                 repeats: int, peak_tflops: float, algos: list[str], remat: bool) -> dict:
+  # bf16 compute, f32 master weights and Adam state. MFU counts model FLOPs only, so the
+  # forward that remat recomputes lowers it.
+  cfg = cfg.replace(dtype=jnp.bfloat16, remat=remat)
   batch = train_batch(cfg, rows, prompt, response)
   seq = prompt + response
   flops = ts.step_flops(cfg, rows, seq)
-  out = {"rows": rows, "seq": seq, "micro_batches": micro, "tokens_per_step": rows * seq,
+  out = {"rows": rows, "seq": seq, "micro_batches": micro, "remat": remat,
+         "tokens_per_step": rows * seq,
          "tflop_per_step": {"grpo": flops / 1e12, "ppo": 2 * flops / 1e12}}
   for algo in algos:
     try:
       if algo == "ppo":
-        t, compile_s = time_ppo(cfg, params, batch, micro, repeats)
+        t, compile_s = time_ppo(cfg, batch, micro, repeats)
       else:
-        t, compile_s = time_grpo(cfg, params, batch, micro, response, repeats)
+        t, compile_s = time_grpo(cfg, batch, micro, response, repeats)
       f = flops * (2 if algo == "ppo" else 1)
       out[algo] = {"step_s": t, "compile_s": compile_s, "tokens_per_s": rows * seq / t,
                    "tflops": f / t / 1e12, "mfu": f / t / 1e12 / peak_tflops}
@@ -272,11 +283,16 @@ def main():
   ap.add_argument("--batches", default="16,64,256")
   ap.add_argument("--prompt", type=int, default=256)
   ap.add_argument("--new", type=int, default=256)
+  ap.add_argument("--unroll", default="auto", choices=["auto", "yes", "no"],
+                  help="decode layers as an unrolled loop (auto: the sampler's default) or a scan")
   ap.add_argument("--no_hf", action="store_true", help="skip the HF generate reference")
   ap.add_argument("--train_rows", type=int, default=16)
   ap.add_argument("--train_prompt", type=int, default=256)
   ap.add_argument("--train_response", type=int, default=768)
-  ap.add_argument("--micro_batches", type=int, default=4)
+  ap.add_argument("--micro_batches", type=int, default=2,
+                  help="gradient accumulation (without remat, 80 GB fits 8 for GRPO, 16 for PPO)")
+  ap.add_argument("--no_remat", action="store_true",
+                  help="keep activations (remat on with 2 micro-batches measured fastest on H100)")
   ap.add_argument("--algos", default="grpo,ppo")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="")
@@ -304,14 +320,15 @@ def main():
     try:
       result["decode"] = bench_decode(cfg, [int(b) for b in args.batches.split(",")],
                                       args.prompt, args.new, args.repeats, m["read_gb_s"],
-                                      not args.no_hf)
+                                      not args.no_hf,
+                                      {"auto": None, "yes": True, "no": False}[args.unroll])
     except Exception:  # pylint: disable=broad-except
       result["decode"] = {"error": traceback.format_exc()[-2000:]}
     emit()
   if "update" in sections:
     result["update"] = bench_update(cfg, args.train_rows, args.train_prompt, args.train_response,
                                     args.micro_batches, args.repeats, m["bf16_matmul_tflops"],
-                                    args.algos.split(","))
+                                    args.algos.split(","), not args.no_remat)
     if m["nominal_bf16_tflops"]:
       for algo in args.algos.split(","):
         if "tflops" in result["update"].get(algo, {}):

@@ -36,6 +36,7 @@ from mar.models import hf_io  # noqa: E402
 from mar.models import init as init_lib  # noqa: E402
 from mar.models import model as qwen  # noqa: E402
 from mar.models.config import QwenConfig  # noqa: E402
+from mar.sampling import sampler as sampler_lib  # noqa: E402
 
 CONFIGS = {
     # hidden, layers, heads, kv heads, intermediate, vocab, batch, prompt, new tokens
@@ -256,7 +257,7 @@ def compile_1p5b(batch: int, prompt: int, cache_len: int, unroll: bool | None) -
   cfg = QwenConfig.qwen2_5_math_1_5b()
   shapes = jax.eval_shape(lambda: init_lib.init_params(cfg, jax.random.key(0)))
   if unroll is None:
-    unroll = jax.default_backend() == "cpu"
+    unroll = sampler_lib._default_unroll()  # pylint: disable=protected-access
   if unroll:
     shapes = jax.eval_shape(qwen.unstack_layers, shapes)
   toks = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
@@ -268,10 +269,8 @@ def compile_1p5b(batch: int, prompt: int, cache_len: int, unroll: bool | None) -
   out["prefill_compile_s"] = time.perf_counter() - t0
   state = jax.eval_shape(lambda p, t, m: sampling.prefill(cfg, p, t, m, cache_len), shapes, toks,
                          mask)
-  from mar.sampling import sampler  # pylint: disable=g-import-not-at-top
-
   t0 = time.perf_counter()
-  lowered = sampler._decode.lower(  # pylint: disable=protected-access
+  lowered = sampler_lib._decode.lower(  # pylint: disable=protected-access
       cfg, shapes, state, jax.ShapeDtypeStruct((batch,), jnp.int32), None,
       sampling=sampling.SamplingParams(temperature=1.0), stop_ids=(151645, 151643),
       check_every=1, unroll=unroll)

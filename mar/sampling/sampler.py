@@ -13,10 +13,11 @@ Capacity: a row may fill every slot 0..S-1. Rows that are done (or padding token
 nothing to the cache, so no slack slot is needed; a row finishes with FINISH_LENGTH when
 its `pos` reaches S. `append` needs pos[b] + lengths[b] <= S (tokens past S are dropped).
 
-Layer layout: with `unroll` (default on CPU) decode runs the layers as an unrolled loop
+Layer layout: with `unroll` (the default) decode runs the layers as an unrolled loop
 over per-layer weights and per-layer cache buffers (see `mar.models.model.unstack_layers`):
-XLA:CPU copies the per-layer dynamic slices a scan over stacked weights makes, every
-step. Pass params already unstacked to skip the per-call conversion copy; the cache comes
+XLA copies the per-layer dynamic slices a scan over stacked weights makes, every step, on
+CPU and on GPU alike (H100, Qwen2.5-1.5B shapes, batch 64: 12.1k tok/s scanned, 25.4k
+unrolled; bench/accelerator.py). Pass params already unstacked to skip the per-call conversion copy; the cache comes
 back in the layout it came in (prefill makes it per-layer when the params are).
 """
 
@@ -58,7 +59,7 @@ class SamplerState(NamedTuple):
 
 
 def _default_unroll() -> bool:
-  return jax.default_backend() == "cpu"
+  return True  # see "Layer layout" above; pass unroll=False for a scan (faster compiles)
 
 
 def _as_key(key) -> jax.Array:

@@ -17,8 +17,9 @@ Layer layout: with `unroll` (the default) decode runs the layers as an unrolled 
 over per-layer weights and per-layer cache buffers (see `mar.models.model.unstack_layers`):
 XLA copies the per-layer dynamic slices a scan over stacked weights makes, every step, on
 CPU and on GPU alike (H100, Qwen2.5-1.5B shapes, batch 64: 12.1k tok/s scanned, 25.4k
-unrolled; bench/accelerator.py). Pass params already unstacked to skip the per-call conversion copy; the cache comes
-back in the layout it came in (prefill makes it per-layer when the params are).
+unrolled; bench/accelerator.py). Pass params already unstacked to skip the per-call
+conversion copy; the cache comes back in the layout it came in (prefill makes it per-layer
+when the params are).
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from mar.models import init as init_lib  # noqa: E402
 from mar.models import model as qwen  # noqa: E402
 from mar.models.config import QwenConfig  # noqa: E402
 from mar.rl import grpo, optim, ppo  # noqa: E402
+import sampler as sb  # noqa: E402  (bench/sampler.py: the timed mar and HF decode runs)
 import train_step as ts  # noqa: E402  (shared FLOP counts and batch builder)
 
 NOMINAL_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, no sparsity
@@ -60,6 +61,15 @@ def best_of(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - t0)
   return best
+
+
+def first_and_best(step, repeats: int) -> tuple[float, float]:
+  """(best step seconds, compile seconds: the first call's excess over the best)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(step())
+  first = time.perf_counter() - t0
+  t = best_of(step, repeats)
+  return t, first - t
 
 
 def machine_limits(n: int, read_bytes: int) -> dict:
@@ -98,53 +108,6 @@ def hf_folder(cfg: QwenConfig, tmp: str, seed: int = 0):
   return model
 
 
-def hf_decode(model, tokens: np.ndarray, new: int, repeats: int) -> tuple[dict, np.ndarray]:
-  import torch  # pylint: disable=g-import-not-at-top
-
-  dev = next(model.parameters()).device
-  x = torch.tensor(tokens, dtype=torch.long, device=dev)
-
-  def run(n):
-    with torch.no_grad():
-      out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, pad_token_id=0)
-    if dev.type == "cuda":
-      torch.cuda.synchronize()
-    return out
-
-  out = run(new)
-  t_all = best_of(lambda: run(new).shape, repeats)
-  t_one = best_of(lambda: run(1).shape, repeats)
-  b = tokens.shape[0]
-  return ({"tokens_per_s": b * new / t_all,
-           "decode_tokens_per_s": b * (new - 1) / max(t_all - t_one, 1e-9)},
-          out[:, tokens.shape[1]:].cpu().numpy())
-
-
-def mar_decode(cfg: QwenConfig, params, tokens: np.ndarray, new: int, repeats: int,
-               unroll: bool | None):
-  b, p = tokens.shape
-  toks, mask = jnp.asarray(tokens, jnp.int32), jnp.ones((b, p), bool)
-  max_new = jnp.full((b,), new, jnp.int32)
-  greedy = sampling.SamplingParams(temperature=0.0)
-  prefill = lambda: sampling.prefill(cfg, params, toks, mask, p + new)
-  decode = lambda st: sampling.decode(cfg, params, st, max_new=max_new, sampling=greedy,
-                                      unroll=unroll)
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(decode(prefill()))
-  first = time.perf_counter() - t0
-  t_pre = best_of(prefill, repeats)
-  best_dec = float("inf")
-  for _ in range(repeats):
-    state = jax.block_until_ready(prefill())
-    t0 = time.perf_counter()
-    jax.block_until_ready(decode(state).tokens)
-    best_dec = min(best_dec, time.perf_counter() - t0)
-  return ({"compile_s": first - t_pre - best_dec, "prefill_s": t_pre, "decode_s": best_dec,
-           "tokens_per_s": b * new / (t_pre + best_dec), "decode_tokens_per_s": b * new / best_dec},
-          np.asarray(out.tokens[:, p:p + new]))
-
-
 def decode_roofline(cfg: QwenConfig, b: int, s: int, step_s: float, read_gb_s: float) -> dict:
   weight_bytes = ts.matmul_params(cfg) * 2  # bf16
   kv_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * s * cfg.head_dim * 2
@@ -172,12 +135,16 @@ def bench_decode(cfg: QwenConfig, batches: list[int], prompt: int, new: int, rep
     params = jax.block_until_ready(qwen.unstack_layers(params))
   for b in batches:
     tokens = np.random.RandomState(b).randint(0, cfg.vocab_size, (b, prompt))
-    mar, mar_tokens = mar_decode(cfg, params, tokens, new, repeats, unroll)
+    fns, compile_s, mar_tokens = sb.mar_runner(cfg, params, tokens, new, unroll, "mar")
+    if model is not None:
+      hf_fns, hf_tokens = sb.hf_runner(model, tokens, new)
+      fns.update(hf_fns)
+    t = sb.interleaved_best(fns, repeats)
+    mar = sb.mar_summary(t, "mar", compile_s, b, new)
     row = {"mar": mar, "roofline": decode_roofline(cfg, b, prompt + new, mar["decode_s"] / new,
                                                    read_gb_s)}
     if model is not None:
-      hf, hf_tokens = hf_decode(model, tokens, new, repeats)
-      row["hf"] = hf
+      hf = row["hf"] = sb.hf_summary(t, b, new)
       row["speedup_decode"] = mar["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
       row["speedup_total"] = mar["tokens_per_s"] / hf["tokens_per_s"]
       # bf16 greedy paths drift apart once two logits round to a tie; the prefix agrees.
@@ -222,11 +189,7 @@ def time_ppo(cfg, batch, micro: int, repeats: int) -> tuple[float, float]:
     s["pol"], s["a"], m = learner.update_actor(s["pol"], s["a"], mb)
     return s["pol"], s["cri"], m["loss"]
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(step())
-  first = time.perf_counter() - t0
-  t = best_of(step, repeats)
-  return t, first - t
+  return first_and_best(step, repeats)
 
 
 def time_grpo(cfg, batch, micro: int, response: int, repeats: int):
@@ -244,11 +207,7 @@ def time_grpo(cfg, batch, micro: int, response: int, repeats: int):
     s["pol"], s["o"], m = learner.update(s["pol"], s["o"], gb)
     return s["pol"], m["loss"]
 
-  t0 = time.perf_counter()
-  jax.block_until_ready(step())
-  first = time.perf_counter() - t0
-  t = best_of(step, repeats)
-  return t, first - t
+  return first_and_best(step, repeats)
 
 
 def bench_update(cfg: QwenConfig, rows: int, prompt: int, response: int, micro: int,

@@ -118,7 +118,8 @@ def hf_runner(model, tokens: np.ndarray, new: int):
   """(timed runs {name: fn -> seconds}, generated tokens) of HF generate, greedy, no early stop."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  x = torch.tensor(tokens, dtype=torch.long)
+  device = next(model.parameters()).device  # CPU here; bench/accelerator.py passes a GPU model
+  x = torch.tensor(tokens, dtype=torch.long, device=device)
   mask = torch.ones_like(x)
 
   def run(n):
@@ -129,11 +130,14 @@ def hf_runner(model, tokens: np.ndarray, new: int):
   def timed(n):
     t0 = time.perf_counter()
     run(n)
+    if device.type == "cuda":
+      torch.cuda.synchronize()
     return time.perf_counter() - t0
 
   out = run(new)
   assert out.shape[1] == tokens.shape[1] + new
-  return {"hf_all": lambda: timed(new), "hf_one": lambda: timed(1)}, out[:, tokens.shape[1]:].numpy()
+  return ({"hf_all": lambda: timed(new), "hf_one": lambda: timed(1)},
+          out[:, tokens.shape[1]:].cpu().numpy())
 
 
 def hf_summary(t: dict, b: int, new: int) -> dict:

@@ -329,70 +329,54 @@ def planner_check(name: str) -> dict:
 # ----- how long the device waits for the host (demo config, real trainer iterations) ------------
 
 
-def _timed(fn, acc: dict, key: str):
-  def wrapped(*a, **kw):
-    t0 = time.perf_counter()
-    try:
-      return fn(*a, **kw)
-    finally:
-      acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
-  return wrapped
-
-
 def host_fraction(steps: int = 4) -> dict:
-  """Share of a trainer step's wall time that is host work the device waits for.
+  """Share of a trainer step's wall time in which the device waited for the host.
 
-  Runs `train.ppo_iteration` and `train.group_iteration` (LTE) of configs/demo.py on the
-  demo model and times, besides the trainer's own time/* splits: the verification callback
-  inside the rollout (decoding attempts + the process-pool verifier; the device is idle
-  meanwhile), prompt tokenization, the host view of rollouts, and everything outside the
-  sample/update splits (hints, packing, metrics). The first step (compiles) is dropped.
+  Runs `train.ppo_iteration` (multi-attempt: verification inside the rollout, the device
+  stalls on it) and `train.group_iteration` (LTE: single-turn chunks verified on the host
+  while the device samples the next chunk) of configs/demo.py on the demo model, and reads
+  the trainer's own `time/host_critical` / `time/host_fraction` (mar.overlap). LTE runs a
+  second time with the verification inside the rollout (`defer_verify=False`, no overlap)
+  for comparison. The first step (compiles) is dropped.
   """
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
-  from mar import demo, parallel, setup, train  # pylint: disable=g-import-not-at-top
+  from mar import demo, setup, train  # pylint: disable=g-import-not-at-top
+  from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
 
   out = {}
   work = tempfile.mkdtemp()
   base = demo_config.get_config()
   base.model.demo.sft_steps = 20
   model_path = demo.ensure_demo_model(base, work)
-  for method, arg in (("ppo", None), ("lte", "lte")):
-    config = demo_config.get_config(arg)
+  keys = ("time/total_step", "time/verify", "time/host_critical", "time/host_fraction")
+  for name, method, overlap in (("ppo", None, None), ("lte", "lte", True),
+                                ("lte_no_overlap", "lte", False)):
+    config = demo_config.get_config(method)
     config.model.demo.enabled = False
     config.model.path = model_path
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     config.verify.workers = 1
     config.rollout.prompt_len = 256  # hints quoting a barely trained model's answers are long
-    run = setup.build_run(config, os.path.join(work, method))
+    config.rollout.batch_size = 16  # GRPO: several chunks per step, so they can overlap
+    run = setup.build_run(config, os.path.join(work, name))
+    if overlap is False:
+      r = run.runner
+      run.runner = RolloutRunner(
+          run.model_config, run.tokenizer, run.verifier, batch_size=r.batch_size,
+          prompt_len=r.prompt_len, max_attempts=1, token_budget=r.spec.token_budget,
+          sampling=r.spec.sampling, check_every=r.spec.check_every, mesh=run.mesh,
+          defer_verify=False, timeline=run.timeline)
     state = train.init_state(config, run)
-    acc: dict = {}
-    run.verifier.verify = _timed(run.verifier.verify, acc, "verify")
-    vfn = run.runner.verify_fn
-    vfn.attempt_texts = _timed(vfn.attempt_texts, acc, "decode_attempts")
-    run.runner.encode_prompts = _timed(run.runner.encode_prompts, acc, "tokenize")
-    run.runner.to_host = _timed(run.runner.to_host, acc, "to_host")
-    if method != "ppo":  # device work the trainer runs outside its sample/update splits
-      logprobs = run.learner.logprobs
-      run.learner.logprobs = _timed(lambda *a, f=logprobs: jax.block_until_ready(f(*a)), acc,
-                                    "device_logprobs")
-    iteration = train.ppo_iteration if method == "ppo" else train.group_iteration
+    iteration = train.ppo_iteration if name == "ppo" else train.group_iteration
     rows = []
     for step in range(steps):
-      acc.clear()
       idx = train.batch_indices(config, len(run.train_data), step)
       t0 = time.perf_counter()
       state, m = iteration(config, run, state, [run.train_data[i] for i in idx], step)
-      wall = time.perf_counter() - t0
-      timed = sum(v for k, v in m.items() if k.startswith("time/") and k != "time/total")
-      outside = max(wall - timed - acc.get("device_logprobs", 0.0), 0.0)
-      split = {"time/total": wall, "time/verify": acc.get("verify", 0.0),
-               "time/host": (acc.get("decode_attempts", 0.0) + acc.get("tokenize", 0.0)
-                             + acc.get("to_host", 0.0) + outside),
-               "time/host_outside_splits": outside}
-      rows.append({**split, "host_fraction": parallel.host_fraction(split)})
+      rows.append({**m, "time/total_step": time.perf_counter() - t0})
     run.close()
-    keep = rows[1:]
-    out[method] = {k: float(np.mean([r[k] for r in keep])) for k in keep[0]}
+    out[name] = {k: float(np.mean([r[k] for r in rows[1:]])) for k in keys}
+    out[name]["rollout_rows_per_call"] = run.runner.batch_size
   return out
 
 

@@ -10,8 +10,9 @@ rules table). This module applies that to everything a training step holds:
   split_mini_batches                     mini-batches as local slices (no resharding programs)
   put_batch / host_local                 host rows -> global arrays -> this host's rows
   local_rows / is_main_process           which rows and files this host owns (multi-host)
+  max_over_hosts / mean_over_hosts       host-side values agreed on / averaged over hosts
   reshard                                explicit, timed move between two layouts
-  per_device_bytes / host_fraction       what one device holds; the host's share of a step
+  per_device_bytes                       what one device holds
 
 Everything runs unchanged on one device: a 1x1x1 mesh is a valid mesh.
 """
@@ -279,6 +280,32 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def max_over_hosts(n: int) -> int:
+  """The largest `n` any host passes (every host must call it: a collective)."""
+  if jax.process_count() == 1:
+    return int(n)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+
+
+def mean_over_hosts(metrics: dict) -> dict:
+  """Numeric metrics averaged over hosts (each host's from its own rows); a collective.
+
+  Hosts hold equal shares of the batch, so the mean of per-host means is the global mean;
+  counts (e.g. none-pass groups) come out per host.
+  """
+  if jax.process_count() == 1:
+    return metrics
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  keys = sorted(k for k, v in metrics.items() if np.ndim(v) == 0 and np.issubdtype(
+      np.asarray(v).dtype, np.number))
+  values = np.asarray([float(metrics[k]) for k in keys], np.float64)
+  mean = multihost_utils.process_allgather(values).reshape(-1, len(keys)).mean(0)
+  return {**metrics, **dict(zip(keys, mean.tolist()))}
+
+
 def local_rows(global_rows: int, process_index: int | None = None,
                process_count: int | None = None) -> slice:
   """The rows of a global batch this host builds, tokenizes and verifies."""
@@ -321,16 +348,3 @@ def per_device_bytes(tree, device=None) -> int:
       if shard.device == dev:
         total += math.prod(shard.data.shape) * x.dtype.itemsize
   return total
-
-
-def host_fraction(time_metrics: dict, host_keys: Sequence[str] = ("time/host", "time/verify"),
-                  total_key: str = "time/total") -> float:
-  """Share of a step's wall time the host was on the critical path (device idle).
-
-  `time_metrics` are a step's `time/*` splits; host_keys name the splits spent in host
-  work the device waited for (verification callbacks, packing, hint building).
-  """
-  total = time_metrics.get(total_key, 0.0)
-  if total <= 0:
-    return 0.0
-  return min(1.0, sum(time_metrics.get(k, 0.0) for k in host_keys) / total)

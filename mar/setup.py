@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mar import config_utils
 from mar import models
+from mar import overlap
 from mar import parallel
 from mar.data import datasets, prompts
 from mar.data.tokenizer import Tokenizer
@@ -42,6 +43,8 @@ class Run:
   verifier: BatchVerifier
   _eval_runners: dict = dataclasses.field(default_factory=dict)
   mesh: Any = None  # the ('data', 'fsdp', 'tensor') mesh everything is placed on
+  # When the device was busy (the trainer's host critical-path share); fed by the runner.
+  timeline: overlap.DeviceTimeline = dataclasses.field(default_factory=overlap.DeviceTimeline)
 
   def eval_runner(self, config, kind: str) -> RolloutRunner:
     """Greedy multi-attempt runner ('attempts') or the sampling runner ('passk'), cached."""
@@ -147,6 +150,7 @@ def build_run(config, workdir: str) -> Run:
   actor_opt = parallel.sharded_init(actor_opt, sh.actor_opt)
   if critic_opt is not None:
     critic_opt = parallel.sharded_init(critic_opt, sh.critic_opt)
+  timeline = overlap.DeviceTimeline()
   # One rollout call per step: PPO runs one episode per prompt, GRPO a group of G.
   batch = r.prompts_per_step * (1 if config.method == "ppo" else config.grpo.group_size)
   runner = RolloutRunner(
@@ -154,8 +158,9 @@ def build_run(config, workdir: str) -> Run:
       max_attempts=r.max_attempts if config.method == "ppo" else 1,
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh)
+      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
+      timeline=timeline)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
-             prompt_function(config), train_data, verifier, mesh=mesh)
+             prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline)

@@ -11,7 +11,9 @@ metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -23,10 +25,13 @@ from mar import checkpoint as ckpt_lib
 from mar import config_utils
 from mar import evaluate
 from mar import metrics as metrics_lib
+from mar import overlap
+from mar import parallel
 from mar import plots
 from mar import setup
 from mar.lte import hints, refine
 from mar.rl import grpo
+from mar.rollout.runner import HostEpisodes
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -70,23 +75,25 @@ def attempts_for_step(config, step: int) -> np.ndarray:
 
 
 def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
-  timer = metrics_lib.Timer()
-  n_attempts = attempts_for_step(config, step)
+  """One PPO step on the step's examples (on several hosts: this host's share of them)."""
+  timer, started = metrics_lib.Timer(), time.perf_counter()
+  rows = parallel.local_rows(len(examples))
+  examples, n_attempts = examples[rows], attempts_for_step(config, step)[rows]
   prompts = [run.prompt_fn(ex.question, int(n)) for ex, n in zip(examples, n_attempts)]
   with timer("sample"):
     episodes = run.runner.run(state["policy"], prompts, [ex.answer for ex in examples],
                               n_attempts, step_key(config, step))
     jax.block_until_ready(episodes.reward)
   with timer("update"):
-    out = run.learner.step(state["policy"], state["actor_opt"], state["critic"],
-                           state["critic_opt"], run.ref, episodes,
-                           num_mini_batches=config.ppo.mini_batches)
+    out = run.timeline.call(run.learner.step, state["policy"], state["actor_opt"],
+                            state["critic"], state["critic_opt"], run.ref, episodes,
+                            num_mini_batches=config.ppo.mini_batches)
     state = dict(state, policy=out[0], actor_opt=out[1], critic=out[2], critic_opt=out[3])
     learn = jax.device_get(out[4])
   m = evaluate.episode_metrics(episodes, len(examples))
   m.update(learn)
   m.update(timer.metrics())
-  m["time/verify"] = run.runner.verify_fn.take_seconds()  # host share, inside time/sample
+  m.update(_host_share(run, started))
   m["tokens_per_s"] = m["response_tokens_total"] / max(timer.seconds.get("sample", 1e-9), 1e-9)
   m["loss"] = learn.get("actor/loss", np.nan)
   return state, m
@@ -103,8 +110,10 @@ def _sample_groups(run, params, answers, user_texts, g, key):
 
 
 def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
+  """One GRPO / LTE step on the step's examples (on several hosts: this host's share)."""
   cfg, g = config.grpo, config.grpo.group_size
-  timer = metrics_lib.Timer()
+  timer, started = metrics_lib.Timer(), time.perf_counter()
+  examples = examples[parallel.local_rows(len(examples))]
   questions = [ex.question for ex in examples]
   answers = [ex.answer for ex in examples]
   plain = [hints.plain_prompt(q) for q in questions]
@@ -113,24 +122,31 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
     first = _sample_groups(run, state["policy"], answers, plain, g, key_a)
   rewards = first.correct.reshape(-1, g).astype(np.float32)
   none_pass = rewards.sum(1) == 0
-  extra, extra_hinted_texts = None, None
-  if config.method in ("lte", "grpo_extra") and none_pass.any():
-    rows = np.flatnonzero(none_pass)
+  rows = np.flatnonzero(none_pass) if config.method in ("lte", "grpo_extra") else []
+  # Sampling programs span all hosts: each samples as many extra groups as the busiest one.
+  width = parallel.max_over_hosts(len(rows))
+  extra, logp_hinted = None, None
+  if width:
     if config.method == "lte":
       extra_user = [_fitting_hint(run, questions[p], first.answers[p * g:(p + 1) * g],
                                   first.truncated[p * g:(p + 1) * g].tolist()) for p in rows]
     else:
       extra_user = [plain[p] for p in rows]
+    pad = width - len(rows)  # idle groups, results dropped
     with timer("sample_extra"):
-      extra = _sample_groups(run, state["policy"], [answers[p] for p in rows], extra_user, g,
-                             key_b)
-    extra_hinted_texts = [hints.chat_prompt(u) for u in extra_user for _ in range(g)]
-  rng = np.random.default_rng([config.seed, step, 2])
-  batch, plan_metrics = _refined_batch(config, run, state, first, extra, extra_hinted_texts,
+      extra = _sample_groups(run, state["policy"], [answers[p] for p in rows] + [""] * pad,
+                             extra_user + [plain[0]] * pad, g, key_b)
+    if config.method == "lte":
+      texts = [hints.chat_prompt(u) for u in extra_user + [plain[0]] * pad for _ in range(g)]
+      logp_hinted = _hinted_logprobs(run, state["policy"], texts, extra.responses)[:len(rows) * g]
+    extra = _first_rows(extra, len(rows) * g) if len(rows) else None
+  rng = np.random.default_rng([config.seed, step, 2, jax.process_index()])
+  batch, plan_metrics = _refined_batch(config, run, state, first, extra, logp_hinted,
                                        plain, rewards, none_pass, rng)
   with timer("update"):
-    policy, opt_state, learn = run.learner.step(state["policy"], state["actor_opt"], batch,
-                                                ref=run.ref, num_mini_batches=cfg.mini_batches)
+    policy, opt_state, learn = run.timeline.call(
+        run.learner.step, state["policy"], state["actor_opt"], batch, ref=run.ref,
+        num_mini_batches=cfg.mini_batches)
     learn = jax.device_get(learn)
   state = dict(state, policy=policy, actor_opt=opt_state)
   m = {
@@ -140,12 +156,20 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
       "all_pass": float((rewards.sum(1) == g).sum()),
       "response_length": float(np.mean([len(r) for r in first.responses])),
       "truncated_frac": float(first.truncated.mean()),
-      **plan_metrics, **learn, **timer.metrics(),
-      "time/verify": run.runner.verify_fn.take_seconds(),  # host share, inside time/sample*
+      **plan_metrics, **learn, **timer.metrics(), **_host_share(run, started),
   }
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
   return state, m
+
+
+def _host_share(run, started: float) -> dict:
+  """time/verify and the share of the step the device spent waiting for the host."""
+  verify_s, stalled = run.runner.verify_fn.take_seconds()
+  busy = run.timeline.busy_seconds(since=started)
+  run.timeline.forget_before(time.perf_counter())
+  return {"time/verify": verify_s,
+          **overlap.host_critical(time.perf_counter() - started, busy, stalled)}
 
 
 def _fitting_hint(run, question, answers, truncated, max_chars: int = 64) -> str:
@@ -163,7 +187,26 @@ def _fitting_hint(run, question, answers, truncated, max_chars: int = 64) -> str
     answers = answers[:last] + [None] + answers[last + 1:]
 
 
-def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards, none_pass, rng):
+def _first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
+  return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
+
+
+def _logprobs(run, params, tokens, valid) -> np.ndarray:
+  """The learner's log-probs of this host's rows (a program over all hosts' rows)."""
+  batch = parallel.put_batch((tokens, valid), run.mesh)
+  return parallel.host_local(run.timeline.call(run.learner.logprobs, params, *batch))
+
+
+def _hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
+  """log-probs of hinted responses after their hinted prompts (LTE's old_logp_hinted)."""
+  pl, rl, tok = run.runner.prompt_len, run.runner.spec.token_budget, run.tokenizer
+  tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in hinted_texts], responses, pl,
+                                         rl, tok.pad_id)
+  return _logprobs(run, params, tokens, valid)
+
+
+def _refined_batch(config, run, state, first, extra, logp_hinted, plain, rewards, none_pass,
+                   rng):
   """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
   g, pl, rl = config.grpo.group_size, run.runner.prompt_len, config.rollout.token_budget
   tok = run.tokenizer
@@ -184,17 +227,15 @@ def _refined_batch(config, run, state, first, extra, extra_texts, plain, rewards
     un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
     h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
     hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
-    if config.method == "lte":
-      hp_ids = [tok.encode(t) for t in extra_texts]
-      ht, hv, _ = grpo.pack_sequences(hp_ids, extra.responses, pl, rl, tok.pad_id)
-      hinted["logp_hinted"] = np.asarray(run.learner.logprobs(state["policy"], ht, hv))
+    if logp_hinted is not None:
+      hinted["logp_hinted"] = logp_hinted
     out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
                             as_hinted=config.method == "lte")
     rewards = plan.rewards
   else:
     out = dict(original, hinted=np.zeros(len(tokens), bool))
   out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
-  out["old_logp"] = np.asarray(run.learner.logprobs(state["policy"], out["tokens"], out["valid"]))
+  out["old_logp"] = _logprobs(run, state["policy"], out["tokens"], out["valid"])
   out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
   return {k: jnp.asarray(v) for k, v in out.items()}, metrics
 
@@ -230,6 +271,7 @@ def train(config, workdir: str) -> dict:
   for step in range(start, config.train.num_steps):
     idx = batch_indices(config, len(run.train_data), step)
     state, last = iteration(config, run, state, [run.train_data[i] for i in idx], step)
+    last = parallel.mean_over_hosts(last)
     done = step + 1
     writer.write(done, last)
     bar.update(1)
@@ -242,6 +284,7 @@ def train(config, workdir: str) -> dict:
   ckpt.wait()
   ckpt.close()
   writer.close()
-  plots.plot_all(workdir)
+  if parallel.is_main_process():
+    plots.plot_all(workdir)
   run.close()
   return last

@@ -15,7 +15,8 @@ if __name__ == "__main__" and ("--child" in sys.argv or "--trainer_child" in sys
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8")
   os.environ["JAX_PLATFORMS"] = "cpu"
-if __name__ == "__main__" and "--multihost_child" in sys.argv:
+if __name__ == "__main__" and ("--multihost_child" in sys.argv
+                               or "--multihost_trainer_child" in sys.argv):
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -210,27 +211,45 @@ def _multihost_child(pid: int, port: int, workdir: str) -> None:
     np.savez(os.path.join(workdir, "multihost.npz"), **out)
 
 
-def _trainer_child() -> dict:
-  """Two PPO and two LTE iterations of the real trainer (setup.build_run) on a 2x2x2 mesh."""
+# Trainer runs on a 2x2x2 mesh: name -> (tiny_config method, overrides).
+_TRAINER_RUNS = {
+    "ppo": ("ppo", {}),
+    "lte": ("lte", {}),
+    "grpo": ("grpo", {}),
+    "ppo_single_turn": ("ppo", {"rollout.max_attempts": 1, "rollout.prompt": "single_turn"}),
+}
+
+
+def _trainer_child(names) -> dict:
+  """Two iterations of the real trainer (setup.build_run) per run, on a 2x2x2 mesh.
+
+  In a multi-host child each process passes the whole step's examples; the iterations
+  take this host's share.
+  """
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import train_test  # pylint: disable=g-import-not-at-top
   from mar import setup, train  # pylint: disable=g-import-not-at-top
 
+  # All processes load the model folder the parent built (only process 0 would write one).
+  train_test._SHARED_MODEL["path"] = os.environ["MAR_TEST_MODEL"]  # pylint: disable=protected-access
   out = {}
-  for method in ("ppo", "lte"):
-    config = train_test.tiny_config(method)
+  for name in names:
+    method, over = _TRAINER_RUNS[name]
+    config = train_test.tiny_config(method, **over)
     config.mesh.update(dict(data=2, fsdp=2, tensor=2))
     run = setup.build_run(config, tempfile.mkdtemp())
     state = train.init_state(config, run)
     iteration = train.ppo_iteration if method == "ppo" else train.group_iteration
-    losses = []
+    steps = []
     for step in range(2):
       idx = train.batch_indices(config, len(run.train_data), step)
       state, m = iteration(config, run, state, [run.train_data[i] for i in idx], step)
-      losses.append(float(m["loss"]))
+      steps.append(parallel.mean_over_hosts(m))
     mu = state["actor_opt"].inner_state[1][0].mu
-    out[method] = {
-        "mesh": dict(run.mesh.shape), "losses": losses,
+    out[name] = {
+        "mesh": dict(run.mesh.shape), "losses": [float(m["loss"]) for m in steps],
+        "rewards": [float(m["reward_mean"]) for m in steps],
+        "extra_sampled": any("time/sample_extra" in m for m in steps),
         "qkv_spec": str(state["policy"]["layers"]["qkv"].sharding.spec),
         "mu_qkv_spec": str(mu["layers"]["qkv"].sharding.spec),
         "critic_spec": str(state["critic"]["backbone"]["layers"]["down"].sharding.spec)
@@ -238,6 +257,26 @@ def _trainer_child() -> dict:
     }
     run.close()
   return out
+
+
+def _multihost_trainer_child(pid: int, port: int, out_path: str) -> None:
+  """One of 2 processes x 4 CPU devices running the trainer's single-turn iterations."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                             process_id=pid)
+  out = _trainer_child(("grpo", "ppo_single_turn", "lte"))
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_test  # pylint: disable=g-import-not-at-top
+  from mar import setup  # pylint: disable=g-import-not-at-top
+
+  try:  # multi-attempt rollouts verify in a callback that needs every row on one host
+    setup.build_run(train_test.tiny_config("ppo", **{"mesh.data": 2, "mesh.fsdp": 2,
+                                                      "mesh.tensor": 2}), tempfile.mkdtemp())
+    out["multi_attempt_error"] = ""
+  except ValueError as e:
+    out["multi_attempt_error"] = str(e)
+  with open(f"{out_path}.{pid}", "w") as f:
+    json.dump(out, f)
 
 
 class ShardedStepTest(absltest.TestCase):
@@ -345,22 +384,69 @@ class MultiHostTest(absltest.TestCase):
 
 @pytest.mark.slow
 class ShardedTrainerTest(absltest.TestCase):
-  """setup.build_run wires the mesh: the trainer runs PPO and LTE with sharded state."""
+  """setup.build_run wires the mesh: the trainer on 8 devices, in one process and in two.
 
-  def test_ppo_and_lte_iterations_on_2x2x2_mesh(self):
-    env = dict(os.environ)
+  The two-process run (jax.distributed on localhost, 4 devices each) has each host build,
+  sample and verify only its share of the prompts; its single-turn steps must equal the
+  one-process steps on the same 2x2x2 mesh.
+  """
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train_test  # pylint: disable=g-import-not-at-top
+
+    env = dict(os.environ, MAR_TEST_MODEL=train_test.shared_model())
     env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--trainer_child"],
-                          env=env, capture_output=True, text=True, timeout=1200, cwd=_REPO)
-    self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    for method in ("ppo", "lte"):
+    cls.out = os.path.join(tempfile.mkdtemp(), "trainer.json")
+    port = _free_port()
+    me = os.path.abspath(__file__)
+    hosts = [subprocess.Popen([sys.executable, me, "--multihost_trainer_child", str(pid),
+                               str(port), cls.out], env=env, cwd=_REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    one = subprocess.run([sys.executable, me, "--trainer_child"], env=env, capture_output=True,
+                         text=True, timeout=1200, cwd=_REPO)
+    cls.one = (one.returncode, one.stdout, one.stderr)
+    cls.hosts = [p.communicate(timeout=1200) + (p.returncode,) for p in hosts]
+
+  def one_process(self) -> dict:
+    code, out, err = self.one
+    self.assertEqual(code, 0, err[-4000:])
+    return json.loads(out.strip().splitlines()[-1])
+
+  def two_processes(self) -> list[dict]:
+    for _, err, code in self.hosts:
+      self.assertEqual(code, 0, err[-4000:])
+    return [json.load(open(f"{self.out}.{pid}")) for pid in (0, 1)]
+
+  def test_iterations_on_2x2x2_mesh(self):
+    got = self.one_process()
+    for method in _TRAINER_RUNS:
       r = got[method]
       self.assertEqual(r["mesh"], {"data": 2, "fsdp": 2, "tensor": 2})
       self.assertTrue(all(np.isfinite(r["losses"])), r)
       self.assertEqual(r["qkv_spec"], "P(None, 'fsdp', 'tensor', None, None)")
       self.assertEqual(r["mu_qkv_spec"], r["qkv_spec"])  # Adam moments follow the params
     self.assertEqual(got["ppo"]["critic_spec"], "P(None, 'tensor', 'fsdp')")
+
+  def test_two_hosts_equal_one_process(self):
+    one, hosts = self.one_process(), self.two_processes()
+    for name in ("grpo", "ppo_single_turn"):
+      for h in hosts:  # metrics are averaged over hosts: both report the global values
+        np.testing.assert_allclose(h[name]["losses"], one[name]["losses"], rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(h[name]["rewards"], one[name]["rewards"], rtol=1e-6,
+                                   err_msg=name)
+
+  def test_two_hosts_run_lte_and_refuse_multi_attempt(self):
+    for h in self.two_processes():
+      self.assertTrue(all(np.isfinite(h["lte"]["losses"])), h["lte"])
+      # Hinted sampling ran (here one host's group fails, the other's passes: a host with
+      # no none-pass group joins the sampling programs with idle groups).
+      self.assertTrue(h["lte"]["extra_sampled"])
+      self.assertIn("multi-attempt rollouts verify inside the program",
+                    h["multi_attempt_error"])
 
 
 class ParallelHelpersTest(absltest.TestCase):
@@ -401,18 +487,16 @@ class ParallelHelpersTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "12 rows does not split over 5 hosts"):
       parallel.local_rows(12, 0, 5)
 
-  def test_host_fraction(self):
-    m = {"time/total": 10.0, "time/verify": 2.0, "time/host": 0.5, "time/update": 7.5}
-    self.assertAlmostEqual(parallel.host_fraction(m), 0.25)
-    self.assertEqual(parallel.host_fraction({}), 0.0)
-
 
 if __name__ == "__main__":
   if "--multihost_child" in sys.argv:
     i = sys.argv.index("--multihost_child")
     _multihost_child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
+  elif "--multihost_trainer_child" in sys.argv:
+    i = sys.argv.index("--multihost_trainer_child")
+    _multihost_trainer_child(int(sys.argv[i + 1]), int(sys.argv[i + 2]), sys.argv[i + 3])
   elif "--trainer_child" in sys.argv:
-    print(json.dumps(_trainer_child()))
+    print(json.dumps(_trainer_child(tuple(_TRAINER_RUNS))))
   elif "--child" in sys.argv:
     _child(sys.argv[sys.argv.index("--child") + 1])
   else:

@@ -29,7 +29,8 @@ class AttemptVerifier:
     self.verifier = verifier
     self.answers = list(answers)
     self.calls = 0
-    self.seconds = 0.0  # host time spent in verification callbacks (for time/verify)
+    self.seconds = 0.0  # host time spent verifying, in callbacks or not (time/verify)
+    self.stalled = 0.0  # the part of it spent inside callbacks, with the device blocked
     self.last_texts: list[str] = []
     self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
 
@@ -43,16 +44,31 @@ class AttemptVerifier:
     ]
 
   def __call__(self, example_ids, tokens, start, end, live, turn=0):
+    """The rollout's per-turn callback: the device program waits for its result."""
     t0 = time.perf_counter()
     try:
       return self._verify(example_ids, tokens, start, end, live, turn)
     finally:
-      self.seconds += time.perf_counter() - t0
+      self.stalled += time.perf_counter() - t0
 
-  def take_seconds(self) -> float:
-    """Verification seconds since the last call (the rollout's host share)."""
-    out, self.seconds = self.seconds, 0.0
+  def take_seconds(self) -> tuple[float, float]:
+    """(verification seconds, of which inside callbacks) since the last call."""
+    out = (self.seconds, self.stalled)
+    self.seconds = self.stalled = 0.0
     return out
+
+  def verdicts(self, texts: Sequence[str], golds: Sequence[str], live) -> tuple[np.ndarray, ...]:
+    """(correct, boxed) per row: correct needs a closed box whose answer matches the gold."""
+    t0 = time.perf_counter()
+    rows = [b for b in range(len(texts)) if live[b]]
+    correct = np.zeros(len(texts), bool)
+    boxed = np.array([bool(live[b]) and verify.extract_boxed(t) is not None
+                      for b, t in enumerate(texts)], bool)
+    if rows:
+      results = self.verifier.verify([texts[b] for b in rows], [golds[b] for b in rows])
+      correct[rows] = np.asarray(results, bool)
+    self.seconds += time.perf_counter() - t0
+    return correct & boxed, boxed
 
   def _verify(self, example_ids, tokens, start, end, live, turn):
     self.calls += 1
@@ -60,19 +76,11 @@ class AttemptVerifier:
     self.last_texts = texts
     if int(turn) == 0:
       self.wrong_answers = [[] for _ in texts]
-    rows = [b for b in range(len(texts)) if live[b]]
-    correct = np.zeros(len(texts), bool)
-    boxed = np.array([live[b] and verify.extract_boxed(t) is not None
-                      for b, t in enumerate(texts)], bool)
-    if rows:
-      golds = [self.answers[int(example_ids[b])] for b in rows]
-      results = self.verifier.verify([texts[b] for b in rows], golds)
-      correct[rows] = np.asarray(results, bool)
-    for b in rows:
-      answer = verify.extract_boxed(texts[b])
-      if answer is not None and not correct[b]:
-        self.wrong_answers[b].append(answer)
-    return correct & boxed, boxed
+    golds = [self.answers[int(i)] if live[b] else "" for b, i in enumerate(example_ids)]
+    correct, boxed = self.verdicts(texts, golds, live)
+    for b in np.flatnonzero(boxed & ~correct):
+      self.wrong_answers[b].append(verify.extract_boxed(texts[b]))
+    return correct, boxed
 
   def hint_feedback(self, attempts_left, go_on, width: int):
     """Hybrid feedback turns (multi-attempt feedback + LTE hint) as [B, width] ids + lengths.

@@ -69,6 +69,10 @@ class Episodes(NamedTuple):
   truncated: jax.Array  # [B] bool: the token budget ran out
 
 
+# Episodes fields laid out [M, B] (turn-major); all others lead with the batch axis.
+TURN_FIELDS = ("correct_turn", "attempted_turn", "boxed_turn")
+
+
 class _Carry(NamedTuple):
   state: sampling.SamplerState
   active: jax.Array  # [B] bool: episode still going
@@ -134,7 +138,10 @@ def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_id
   action_mask = carry.action_mask | span
   attempt_id = jnp.where(span, turn + 1, carry.attempt_id)
 
-  correct, boxed = _verify_on_host(verify_fn, example_ids, state.tokens, start, end, live, turn)
+  if verify_fn is None:  # deferred: single-turn rollouts are verified after the program
+    correct = boxed = jnp.zeros_like(live)
+  else:
+    correct, boxed = _verify_on_host(verify_fn, example_ids, state.tokens, start, end, live, turn)
   attempts_left = carry.attempts_left - live.astype(jnp.int32)
   go_on = live & ~correct & (attempts_left > 0) & (budget_left > 0)
 
@@ -163,7 +170,7 @@ def rollout(
     params,
     spec: RolloutSpec,
     stop_predicate,
-    verify_fn: VerifyFn,
+    verify_fn: VerifyFn | None,
     prompt_tokens: jax.Array,  # [B, P] left-padded
     prompt_mask: jax.Array,  # [B, P] bool
     n_attempts: jax.Array,  # [B] int32 in 1..M
@@ -176,6 +183,9 @@ def rollout(
   """Runs a batch of multi-attempt episodes (jit with config/spec/predicate/verify static).
 
   `decode_fn` is the sampler's decode; tests swap in a scripted policy with its signature.
+  `verify_fn=None` runs no callback and leaves every verdict False (and `truncated` set for
+  any row out of budget): a single-turn rollout never branches on a verdict, so the host can
+  verify it afterwards (`with_verdicts`) while the device samples the next batch.
   """
   b = prompt_tokens.shape[0]
   state = sampling.prefill(config, params, prompt_tokens, prompt_mask, spec.cache_len,
@@ -216,6 +226,16 @@ def rollout(
       boxed_turn=boxed_t,
       truncated=trunc_t.any(0),
   )
+
+
+def with_verdicts(episodes: Episodes, correct: np.ndarray, boxed: np.ndarray) -> Episodes:
+  """A deferred single-turn rollout completed by host verdicts ([B] bool each)."""
+  correct = np.asarray(correct, bool) & np.asarray(episodes.attempted_turn)[0]
+  boxed = np.asarray(boxed, bool) & np.asarray(episodes.attempted_turn)[0]
+  reward = np.where(correct, REWARD_CORRECT, np.where(boxed, REWARD_WRONG_BOX, REWARD_NO_BOX))
+  return episodes._replace(
+      reward=reward.astype(np.float32), correct_turn=correct[None], boxed_turn=boxed[None],
+      truncated=np.asarray(episodes.truncated) & ~correct)
 
 
 def token_rewards(episodes: Episodes) -> jax.Array:

@@ -9,12 +9,14 @@ per-row responses the GRPO/LTE and evaluation code need on the host.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
+from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.models.config import QwenConfig
 from mar.rollout import multi_attempt as ma
@@ -36,16 +38,36 @@ class HostEpisodes:
 
 
 class RolloutRunner:
-  """Owns one compiled rollout program for a (batch size, prompt bucket, spec)."""
+  """Owns one compiled rollout program for a (batch size, prompt bucket, spec).
+
+  Single-turn rollouts (M = 1, no hybrid hints) are verified on the host after the program
+  instead of in a callback inside it (`deferred`): `run_host` then verifies chunk c while
+  the device samples chunk c + 1. On several hosts (`jax.distributed`) each host passes its
+  own prompts (`batch_size / process_count` rows per call), the program runs on the global
+  batch, and each host reads back and verifies only its rows.
+  """
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
-               decode_fn=None):
+               decode_fn=None, defer_verify: bool | None = None, timeline=None):
     self.tok = tokenizer
     self.batch_size, self.prompt_len = batch_size, prompt_len
+    self.processes = jax.process_count()
+    if batch_size % self.processes:
+      raise ValueError(f"rollout batch_size {batch_size} does not split over "
+                       f"{self.processes} hosts")
+    self.local_batch = batch_size // self.processes
+    single_turn = max_attempts == 1 and not hint_feedback_len
+    self.deferred = single_turn if defer_verify is None else defer_verify
+    if self.deferred and not single_turn:
+      raise ValueError("defer_verify needs a single-turn rollout (max_attempts=1, no hints)")
+    if self.processes > 1 and not self.deferred:
+      raise ValueError(
+          "multi-attempt rollouts verify inside the program through a host callback, which "
+          "needs the whole batch on one host; run them on one host (config.distributed=False)")
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
-    self.feedback = (jnp.asarray(fb_tokens), jnp.asarray(fb_lengths))
+    self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
     self.spec = ma.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
@@ -60,7 +82,9 @@ class RolloutRunner:
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
     self.stop_predicate = boxed_stop_predicate(strings)
     self.mesh = mesh
-    spec, pred, vfn = self.spec, self.stop_predicate, self.verify_fn
+    self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
+    spec, pred = self.spec, self.stop_predicate
+    vfn = None if self.deferred else self.verify_fn
     decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
     self._rollout = jax.jit(lambda params, *args: ma.rollout(
         model_config, params, spec, pred, vfn, *args, decode_fn=decode))
@@ -69,9 +93,9 @@ class RolloutRunner:
     """Whether a prompt text fits the prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
-  def encode_prompts(self, prompts: Sequence[str]):
-    """Left-pads tokenized prompts into [B, P] (+ mask); raises if a prompt is too long."""
-    b, p = self.batch_size, self.prompt_len
+  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None):
+    """Left-pads tokenized prompts into [rows, P] (+ mask); raises if a prompt is too long."""
+    b, p = rows or self.batch_size, self.prompt_len
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
     tokens = np.full((b, p), self.tok.pad_id, np.int32)
@@ -85,16 +109,44 @@ class RolloutRunner:
       mask[i, p - len(ids):] = True
     return tokens, mask
 
+  def dispatch(self, params, prompts: Sequence[str], n_attempts: Sequence[int],
+               key) -> ma.Episodes:
+    """Starts one batch of this host's prompts (rows past them idle); returns at once."""
+    rows = self.local_batch
+    tokens, mask = self.encode_prompts(prompts, rows)
+    attempts = np.zeros(rows, np.int32)
+    attempts[:len(prompts)] = n_attempts
+    offset = jax.process_index() * rows
+    example_ids = np.arange(offset, offset + rows, dtype=np.int32)
+    batch = (tokens, mask, attempts, example_ids)
+    if self.processes > 1:  # this host's rows -> the global batch
+      batch = parallel.put_batch(batch, self.mesh)
+      key = np.asarray(key)  # replicated: every host passes the same key
+    t0 = time.perf_counter()
+    out = self._rollout(params, *batch, *self.feedback, key)
+    if self.timeline is not None:
+      self.timeline.track(out, t0)
+    return out
+
   def run(self, params, prompts: Sequence[str], answers: Sequence[str],
           n_attempts: Sequence[int], key) -> ma.Episodes:
-    """Runs one batch; rows past len(prompts) are idle padding."""
-    n = len(prompts)
-    tokens, mask = self.encode_prompts(prompts)
-    attempts = np.zeros(self.batch_size, np.int32)
-    attempts[:n] = n_attempts
-    self.verify_fn.set_answers(list(answers) + [""] * (self.batch_size - n))
-    return self._rollout(params, tokens, mask, attempts, np.arange(self.batch_size, dtype=np.int32),
-                         *self.feedback, key)
+    """Runs one batch; rows past len(prompts) are idle padding.
+
+    Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
+    """
+    if self.deferred:
+      episodes = self._local_rows(self.dispatch(params, prompts, n_attempts, key))
+      return self._with_host_verdicts(episodes, answers)
+    self.verify_fn.set_answers(list(answers) + [""] * (self.batch_size - len(prompts)))
+    return self.dispatch(params, prompts, n_attempts, key)
+
+  def _with_host_verdicts(self, episodes: ma.Episodes, answers: Sequence[str]) -> ma.Episodes:
+    tokens, action = np.asarray(episodes.tokens), np.asarray(episodes.action_mask)
+    live = np.asarray(episodes.attempted_turn)[0]
+    texts = [self.tok.decode(tokens[b][action[b]].tolist()) if live[b] else ""
+             for b in range(len(live))]
+    golds = list(answers) + [""] * (len(live) - len(answers))
+    return ma.with_verdicts(episodes, *self.verify_fn.verdicts(texts, golds, live))
 
   def to_host(self, episodes: ma.Episodes, n: int) -> HostEpisodes:
     """Responses, answers and outcomes of the first n rows, as numpy / Python objects."""
@@ -121,14 +173,27 @@ class RolloutRunner:
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
                n_attempts: Sequence[int] | None = None) -> HostEpisodes:
-    """Any number of prompts, in batch-sized chunks; returns the concatenated host view."""
+    """Any number of this host's prompts, in batch-sized chunks; the concatenated host view.
+
+    Deferred runs dispatch chunk c + 1 before verifying chunk c, so the host's decoding and
+    verification overlap the device's sampling.
+    """
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
-    parts = []
-    for c, lo in enumerate(range(0, len(prompts), self.batch_size)):
-      hi = min(lo + self.batch_size, len(prompts))
-      ep = self.run(params, prompts[lo:hi], answers[lo:hi], n_attempts[lo:hi],
-                    jax.random.fold_in(key, c))
-      parts.append(self.to_host(ep, hi - lo))
+    step = self.local_batch
+    chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
+    parts, pending = [], None
+    for c, (lo, hi) in enumerate(chunks):
+      ckey = jax.random.fold_in(key, c)
+      if not self.deferred:
+        parts.append(self.to_host(self.run(params, prompts[lo:hi], answers[lo:hi],
+                                           n_attempts[lo:hi], ckey), hi - lo))
+        continue
+      started = self.dispatch(params, prompts[lo:hi], n_attempts[lo:hi], ckey)
+      if pending is not None:
+        parts.append(self._finish(*pending))
+      pending = (started, answers[lo:hi])
+    if pending is not None:
+      parts.append(self._finish(*pending))
     return HostEpisodes(
         responses=[r for p in parts for r in p.responses],
         texts=[t for p in parts for t in p.texts],
@@ -137,3 +202,19 @@ class RolloutRunner:
         truncated=np.concatenate([p.truncated for p in parts]),
         reward=np.concatenate([p.reward for p in parts]),
     )
+
+  def _finish(self, episodes: ma.Episodes, answers: Sequence[str]) -> HostEpisodes:
+    """Host view of a deferred chunk: this host's rows, verified here."""
+    local = self._local_rows(episodes)
+    return self.to_host(self._with_host_verdicts(local, answers), len(answers))
+
+  def _local_rows(self, episodes: ma.Episodes) -> ma.Episodes:
+    """This host's rows of a rollout, in numpy (all rows on one host)."""
+    if self.processes == 1:
+      return jax.device_get(episodes)
+    # Whatever layout XLA chose for the outputs, gather them and keep this host's rows.
+    full = multihost_utils.process_allgather(episodes, tiled=True)
+    rows = parallel.local_rows(self.batch_size)
+    return ma.Episodes(**{
+        f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
+        for f, v in full._asdict().items()})

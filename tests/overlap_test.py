@@ -1,0 +1,114 @@
+"""Host/device overlap: deferred single-turn verification and the device timeline."""
+
+import tempfile
+import time
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mar import overlap, setup
+from mar.data import synthetic
+from mar.lte import hints
+from mar.rollout.runner import RolloutRunner
+from mar.sampling import SamplingParams
+from train_test import tiny_config
+
+
+class DeferredVerificationTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    config = tiny_config("grpo")
+    cls.mar_run = setup.build_run(config, tempfile.mkdtemp())
+    examples = synthetic.make_arithmetic_examples(10, seed=3, min_digits=1, max_digits=1)
+    cls.prompts = [hints.chat_prompt(hints.plain_prompt(e.question)) for e in examples]
+    cls.answers = [e.answer for e in examples]
+    cls.config = config
+
+  @classmethod
+  def tearDownClass(cls):
+    cls.mar_run.close()
+    super().tearDownClass()
+
+  def _runner(self, defer: bool, timeline=None) -> RolloutRunner:
+    r = self.mar_run
+    return RolloutRunner(r.model_config, r.tokenizer, r.verifier, batch_size=4,
+                         prompt_len=r.runner.prompt_len, max_attempts=1,
+                         token_budget=self.config.rollout.token_budget,
+                         sampling=SamplingParams(temperature=1.0), defer_verify=defer,
+                         timeline=timeline)
+
+  def test_pipelined_chunks_equal_callback_verification(self):
+    """3 chunks (4 + 4 + 2 rows): host verdicts after the program = verdicts inside it."""
+    key = jax.random.PRNGKey(5)
+    timeline = overlap.DeviceTimeline()
+    deferred = self._runner(True, timeline)
+    self.assertTrue(deferred.deferred)
+    t0 = time.perf_counter()
+    got = deferred.run_host(self.mar_run.params, self.prompts, self.answers, key)
+    wall = time.perf_counter() - t0
+    inline = self._runner(False)
+    want = inline.run_host(self.mar_run.params, self.prompts, self.answers, key)
+    self.assertGreater(inline.verify_fn.calls, 0)
+    self.assertEqual(deferred.verify_fn.calls, 0)  # no callback in the deferred program
+    self.assertEqual(got.responses, want.responses)
+    self.assertEqual(got.answers, want.answers)
+    for f in ("correct", "truncated", "reward"):
+      np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    self.assertLen(got.responses, 10)
+    # Both outcomes occur, so the comparison covers the reward table's branches.
+    self.assertTrue(got.correct.any() and not got.correct.all(), got.reward)
+    busy = timeline.busy_seconds(since=t0)
+    self.assertGreater(busy, 0.0)
+    self.assertLessEqual(busy, wall + 1e-3)
+
+  def test_run_fills_rewards_of_a_deferred_batch(self):
+    deferred, inline = self._runner(True), self._runner(False)
+    key = jax.random.PRNGKey(1)
+    got = deferred.run(self.mar_run.params, self.prompts[:3], self.answers[:3], [1] * 3, key)
+    want = jax.device_get(inline.run(self.mar_run.params, self.prompts[:3], self.answers[:3],
+                                     [1] * 3, key))
+    for f in ("tokens", "action_mask", "reward", "correct_turn", "boxed_turn", "truncated",
+              "attempted_turn"):
+      np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+    self.assertEqual(got.reward[3], -1.0)  # an idle padding row: no box, no credit
+
+  def test_multi_attempt_cannot_defer(self):
+    r = self.mar_run
+    with self.assertRaisesRegex(ValueError, "single-turn"):
+      RolloutRunner(r.model_config, r.tokenizer, r.verifier, batch_size=4, prompt_len=64,
+                    max_attempts=2, token_budget=8, sampling=SamplingParams(),
+                    defer_verify=True)
+
+
+class DeviceTimelineTest(absltest.TestCase):
+
+  def test_busy_is_the_union_of_intervals(self):
+    timeline = overlap.DeviceTimeline()
+    t0 = time.perf_counter()
+    with timeline.waiting():
+      time.sleep(0.05)
+    with timeline.waiting():
+      time.sleep(0.05)
+    time.sleep(0.05)  # the host alone
+    square = jax.jit(lambda x: x @ x)
+    timeline.track(square(jnp.ones((256, 256))))
+    wall = time.perf_counter() - t0
+    busy = timeline.busy_seconds(since=t0)
+    self.assertGreaterEqual(busy, 0.1)
+    self.assertLess(busy, wall + 1e-3)
+    timeline.forget_before(time.perf_counter())
+    self.assertEqual(timeline.busy_seconds(since=t0), 0.0)
+
+  def test_host_critical_share(self):
+    m = overlap.host_critical(wall=2.0, busy=1.5, stalled=0.25)
+    self.assertAlmostEqual(m["time/host_critical"], 0.75)
+    self.assertAlmostEqual(m["time/host_fraction"], 0.375)
+    self.assertEqual(overlap.host_critical(0.0, 0.0)["time/host_fraction"], 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()

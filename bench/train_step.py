@@ -329,7 +329,7 @@ def planner_check(name: str) -> dict:
 # ----- how long the device waits for the host (demo config, real trainer iterations) ------------
 
 
-def host_fraction(steps: int = 4) -> dict:
+def host_fraction(steps: int = 6) -> dict:
   """Share of a trainer step's wall time in which the device waited for the host.
 
   Runs `train.ppo_iteration` (multi-attempt: verification inside the rollout, the device
@@ -337,7 +337,7 @@ def host_fraction(steps: int = 4) -> dict:
   while the device samples the next chunk) of configs/demo.py on the demo model, and reads
   the trainer's own `time/host_critical` / `time/host_fraction` (mar.overlap). LTE runs a
   second time with the verification inside the rollout (`defer_verify=False`, no overlap)
-  for comparison. The first step (compiles) is dropped.
+  for comparison. The first step (compiles) is dropped; the figures are medians.
   """
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
   from mar import demo, setup, train  # pylint: disable=g-import-not-at-top
@@ -357,7 +357,8 @@ def host_fraction(steps: int = 4) -> dict:
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     config.verify.workers = 1
     config.rollout.prompt_len = 256  # hints quoting a barely trained model's answers are long
-    config.rollout.batch_size = 16  # GRPO: several chunks per step, so they can overlap
+    if name != "ppo":
+      config.rollout.batch_size = 16  # several chunks per step, so they can overlap
     run = setup.build_run(config, os.path.join(work, name))
     if overlap is False:
       r = run.runner
@@ -375,7 +376,10 @@ def host_fraction(steps: int = 4) -> dict:
       state, m = iteration(config, run, state, [run.train_data[i] for i in idx], step)
       rows.append({**m, "time/total_step": time.perf_counter() - t0})
     run.close()
-    out[name] = {k: float(np.mean([r[k] for r in rows[1:]])) for k in keys}
+    # Median: a step that compiles a new shape (LTE's hinted rows) would swamp a mean.
+    out[name] = {k: float(np.median([r[k] for r in rows[1:]])) for k in keys}
+    out[name]["steps"] = [{k: round(float(v), 4) for k, v in r.items() if k.startswith("time/")}
+                          for r in rows]
     out[name]["rollout_rows_per_call"] = run.runner.batch_size
   return out
 

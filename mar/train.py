@@ -198,11 +198,18 @@ def _logprobs(run, params, tokens, valid) -> np.ndarray:
 
 
 def _hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
-  """log-probs of hinted responses after their hinted prompts (LTE's old_logp_hinted)."""
+  """log-probs of hinted responses after their hinted prompts (LTE's old_logp_hinted).
+
+  Rows are padded to a multiple of the runner's batch, so the program compiles for a few
+  shapes, not once per count of none-pass groups.
+  """
   pl, rl, tok = run.runner.prompt_len, run.runner.spec.token_budget, run.tokenizer
-  tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in hinted_texts], responses, pl,
-                                         rl, tok.pad_id)
-  return _logprobs(run, params, tokens, valid)
+  n, per = len(hinted_texts), run.runner.local_batch
+  pad = -n % per
+  texts, responses = hinted_texts + hinted_texts[:1] * pad, responses + responses[:1] * pad
+  tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in texts], responses, pl, rl,
+                                         tok.pad_id)
+  return _logprobs(run, params, tokens, valid)[:n]
 
 
 def _refined_batch(config, run, state, first, extra, logp_hinted, plain, rewards, none_pass,

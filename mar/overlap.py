@@ -4,8 +4,7 @@ JAX dispatch is asynchronous: a jitted call returns at once and the device works
 its queue while the host goes on. `DeviceTimeline` records, for every piece of device work
 the trainer dispatches, the interval in which it ran: a watcher thread waits on each result
 in dispatch order (the device runs its queue in that order, so a result's work starts when
-it was dispatched or when the previous one finished, whichever is later). Host calls that
-only wait on the device (`with timeline.waiting():`) count as busy for their whole span.
+it was dispatched or when the previous one finished, whichever is later).
 
   host critical time = step wall time - union of the busy intervals
 
@@ -14,7 +13,6 @@ is the time the device sat idle waiting for the host (verification, hints, packi
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -42,15 +40,6 @@ class DeviceTimeline:
     """fn(*args, **kwargs), its results tracked as device work dispatched by this call."""
     start = time.perf_counter()
     return self.track(fn(*args, **kwargs), start)
-
-  @contextlib.contextmanager
-  def waiting(self):
-    """A span in which the host only waits on the device: all of it counts as busy."""
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self._add(start, time.perf_counter())
 
   def busy_seconds(self, since: float = 0.0) -> float:
     """Length of the union of busy intervals after `since` (waits for tracked work)."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
@@ -43,8 +44,10 @@ class RolloutRunner:
   Single-turn rollouts (M = 1, no hybrid hints) are verified on the host after the program
   instead of in a callback inside it (`deferred`): `run_host` then verifies chunk c while
   the device samples chunk c + 1. On several hosts (`jax.distributed`) each host passes its
-  own prompts (`batch_size / process_count` rows per call), the program runs on the global
-  batch, and each host reads back and verifies only its rows.
+  own prompts (`batch_size / process_count` rows per call). Deferred rollouts run as one
+  program on the global batch, and each host reads back and verifies only its rows.
+  Multi-attempt rollouts run per host (`per_host`): each host gathers the policy onto its
+  own devices and runs its rows there, verifying in the callback as on one host.
   """
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
@@ -52,6 +55,7 @@ class RolloutRunner:
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
                decode_fn=None, defer_verify: bool | None = None, timeline=None):
     self.tok = tokenizer
+    self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
     self.processes = jax.process_count()
     if batch_size % self.processes:
@@ -62,10 +66,10 @@ class RolloutRunner:
     self.deferred = single_turn if defer_verify is None else defer_verify
     if self.deferred and not single_turn:
       raise ValueError("defer_verify needs a single-turn rollout (max_attempts=1, no hints)")
-    if self.processes > 1 and not self.deferred:
-      raise ValueError(
-          "multi-attempt rollouts verify inside the program through a host callback, which "
-          "needs the whole batch on one host; run them on one host (config.distributed=False)")
+    # Multi-attempt rollouts on several hosts: the per-turn callback needs the whole batch
+    # of its program on one host, so each host runs its own rows on its own devices.
+    self.per_host = self.processes > 1 and not self.deferred
+    self._host_params_cache: tuple = (None, None)
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
     self.spec = ma.RolloutSpec(
@@ -116,10 +120,10 @@ class RolloutRunner:
     tokens, mask = self.encode_prompts(prompts, rows)
     attempts = np.zeros(rows, np.int32)
     attempts[:len(prompts)] = n_attempts
-    offset = jax.process_index() * rows
-    example_ids = np.arange(offset, offset + rows, dtype=np.int32)
-    batch = (tokens, mask, attempts, example_ids)
-    if self.processes > 1:  # this host's rows -> the global batch
+    batch = (tokens, mask, attempts, np.arange(rows, dtype=np.int32))
+    if self.per_host:
+      params = self._host_params(params)
+    elif self.processes > 1:  # this host's rows -> the global batch
       batch = parallel.put_batch(batch, self.mesh)
       key = np.asarray(key)  # replicated: every host passes the same key
     t0 = time.perf_counter()
@@ -202,6 +206,22 @@ class RolloutRunner:
         truncated=np.concatenate([p.truncated for p in parts]),
         reward=np.concatenate([p.reward for p in parts]),
     )
+
+  def _host_params(self, params):
+    """The policy gathered onto this host's devices (sharded over them as the rules say).
+
+    A collective (every host calls dispatch in step), once per distinct `params`.
+    """
+    cached_for, local = self._host_params_cache
+    if cached_for is params:
+      return local
+    devices = jax.local_devices()
+    tensor = self.mesh.shape["tensor"] if len(devices) % self.mesh.shape["tensor"] == 0 else 1
+    mesh = sharding_lib.make_mesh(1, -1, tensor, devices=devices)
+    shardings = sharding_lib.param_shardings(self.model_config, mesh)
+    local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), shardings)
+    self._host_params_cache = (params, local)
+    return local
 
   def _finish(self, episodes: ma.Episodes, answers: Sequence[str]) -> HostEpisodes:
     """Host view of a deferred chunk: this host's rows, verified here."""

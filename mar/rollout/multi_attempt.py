@@ -230,8 +230,8 @@ def rollout(
 
 def with_verdicts(episodes: Episodes, correct: np.ndarray, boxed: np.ndarray) -> Episodes:
   """A deferred single-turn rollout completed by host verdicts ([B] bool each)."""
-  correct = np.asarray(correct, bool) & np.asarray(episodes.attempted_turn)[0]
-  boxed = np.asarray(boxed, bool) & np.asarray(episodes.attempted_turn)[0]
+  live = np.asarray(episodes.attempted_turn)[0]
+  correct, boxed = np.asarray(correct, bool) & live, np.asarray(boxed, bool) & live
   reward = np.where(correct, REWARD_CORRECT, np.where(boxed, REWARD_WRONG_BOX, REWARD_NO_BOX))
   return episodes._replace(
       reward=reward.astype(np.float32), correct_turn=correct[None], boxed_turn=boxed[None],

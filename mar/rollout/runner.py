@@ -97,9 +97,12 @@ class RolloutRunner:
     """Whether a prompt text fits the prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
-  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None):
-    """Left-pads tokenized prompts into [rows, P] (+ mask); raises if a prompt is too long."""
-    b, p = rows or self.batch_size, self.prompt_len
+  def encode_prompts(self, prompts: Sequence[str]):
+    """Left-pads this host's tokenized prompts into [B / hosts, P] (+ mask).
+
+    Raises if a prompt is too long.
+    """
+    b, p = self.local_batch, self.prompt_len
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
     tokens = np.full((b, p), self.tok.pad_id, np.int32)
@@ -117,7 +120,7 @@ class RolloutRunner:
                key) -> ma.Episodes:
     """Starts one batch of this host's prompts (rows past them idle); returns at once."""
     rows = self.local_batch
-    tokens, mask = self.encode_prompts(prompts, rows)
+    tokens, mask = self.encode_prompts(prompts)
     attempts = np.zeros(rows, np.int32)
     attempts[:len(prompts)] = n_attempts
     batch = (tokens, mask, attempts, np.arange(rows, dtype=np.int32))
@@ -144,11 +147,15 @@ class RolloutRunner:
     self.verify_fn.set_answers(list(answers) + [""] * (self.batch_size - len(prompts)))
     return self.dispatch(params, prompts, n_attempts, key)
 
-  def _with_host_verdicts(self, episodes: ma.Episodes, answers: Sequence[str]) -> ma.Episodes:
-    tokens, action = np.asarray(episodes.tokens), np.asarray(episodes.action_mask)
+  def _with_host_verdicts(self, episodes: ma.Episodes, answers: Sequence[str],
+                          texts: Sequence[str] | None = None) -> ma.Episodes:
+    """A deferred run completed by host verdicts; `texts`: its first rows' decoded responses."""
     live = np.asarray(episodes.attempted_turn)[0]
-    texts = [self.tok.decode(tokens[b][action[b]].tolist()) if live[b] else ""
-             for b in range(len(live))]
+    if texts is None:
+      tokens, action = np.asarray(episodes.tokens), np.asarray(episodes.action_mask)
+      texts = [self.tok.decode(tokens[b][action[b]].tolist()) if live[b] else ""
+               for b in range(len(live))]
+    texts = list(texts) + [""] * (len(live) - len(texts))
     golds = list(answers) + [""] * (len(live) - len(answers))
     return ma.with_verdicts(episodes, *self.verify_fn.verdicts(texts, golds, live))
 
@@ -225,8 +232,11 @@ class RolloutRunner:
 
   def _finish(self, episodes: ma.Episodes, answers: Sequence[str]) -> HostEpisodes:
     """Host view of a deferred chunk: this host's rows, verified here."""
-    local = self._local_rows(episodes)
-    return self.to_host(self._with_host_verdicts(local, answers), len(answers))
+    n, local = len(answers), self._local_rows(episodes)
+    host = self.to_host(local, n)
+    done = self._with_host_verdicts(local, answers, host.texts)  # texts decoded once
+    return dataclasses.replace(host, correct=done.correct_turn[0, :n],
+                               truncated=done.truncated[:n], reward=done.reward[:n])
 
   def _local_rows(self, episodes: ma.Episodes) -> ma.Episodes:
     """This host's rows of a rollout, in numpy (all rows on one host)."""

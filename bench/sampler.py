@@ -8,8 +8,10 @@ Prints one JSON object. Per config: steady-state tokens/s of both (whole call, a
 only), mar's compile time (separately), and the share of the machine's limits measured in
 this process: achieved GFLOP/s vs a jitted 1024^2 f32 matmul, and decode bytes read per
 step (matmul weights + the KV cache the step attends over) vs the read bandwidth of a
-jitted sum over a 256 MB array. HF is forced to generate exactly max_new tokens
-(min_new_tokens), and torch uses the same thread count as XLA's CPU client is given.
+jitted sum over a 256 MB array; and XLA's own floor, the decode steps' weight matmuls
+alone on the same weights (`matmul_floor`), with the speedup over HF that a sampler
+costing nothing but those matmuls would reach. HF is forced to generate exactly max_new
+tokens (min_new_tokens), and torch uses the same thread count as XLA's CPU client is given.
 Timings are best-of-N wall clock with the contenders run round-robin; on a shared machine
 pass --idle_wait_s to start each timed run only once other processes leave the CPUs idle.
 """
@@ -191,6 +193,49 @@ def mar_runner(cfg: QwenConfig, params, tokens: np.ndarray, new: int, unroll: bo
   return {f"{tag}_prefill": timed_prefill, f"{tag}_decode": timed_decode}, compile_s, out
 
 
+def matmul_floor_program(cfg: QwenConfig, b: int, new: int):
+  """jitted (params, x0 [b, D]) -> x: `new` steps of only the decode step's weight matmuls.
+
+  Each step runs [b, D] rows through every layer's qkv, o, gate_up and down, then the lm
+  head, on unstacked params passed as arguments (not baked in as constants), and chains
+  them so that XLA can neither drop nor slice any of them. No attention, norms, cache or
+  sampling: the step time a sampler could reach if everything but its matmuls were free,
+  with the dot kernels XLA has for b-row operands.
+  """
+  d, f = cfg.hidden_size, cfg.intermediate_size
+
+  def dot(x, w):
+    return qwen._dot("bd,de->be", x, w)  # pylint: disable=protected-access
+
+  def narrow(y, n):  # y's first n columns, with every other column folded in
+    return y[:, :n] + y[:, n:].sum(-1, keepdims=True) * 1e-6
+
+  def step(params, x):
+    for lp in params["layers"]:
+      qkv = dot(x, lp["qkv"].reshape(d, -1))
+      x = x + dot(narrow(qkv, lp["o"].size // d), lp["o"].reshape(-1, d))
+      g = dot(x, lp["gate_up"].reshape(d, -1))
+      x = x + dot(g[:, :f] * g[:, f:], lp["down"])
+    return narrow(jnp.concatenate([x, qwen.logits_from_hidden(cfg, params, x)], -1), d)
+
+  return jax.jit(lambda params, x0: jax.lax.fori_loop(0, new, lambda _, x: step(params, x), x0))
+
+
+def matmul_floor_runner(cfg: QwenConfig, params, b: int, new: int, tag: str):
+  """Timed run of `matmul_floor_program` on the sampler's weights."""
+  run = matmul_floor_program(cfg, b, new)
+  params = qwen.unstack_layers(params)
+  x0 = jnp.ones((b, cfg.hidden_size), jnp.float32)
+  jax.block_until_ready(run(params, x0))
+
+  def timed():
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, x0))
+    return time.perf_counter() - t0
+
+  return {f"{tag}_floor": timed}
+
+
 def mar_summary(t: dict, tag: str, compile_s: dict, b: int, new: int) -> dict:
   pre, dec = t[f"{tag}_prefill"], t[f"{tag}_decode"]
   return {
@@ -222,6 +267,20 @@ def roofline(cfg: QwenConfig, mar: dict, b: int, p: int, new: int, limits: dict,
   }
 
 
+def matmul_floor(cfg: QwenConfig, floor_s: float, mar: dict, hf: dict, b: int, new: int,
+                 limits: dict, weight_bytes: int) -> dict:
+  """How close the sampler's step is to XLA's matmuls alone; the speedup over HF and the
+  share of the bandwidth roofline (weights only) that those matmuls alone reach."""
+  step = floor_s / new
+  return {
+      "step_ms": step * 1e3,
+      "decode_step_over_floor": mar["decode_s"] / floor_s,
+      "speedup_decode_at_floor": b / step / hf["decode_tokens_per_s"],
+      "weights_share_of_bandwidth_roofline":
+          matmul_params(cfg) * weight_bytes / step / 1e9 / limits["read_gb_s"],
+  }
+
+
 def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
                limits: dict, idle_wait_s: float = 0.0) -> dict:
   c = CONFIGS[name]
@@ -241,17 +300,20 @@ def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
       p = jax.block_until_ready(qwen.unstack_layers(p))
     run, compiles[w], outs[w] = mar_runner(cfg, p, tokens, new, unroll, w)
     fns.update(run)
+    fns.update(matmul_floor_runner(cfg, p, b, new, w))
   t = interleaved_best(fns, repeats, idle_wait_s)
   hf = hf_summary(t, b, new)
   out = {"config": c, "hf": hf}
   for w in weights:
     mar = mar_summary(t, w, compiles[w], b, new)
+    weight_bytes = 2 if w == "bf16" else 4
     out[f"mar_{w}"] = {
         **mar,
         "speedup_total": mar["tokens_per_s"] / hf["tokens_per_s"],
         "speedup_decode": mar["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
         "greedy_tokens_equal_to_hf": float((outs[w] == hf_tokens).mean()),
-        "roofline": roofline(cfg, mar, b, c["prompt"], new, limits, 2 if w == "bf16" else 4),
+        "roofline": roofline(cfg, mar, b, c["prompt"], new, limits, weight_bytes),
+        "matmul_floor": matmul_floor(cfg, t[f"{w}_floor"], mar, hf, b, new, limits, weight_bytes),
     }
   return out
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -334,6 +335,25 @@ class EquivalenceTest(parameterized.TestCase):
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
     )
     self.assertEqual(out.stdout.strip(), "1", out.stderr)
+
+  def test_alarm_waits_out_collector_callbacks(self):
+    # The collector runs weakref callbacks (WeakKeyDictionary's are in weakref.py) and
+    # __del__ methods wherever it happens to run; an exception raised there is only
+    # printed, so the alarm must wait for the next firing instead.
+    def frame_in(filename, name="<module>"):
+      ns = {"sys": sys}
+      exec(compile(f"def {name}():\n  return sys._getframe()\nframe = {name}()", filename,
+                   "exec"), ns)
+      return ns["frame"]
+
+    equivalence._Alarm.armed = True
+    try:
+      equivalence._on_alarm(signal.SIGALRM, frame_in(weakref.__file__, "remove"))
+      equivalence._on_alarm(signal.SIGALRM, frame_in(__file__, "__del__"))
+      with self.assertRaises(equivalence.VerificationTimeout):
+        equivalence._on_alarm(signal.SIGALRM, frame_in(__file__, "remove"))
+    finally:
+      equivalence._Alarm.armed = False
 
   def test_off_main_thread_uses_pool(self):
     out = {}

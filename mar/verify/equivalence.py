@@ -20,6 +20,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Iterator
 
 from mar.verify import extract
@@ -47,9 +48,17 @@ class _Alarm:
   armed = False
 
 
-def _in_import(frame: Any) -> bool:
+def _must_not_raise_in(frame: Any) -> bool:
+  """True inside an import, a weakref callback or a __del__ on the stack.
+
+  A half-imported sympy module stays broken for the life of the process; an exception
+  raised in a weakref callback or finalizer (run by the garbage collector) is not
+  propagated, only printed, so the deadline would be lost there.
+  """
   while frame is not None:
-    if frame.f_code.co_filename.startswith("<frozen importlib"):
+    code = frame.f_code
+    if (code.co_filename.startswith("<frozen importlib") or code.co_filename == weakref.__file__
+        or code.co_name == "__del__"):
       return True
     frame = frame.f_back
   return False
@@ -57,9 +66,9 @@ def _in_import(frame: Any) -> bool:
 
 def _on_alarm(signum: int, frame: Any) -> None:
   del signum
-  # Never interrupt an import: a half-imported sympy module stays broken for the
-  # life of the process. The timer re-fires, so we raise once the import is done.
-  if _Alarm.armed and not _in_import(frame):
+  # The timer re-fires every 50 ms, so a deadline put off here is raised once the
+  # import or the collector's callback is done.
+  if _Alarm.armed and not _must_not_raise_in(frame):
     raise VerificationTimeout()
 
 

@@ -1,6 +1,7 @@
 """Tests for mar.verify: extraction, equivalence tables, fuzzing, the worker pool."""
 
 import fractions
+import gc
 import json
 import os
 import random
@@ -337,23 +338,29 @@ class EquivalenceTest(parameterized.TestCase):
     self.assertEqual(out.stdout.strip(), "1", out.stderr)
 
   def test_alarm_waits_out_collector_callbacks(self):
-    # The collector runs weakref callbacks (WeakKeyDictionary's are in weakref.py) and
-    # __del__ methods wherever it happens to run; an exception raised there is only
-    # printed, so the alarm must wait for the next firing instead.
+    # The collector runs gc.callbacks hooks, weakref callbacks (WeakKeyDictionary's are in
+    # weakref.py) and __del__ methods wherever it happens to run; an exception raised there
+    # is only printed, so the alarm must wait for the next firing instead.
     def frame_in(filename, name="<module>"):
       ns = {"sys": sys}
       exec(compile(f"def {name}():\n  return sys._getframe()\nframe = {name}()", filename,
                    "exec"), ns)
       return ns["frame"]
 
+    def gc_hook(*_):
+      return sys._getframe()
+
     equivalence._Alarm.armed = True
+    gc.callbacks.append(gc_hook)
     try:
       equivalence._on_alarm(signal.SIGALRM, frame_in(weakref.__file__, "remove"))
       equivalence._on_alarm(signal.SIGALRM, frame_in(__file__, "__del__"))
+      equivalence._on_alarm(signal.SIGALRM, gc_hook())
       with self.assertRaises(equivalence.VerificationTimeout):
         equivalence._on_alarm(signal.SIGALRM, frame_in(__file__, "remove"))
     finally:
       equivalence._Alarm.armed = False
+      gc.callbacks.remove(gc_hook)
 
   def test_off_main_thread_uses_pool(self):
     out = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import re
 import signal
@@ -49,16 +50,17 @@ class _Alarm:
 
 
 def _must_not_raise_in(frame: Any) -> bool:
-  """True inside an import, a weakref callback or a __del__ on the stack.
+  """True inside an import, or inside what the garbage collector runs, on the stack.
 
   A half-imported sympy module stays broken for the life of the process; an exception
-  raised in a weakref callback or finalizer (run by the garbage collector) is not
-  propagated, only printed, so the deadline would be lost there.
+  raised in a `gc.callbacks` hook (JAX registers one), a weakref callback or a __del__
+  is not propagated, only printed, so the deadline would be lost there.
   """
+  gc_hooks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
   while frame is not None:
     code = frame.f_code
     if (code.co_filename.startswith("<frozen importlib") or code.co_filename == weakref.__file__
-        or code.co_name == "__del__"):
+        or code.co_name == "__del__" or code in gc_hooks):
       return True
     frame = frame.f_back
   return False

@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import sys
+import tempfile
 
 from absl.testing import absltest
 
@@ -99,12 +100,13 @@ class GraderCasesTest(absltest.TestCase):
     self.assertGreaterEqual(agreement["heldout"], MIN_AGREEMENT, msg)
 
   def test_bad_record_names_line_and_field(self):
-    path = os.path.join(self.create_tempdir().full_path, "cases.jsonl")
-    with open(path, "w") as f:
-      f.write(json.dumps(self.cases[0]) + "\n")
-      f.write(json.dumps({**self.cases[0], "expected": "yes"}) + "\n")
-    with self.assertRaisesRegex(ValueError, r"cases.jsonl:2: field 'expected'"):
-      load_cases(path)
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "cases.jsonl")
+      with open(path, "w") as f:
+        f.write(json.dumps(self.cases[0]) + "\n")
+        f.write(json.dumps({**self.cases[0], "expected": "yes"}) + "\n")
+      with self.assertRaisesRegex(ValueError, r"cases.jsonl:2: field 'expected'"):
+        load_cases(path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ _FINAL_ANSWER_RE = re.compile(r"final answer is\s*(?<!\\)\$(?!\$)", re.IGNORECAS
 # (Math-Verify) do not read inline delimiters across lines, so this is not an answer.
 _OWN_LINE_INLINE_RE = re.compile(
     r"(?<![\\$])\$(?!\$)[ \t]*\n[^$]*\n[ \t]*(?<!\\)\$(?!\$)"
-    r"|\\\([ \t]*\n(?:[^\\]|\\(?!\)))*\n[ \t]*\\\)"
+    r"|\\\([ \t]*\n(?:[^\\]|\\(?![()]))*\n[ \t]*\\\)"  # stops at the next \( or \): linear
 )
 # Fallback extraction only looks at the end of a response (bounds the work).
 _FALLBACK_TAIL_CHARS = 4000

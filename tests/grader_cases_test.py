@@ -1,11 +1,16 @@
 """mar's verifier against graders' own test cases (tests/data/grader_cases.jsonl).
 
-The cases are facts from published grader test suites (Math-Verify, Hendrycks MATH's
-is_equiv, Qwen2.5-Math's math_equal) and the graders' extraction rules (Minerva's "The
-final answer is $X$. I hope it is correct."), written as (response, gold, expected) under
-the papers' rule: the last answer statement of the response (last box, or a later Minerva
-final-answer phrase) against the gold answer. Half the cases are `heldout`, fixed by a hash
-of the id before the verifier was tuned on the other half.
+The cases are facts from published grader test suites (Math-Verify's tests, Hendrycks
+MATH's is_equiv tests, Qwen2.5-Math's math_equal tests) and the graders' rules (Minerva's
+"The final answer is $X$. I hope it is correct.", OlympiadBench's judge), written as
+(response, gold, expected) under the papers' rule: the last answer statement of the response
+(last box, or a later Minerva final-answer phrase) against the gold answer (a gold solution's
+last box). Math-Verify cases that read every box were relabelled for the last box (`note`).
+Half the cases are `heldout`, fixed by a hash of the id before the verifier was changed.
+
+Known disagreements: bare lists (`10, 4, -2`) are compared in any order, as Math-Verify and
+OlympiadBench do and the MATH "enter all solutions" answers need; Hendrycks' string grader
+treats them as ordered (2 cases). Tuples and intervals are ordered.
 
   python tests/grader_cases_test.py --report   # agreement overall and held-out, as JSON
 """

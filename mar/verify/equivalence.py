@@ -163,8 +163,11 @@ def _base_numerals(p: str, g: str) -> bool | None:
 
 
 def _decimal_comma(p: str, g: str) -> bool | None:
-  """`1000,99` against `1000.99` (either side): a decimal comma, read only where no
-  thousands separator could be meant and the other side is a decimal with a point."""
+  """`1000,99` against `1000.99` (either side); None where the rule does not apply.
+
+  The comma is read as a decimal comma only where no thousands separator can be meant
+  (`normalize.decimal_comma`) and the other side is a decimal written with a point.
+  """
   pc, gc = norm.decimal_comma(norm.squash(p)), norm.decimal_comma(norm.squash(g))
   if pc is not None:
     gd = norm.point_decimal(norm.squash(g))

@@ -215,8 +215,10 @@ def parse_number(s: str) -> fractions.Fraction | None:
 
 
 def decimal_comma(s: str) -> fractions.Fraction | None:
-  """The value of `s` read with a decimal comma (`1000,99`, `0,111`) when no thousands
-  separator reads it (`1,000` is a thousand, so None), else None."""
+  """The value of `s` read with a decimal comma (`1000,99`, `0,111`), else None.
+
+  None too where the comma can be a thousands separator (`1,000` is a thousand).
+  """
   m = _COMMA_NUM_RE.fullmatch(s)
   if not m or (_THOUSANDS_GROUP_RE.fullmatch(m.group(2)) and len(m.group(3)) == 3):
     return None

@@ -167,6 +167,27 @@ EQUAL = [
     ("$\\frac{1}{2}$", "\\frac{1}{2}"),
     ("\\boxed{\\{1,2\\}}", "\\{1, 2\\}"),
     ("\\fbox{7}", "7"),
+    # issue 14 item 10: decimal commas where no thousands separator is meant
+    ("1000,99", "1000.99"),
+    ("1.22", "1,22"),
+    ("0.111", "0,111"),
+    ("The length is 2,75 m.", "2.75"),
+    ("14 {, }916", "14{,}916"),
+    # a trailing backslash ends no value
+    ("185\\", "185"),
+    ("The answer is \\boxed{185\\ }", "185"),
+    ("x+1 \\\\", "1+x"),
+    # base-n numerals, digit for digit
+    ("1112122_3", "1112122_{3}"),
+    ("\\boxed{10001_2}", "10001_2"),
+    ("59_{10}", "59"),
+    # a Minerva final-answer phrase after earlier boxes is the last answer statement
+    ("So \\boxed{3}. Wait, that is off by two. Final Answer: The final answer is $5$. I hope it is correct.", "5"),
+    ("\\boxed{1} The final answer is $2$. I hope it is correct. Then \\boxed{3}", "3"),
+    ("\\boxed{3}. The final answer is $", "3"),
+    ("Answer:\n$$\n12\n$$", "12"),
+    # a set gold is unordered even against a tuple
+    ("(2,1)", "\\{1,2\\}"),
 ]
 
 # (prediction, gold): not equal.
@@ -210,6 +231,21 @@ NOT_EQUAL = [
     ("\\frac{1}{0}", "1"),
     ("9^{9^{9^{9}}}", "1"),
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}"),
+    # issue 14 item 10 repros and classes
+    ("1112112_3", "1112122_3"),  # 1e-5 apart as numbers, different numerals
+    ("\\boxed{1112112_3}", "1112122_3"),
+    ("1000001_2", "1000000_2"),
+    ("2012_3", "59"),
+    ("So \\boxed{3}. Wait, that is off by two. Final Answer: The final answer is $5$. I hope it is correct.", "3"),
+    ("32, 349", "32349"),  # a list, not a thousands separator
+    ("1,000", "1.0"),  # thousands, not a decimal comma
+    ("999,99", "1000.99"),
+    ("Answer $ \n 9 \n $", "9"),
+    ("Answer \\( \n 9 \n \\)", "9"),
+    ("(4, 10, -2)", "10, 4, -2"),
+    ("4, 10, -2", "(10, 4, -2)"),
+    ("\\{4,10,-2\\}", "(10,4,-2)"),
+    ("[3, 1]", "[1, 3]"),
 ]
 
 BOXED = [
@@ -239,6 +275,16 @@ ANSWERS = [
     ("\\boxed{7} and 8", "7"),
     ("nothing here", None),
     ("", None),
+    ("\\boxed{3} then The final answer is $5$. I hope it is correct.", "5"),
+    ("The final answer is $\\boxed{15}$. I hope it is correct.", "15"),
+    ("The final answer is $7$. I hope it is correct. So \\boxed{8}", "8"),
+    ("\\boxed{3}. The final answer is $", "3"),
+    ("Answer $\n 9 \n$", None),
+    ("Answer \\(\n 9 \n\\)", None),
+    ("Answer $$\n 9 \n$$", "9"),
+    ("Answer \\[\n 9 \n\\]", "9"),
+    ("x is $ 7 $ and then $\n 9 \n$", "7"),
+    ("Soucis : 2,74 $ a..", "2,74"),
 ]
 
 
@@ -388,6 +434,9 @@ class NormalizeTest(parameterized.TestCase):
       ("90^\\circ", "90"),
       ("\\sqrt2", "\\sqrt{2}"),
       (".5", "0.5"),
+      ("185\\", "185"),
+      ("185 \\\\", "185"),
+      ("14 {, }916", "14 ,916"),
   )
   def test_normalize(self, raw, want):
     self.assertEqual(normalize.normalize(raw), want)
@@ -399,9 +448,26 @@ class NormalizeTest(parameterized.TestCase):
   def test_parse_number(self, s, want):
     self.assertEqual(normalize.parse_number(s), fractions.Fraction(str(want)))
 
-  @parameterized.parameters("x", "3x", "1e999", "\\frac{1}{0}", "2^{10}", "1,2", "")
+  @parameterized.parameters("x", "3x", "1e999", "\\frac{1}{0}", "2^{10}", "1,2", "", "32, 349", "1, 000")
   def test_not_a_plain_number(self, s):
     self.assertIsNone(normalize.parse_number(s))
+
+  @parameterized.parameters(
+      ("1000,99", "1000.99"), ("0,111", "0.111"), ("1,22", "1.22"), ("-3,5", "-3.5"), ("1,0000", "1"),
+      ("1,000", None), ("12,345", None), ("1,000,000", None), ("1, 5", None), ("x,5", None),
+  )
+  def test_decimal_comma(self, s, want):
+    got = normalize.decimal_comma(s)
+    self.assertEqual(got, None if want is None else fractions.Fraction(want))
+
+  @parameterized.parameters(
+      ("1112122_3", "1112122", 3), ("4210_{5}", "4210", 5), ("A3_{16}", "A3", 16), ("59_{10}", "59", 10),
+      ("1112132_3", None, None), ("x_3", None, None), ("12_1", None, None), ("12_{40}", None, None),
+      ("a_{16}", None, None), ("12", None, None),
+  )
+  def test_base_numeral(self, s, digits, base):
+    got = normalize.parse_base_numeral(s)
+    self.assertEqual(got, None if digits is None else normalize.BaseNumeral(digits, base))
 
 
 class NumericTest(parameterized.TestCase):
@@ -485,6 +551,14 @@ def _adversarial_strings():
       "\\frac{1}{0}",
       "0^0",
       "\\log 0",
+      "The final answer is $" * 5000,
+      "\\boxed{1} final answer is $2$" * 2000,
+      "$ \n" * 5000,
+      "\\( \n" * 5000 + "\\)",
+      "1," * 20_000,
+      "1000,99" * 5000,
+      "1" * 5000 + "_3",
+      "Z" * 300 + "_{36}",
   ]
 
 

@@ -111,12 +111,18 @@ def _quick(p: str, g: str, depth: int = 0) -> bool | None:
     return False
   if norm.squash(p) == norm.squash(g):
     return True
+  base = _base_numerals(p, g)
+  if base is not None:
+    return base
   gl = norm.gold_choice(g)
   if gl is not None:
     return norm.pred_choice(p) == gl
   gt, pt = norm.text_answer(g), norm.text_answer(p)
   if gt is not None and pt is not None and gt == pt:
     return True
+  comma = _decimal_comma(p, g)
+  if comma is not None:
+    return comma
   gn = norm.parse_number(g)
   if gn is not None:
     pn = norm.parse_number(p)
@@ -137,6 +143,40 @@ def _quick(p: str, g: str, depth: int = 0) -> bool | None:
       return _quick(p, gv.rhs, depth + 1)
     if pv is not None and gv is not None and pv.lhs == gv.lhs:
       return _quick(pv.rhs, gv.rhs, depth + 1)
+  return None
+
+
+def _base_numerals(p: str, g: str) -> bool | None:
+  """Base-n numerals (`1112122_3`) are equal only digit for digit in their base.
+
+  Never to a tolerance: `1112112_3` and `1112122_3` differ by 1e-5 relative. A numeral
+  against plain digits is equal only in base 10 (`59_{10}` and `59`).
+  """
+  pb, gb = norm.parse_base_numeral(p), norm.parse_base_numeral(g)
+  if pb is None and gb is None:
+    return None
+  if pb is not None and gb is not None:
+    return pb.value == gb.value
+  numeral, other = (pb, g) if pb is not None else (gb, p)
+  other = norm.squash(other)
+  return numeral.base == 10 and other.isdigit() and int(other) == numeral.value
+
+
+def _decimal_comma(p: str, g: str) -> bool | None:
+  """`1000,99` against `1000.99` (either side); None where the rule does not apply.
+
+  The comma is read as a decimal comma only where no thousands separator can be meant
+  (`normalize.decimal_comma`) and the other side is a decimal written with a point.
+  """
+  pc, gc = norm.decimal_comma(norm.squash(p)), norm.decimal_comma(norm.squash(g))
+  if pc is not None:
+    gd = norm.point_decimal(norm.squash(g))
+    if gd is not None:
+      return norm.numbers_equal(pc, gd)
+  if gc is not None:
+    pd = norm.point_decimal(norm.squash(p))
+    if pd is not None:
+      return norm.numbers_equal(pd, gc)
   return None
 
 
@@ -198,26 +238,33 @@ def _numerically_close(gold_parsed: tuple[Any, ...], pred_parsed: tuple[Any, ...
 # Full comparison.
 
 
-def _elementwise(p: str, g: str, depth: int) -> bool:
-  """Tuples in order (brackets must agree), bare lists and `\\{..\\}` sets in any order."""
+def _elementwise(p: str, g: str, depth: int) -> bool | None:
+  """Tuples and intervals in order, bare lists and `\\{..\\}` sets in any order.
+
+  A tuple (`(..)` / `[..]` on either side, brackets agreeing where both have them) is
+  an ordered answer: its verdict is final, so math-verify cannot compare it as a set.
+  None where this rule does not apply or cannot tell (unordered lists that differ).
+  """
   pb, gb = norm.outer_brackets(p), norm.outer_brackets(g)
   pe = norm.split_top_level(pb.inner if pb else p)
   ge = norm.split_top_level(gb.inner if gb else g)
   if len(ge) < 2 and len(pe) < 2:
-    return False
+    return None
   if len(pe) != len(ge) or len(ge) > _MAX_ELEMENTS:
-    return False
-  if pb and gb and (pb.open, pb.close) != (gb.open, gb.close):
-    return False
-  bracket = (gb or pb).open if (gb or pb) else None
-  ordered = bracket in ("(", "[")
-  if ordered or len(ge) > _MAX_UNORDERED:
+    return None
+  brackets = {(b.open, b.close) for b in (pb, gb) if b}
+  if len(brackets) > 1:
+    return None if any(o == "\\{" for o, _ in brackets) else False
+  ordered = any(o in ("(", "[") for o, _ in brackets)
+  if ordered:
     return all(_match(a, b, depth + 1) for a, b in zip(pe, ge))
+  if len(ge) > _MAX_UNORDERED:
+    return all(_match(a, b, depth + 1) for a, b in zip(pe, ge)) or None
   unused = list(range(len(pe)))
   for b in ge:  # greedy matching is exact when equality is transitive
     hit = next((i for i in unused if _match(pe[i], b, depth + 1)), None)
     if hit is None:
-      return False
+      return None
     unused.remove(hit)
   return True
 
@@ -227,8 +274,10 @@ def _match(p: str, g: str, depth: int = 0) -> bool:
   q = _quick(p, g)
   if q is not None:
     return q
-  if depth < 2 and _elementwise(p, g, depth):
-    return True
+  if depth < 2:
+    listed = _elementwise(p, g, depth)
+    if listed is not None:
+      return listed
   pv, gv = norm.split_var_prefix(p), norm.split_var_prefix(g)
   if pv is not None and gv is None and "=" not in g:
     p = pv.rhs
@@ -322,8 +371,9 @@ def prediction_answer(pred: str) -> str | None:
   """The answer in `pred`: a bare answer, a `$...$` expression or a whole response."""
   if not isinstance(pred, str):
     return None
-  if extract.has_closed_box(pred):
-    return extract.extract_boxed(pred)
+  final = extract.extract_final(pred)
+  if final is not None:
+    return final
   stripped = norm.strip_math_delimiters(pred)
   if "$" not in stripped and not _looks_like_response(stripped):
     return stripped

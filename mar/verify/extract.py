@@ -11,10 +11,19 @@ import re
 
 # Openers whose braced argument is a final answer. The last one in the text wins.
 _BOX_OPENERS = ("\\boxed", "\\fbox")
-# A number: integer, decimal (".5" too) or with thousands separators.
-_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# A number: integer, decimal (".5" too), with thousands separators or a decimal comma
+# (`2,75`; normalize.decimal_comma decides later whether `1,000` is a thousand).
+_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+,\d+(?![\d,])|\d+)(?:\.\d+)?|-?\.\d+")
 _BRACE_RE = re.compile(r"[{}]")
 _DOLLAR_RE = re.compile(r"(?<!\\)\$\$?")
+# Minerva's closing line: "Final Answer: The final answer is $X$. I hope it is correct."
+_FINAL_ANSWER_RE = re.compile(r"final answer is\s*(?<!\\)\$(?!\$)", re.IGNORECASE)
+# Inline math whose content sits on its own line (`$\n 9 \n$`, `\(\n 9 \n\)`): graders
+# (Math-Verify) do not read inline delimiters across lines, so this is not an answer.
+_OWN_LINE_INLINE_RE = re.compile(
+    r"(?<![\\$])\$(?!\$)[ \t]*\n[^$]*\n[ \t]*(?<!\\)\$(?!\$)"
+    r"|\\\([ \t]*\n(?:[^\\]|\\(?![()]))*\n[ \t]*\\\)"  # stops at the next \( or \): linear
+)
 # Fallback extraction only looks at the end of a response (bounds the work).
 _FALLBACK_TAIL_CHARS = 4000
 
@@ -76,6 +85,43 @@ def has_closed_box(text: str) -> bool:
   return isinstance(text, str) and _last_box_span(text) is not None
 
 
+def final_answer_statement(text: str) -> tuple[int, int] | None:
+  """(start, end) of X in the last closed Minerva-style "final answer is $X$", else None."""
+  if not isinstance(text, str):
+    return None
+  last = None
+  for last in _FINAL_ANSWER_RE.finditer(text):
+    pass
+  if last is None:
+    return None
+  close = _DOLLAR_RE.search(text, last.end())
+  if close is None:
+    return None  # unfinished: no answer stated
+  return last.end(), close.start()
+
+
+def extract_final(text: str) -> str | None:
+  """The response's last answer statement: its last closed box or, when it comes later, a
+  Minerva "The final answer is $X$. I hope it is correct." (the papers' graders read X).
+
+  None when there is neither.
+  """
+  if not isinstance(text, str):
+    return None
+  span = _last_box_span(text)
+  statement = final_answer_statement(text)
+  if statement is not None and (span is None or span[1] < statement[0]):
+    return text[statement[0] : statement[1]].strip()  # no box in or after the statement
+  if span is None:
+    return None
+  return text[span[0] : span[1]]
+
+
+def _mask_own_line_inline(text: str) -> str:
+  """`text` with inline math whose content sits on its own line blanked out (same length)."""
+  return _OWN_LINE_INLINE_RE.sub(lambda m: " " * len(m.group()), text)
+
+
 def _last_math_segment(text: str) -> tuple[int, str] | None:
   """(end position, content) of the last `$..$`, `$$..$$`, `\\(..\\)` or `\\[..\\]`."""
   best: tuple[int, str] | None = None
@@ -101,16 +147,18 @@ def _last_math_segment(text: str) -> tuple[int, str] | None:
 def extract_answer(response: str) -> str | None:
   """The final answer of a response, as graders read it.
 
-  The last closed box; otherwise whichever comes last of the last math segment
-  (`$...$`, `\\(...\\)`, `\\[...\\]`) and the last number. None when there is
-  neither (or the input is not a string).
+  The last answer statement (`extract_final`: last closed box, or a later Minerva
+  final-answer phrase); otherwise whichever comes last of the last math segment
+  (`$...$`, `\\(...\\)`, `\\[...\\]`) and the last number, where inline math
+  split over lines does not count. None when there is neither (or the input is not a
+  string).
   """
   if not isinstance(response, str):
     return None
-  boxed = extract_boxed(response)
-  if boxed is not None:
-    return boxed.strip()
-  tail = response[-_FALLBACK_TAIL_CHARS:]
+  final = extract_final(response)
+  if final is not None:
+    return final.strip()
+  tail = _mask_own_line_inline(response[-_FALLBACK_TAIL_CHARS:])
   segment = _last_math_segment(tail)
   seg_end = segment[0] if segment else 0
   last_number = None

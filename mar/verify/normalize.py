@@ -34,6 +34,16 @@ _FRAC_D_BRACE_RE = re.compile(r"\\frac\s*(\d)\s*(?=\{)")
 _FRAC_BRACE_D_RE = re.compile(r"\\frac\s*(\{[^{}]*\})\s*(\d)")
 _SQRT_SHORT_RE = re.compile(r"\\sqrt\s*(\d|[a-zA-Z](?![a-zA-Z]))")
 _LEADING_DOT_RE = re.compile(r"(?<![\d.])\.(\d)")
+_BRACED_COMMA_RE = re.compile(r"\{\s*,\s*\}")  # `14{,}916`, `14 {, }916`
+# A comma followed by a blank separates list items, never thousands (`32, 349`).
+_LIST_COMMA_RE = re.compile(r",\s")
+# One comma between digits. Thousands when 1-3 digits (no leading 0) precede it and exactly
+# three follow (`1,000`); any other grouping can only be a decimal comma (`1000,99`, `0,111`).
+_COMMA_NUM_RE = re.compile(r"([+-]?)(\d+),(\d+)")
+_THOUSANDS_GROUP_RE = re.compile(r"[1-9]\d{0,2}")
+_POINT_DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
+# A base-n numeral: digits (upper-case letters above 9) and a base subscript, `1112122_3`.
+_BASE_NUM_RE = re.compile(r"([0-9A-Z]+)_(?:\{(\d{1,2})\}|(\d))")
 
 _INT = r"\d+"
 _DEC = r"\d+\.\d*|\.\d+"
@@ -95,6 +105,14 @@ def _unwrap_outer_box(s: str) -> str:
   return s
 
 
+def _strip_trailing_backslashes(s: str) -> str:
+  """`185\\` -> `185`: a lone trailing backslash or a `\\\\` line break ends no value."""
+  s = s.rstrip()
+  while s.endswith("\\"):
+    s = s[:-1].rstrip()
+  return s
+
+
 def normalize(s: str) -> str:
   """Canonical LaTeX form of a final answer (single spaces kept).
 
@@ -107,7 +125,9 @@ def normalize(s: str) -> str:
   s = _unwrap_outer_box(s)
   s = strip_math_delimiters(s)
   s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-  s = s.replace(",\\!", "").replace("{,}", ",")
+  s = _strip_trailing_backslashes(s)
+  s = s.replace(",\\!", "")
+  s = _BRACED_COMMA_RE.sub(",", s)
   s = _LEFT_RIGHT_RE.sub("", s)
   s = _SPACING_RE.sub(" ", s)
   s = _DEGREE_RE.sub("", s)
@@ -128,7 +148,7 @@ def normalize(s: str) -> str:
   s = _SQRT_SHORT_RE.sub(r"\\sqrt{\1}", s)
   s = _LEADING_DOT_RE.sub(r"0.\1", s)
   s = " ".join(s.split())
-  s = s.rstrip(".").strip()
+  s = _strip_trailing_backslashes(s.rstrip(".").strip())
   return s
 
 
@@ -151,7 +171,7 @@ def parse_number(s: str) -> fractions.Fraction | None:
   Accepts integers, decimals, `1,234`, `4.5e33`, `4.5\\times10^{33}`, `10^{-3}`,
   `\\frac{3}{4}`, `3/4`, mixed `1\\frac{4}{5}` and trailing unit words (`5 cm`).
   """
-  if len(s) > 400:
+  if len(s) > 400 or _LIST_COMMA_RE.search(s):
     return None
   m = _TRAILING_WORDS_RE.fullmatch(s)
   if m:
@@ -192,6 +212,48 @@ def parse_number(s: str) -> fractions.Fraction | None:
     v = F(m.group(2)) + F(m.group(3)) / den
     return -v if m.group(1) == "-" else v
   return None
+
+
+def decimal_comma(s: str) -> fractions.Fraction | None:
+  """The value of `s` read with a decimal comma (`1000,99`, `0,111`), else None.
+
+  None too where the comma can be a thousands separator (`1,000` is a thousand).
+  """
+  m = _COMMA_NUM_RE.fullmatch(s)
+  if not m or (_THOUSANDS_GROUP_RE.fullmatch(m.group(2)) and len(m.group(3)) == 3):
+    return None
+  v = fractions.Fraction(f"{m.group(2)}.{m.group(3)}")
+  return -v if m.group(1) == "-" else v
+
+
+def point_decimal(s: str) -> fractions.Fraction | None:
+  """The value of a plain decimal written with a point (`1000.99`), else None."""
+  return fractions.Fraction(s) if _POINT_DECIMAL_RE.fullmatch(s) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseNumeral:
+  digits: str
+  base: int
+
+  @property
+  def value(self) -> int:
+    return int(self.digits, self.base)
+
+
+def parse_base_numeral(s: str) -> BaseNumeral | None:
+  """`1112122_3`, `4210_{5}` -> digits and base (2..36, digits valid in it), else None."""
+  m = _BASE_NUM_RE.fullmatch(squash(s))
+  if not m or len(m.group(1)) > 200:
+    return None
+  base = int(m.group(2) or m.group(3))
+  if not 2 <= base <= 36:
+    return None
+  try:
+    int(m.group(1), base)
+  except ValueError:
+    return None
+  return BaseNumeral(m.group(1), base)
 
 
 def _close(a: fractions.Fraction, b: fractions.Fraction) -> bool:

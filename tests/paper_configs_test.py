@@ -3,8 +3,10 @@
 The paper configs run as written except for sizes: the demo's tiny model stands in for the
 checkpoint, and the step is scaled down with its structure kept — more prompts per step
 than rows per rollout program (several rollout chunks), several mini- and micro-batches,
-the config's dtype / remat / mesh (8 simulated devices), every benchmark it evaluates
-(two problems each). A config that cannot run is a failing test.
+the config's dtype and remat, every benchmark it evaluates (two problems each). One paper
+config also keeps its mesh (FSDP over the 8 simulated devices); the others run on one device
+to keep CI within its budget (the sharded programs are tested in parallel_test.py).
+A config that cannot run is a failing test.
 """
 
 import glob
@@ -46,14 +48,18 @@ _GRPO = {"rollout.prompts_per_step": 4, "rollout.batch_size": 8, "rollout.token_
          "eval.batch_size": 8, "eval.num_samples": 2, "eval.ks": (1, 2)}
 _DEMO = {"model.demo.enabled": False, "data.synthetic.num_examples": 64,
          "eval.synthetic.num_examples": 8}
+_ONE_DEVICE = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}
+SHARDED = ("lte_qwen", None)  # runs on the config's own mesh
 
 
 def load_config(name: str, variant: str | None):
   return importlib.import_module(f"configs.{name}").get_config(variant)
 
 
-def scaled_overrides(name: str, config) -> dict:
+def scaled_overrides(name: str, config, variant=None) -> dict:
   over = dict(_COMMON, **(_PPO if config.method == "ppo" else _GRPO))
+  if (name, variant) != SHARDED:
+    over.update(_ONE_DEVICE)
   over["model.path"] = shared_model()
   if name == "demo":
     over.update(_DEMO)
@@ -85,10 +91,14 @@ class PaperConfigsTest(parameterized.TestCase):
   @pytest.mark.slow
   def test_runs_a_step_and_its_evaluation(self, name, variant):
     config = load_config(name, variant)
-    structure = (config.method, config.model.dtype, config.model.remat, dict(config.mesh))
-    config = apply(config, scaled_overrides(name, config))
-    self.assertEqual(structure, (config.method, config.model.dtype, config.model.remat,
-                                 dict(config.mesh)))  # the scaling kept what the paper runs
+    structure = lambda c: (c.method, c.model.dtype, c.model.remat, c.rollout.stop_at_box,
+                           c.rollout.max_attempts, c.eval.kinds, c.eval.benchmarks)
+    paper = structure(config)
+    mesh = dict(config.mesh)
+    config = apply(config, scaled_overrides(name, config, variant))
+    self.assertEqual(paper, structure(config))  # the scaling kept what the paper runs
+    if (name, variant) == SHARDED:
+      self.assertEqual(mesh, dict(config.mesh))
     work = tempfile.mkdtemp()
     if config.mode == "eval":
       eval_only.evaluate_checkpoint(config, work)
@@ -116,8 +126,7 @@ class CommandLineTest(absltest.TestCase):
     config = load_config("grpo_qwen", "eval")
     flags = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
              for k, v in scaled_overrides("grpo_qwen", config).items()]
-    flags += ["--config.eval.benchmarks=amc23,aime24", "--config.eval.ks=(1,2)",
-              "--config.mesh.fsdp=1"]
+    flags += ["--config.eval.benchmarks=amc23,aime24", "--config.eval.ks=(1,2)"]
     out = subprocess.run(
         [sys.executable, "-m", "mar.main", "--config=configs/grpo_qwen.py:eval",
          f"--workdir={work}", *flags],

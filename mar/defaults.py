@@ -22,8 +22,9 @@ def base_config() -> ConfigDict:
 
   c.data = ConfigDict(dict(dir="../shared/data", train="", question_key="prompt",
                            answer_key="answer"))
+  # num_operands / ops: "a+b-c" style multi-step questions (mar.data.synthetic)
   c.data.synthetic = ConfigDict(dict(enabled=False, num_examples=0, seed=0, min_digits=1,
-                                     max_digits=2))
+                                     max_digits=2, num_operands=2, ops="+-"))
 
   c.rollout = ConfigDict(dict(
       prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
@@ -53,6 +54,7 @@ def base_config() -> ConfigDict:
       benchmarks=["math500"], kinds=["attempts"], every_steps=0, at_start=True, at_end=True,
       max_attempts=4, num_samples=16, temperature=0.6, top_p=0.95, ks=[1, 16],
       max_problems=0, batch_size=16, checkpoint_step=-1))
-  c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2))
+  c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2,
+                                     num_operands=2, ops="+-"))
   c.verify = ConfigDict(dict(workers=2, timeout=3.0))
   return c

@@ -97,16 +97,27 @@ def finished(config, workdir: str) -> bool:
   return config.train.num_steps in report.steps_of(report.read_eval_rows(path))
 
 
-def run_arm(config, workdir: str) -> float:
-  """Trains one arm (resuming if interrupted); returns the seconds it took (0 if done)."""
+def _cpu_seconds() -> float:
+  """CPU time of this process and its reaped children (the verifier pool of a finished run)."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+def run_arm(config, workdir: str) -> dict | None:
+  """Trains one arm (resuming if interrupted); returns its wall and CPU seconds, None if done.
+
+  CPU seconds bound what the arm would take on an unloaded machine when the wall clock is
+  inflated by other jobs sharing the cores (between cpu_s / cores and cpu_s).
+  """
   if finished(config, workdir):
     logging.info("replicate: %s already finished", workdir)
-    return 0.0
+    return None
   from mar import train
 
-  started = time.perf_counter()
+  wall, cpu = time.perf_counter(), _cpu_seconds()
   train.train(config, workdir)
-  return time.perf_counter() - started
+  return {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu,
+          "steps": config.train.num_steps}
 
 
 def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
@@ -116,17 +127,18 @@ def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
   timings_path = os.path.join(root, TIMINGS_FILE)
   timings = _read_json(timings_path)
   first = arm_config(arms[0], seeds[0], tiny, overrides)
-  started = time.perf_counter()
+  wall, cpu = time.perf_counter(), _cpu_seconds()
   demo.ensure_demo_model(first, root)  # the shared warm start, built once into the cache
-  timings.setdefault("warm_start_s", time.perf_counter() - started)
+  timings.setdefault("warm_start", {"wall_s": time.perf_counter() - wall,
+                                    "cpu_s": _cpu_seconds() - cpu})
   runs: dict = {}
   for seed in seeds:
     for arm in arms:
       config = arm_config(arm, seed, tiny, overrides)
       wd = arm_workdir(root, arm, seed)
-      seconds = run_arm(config, wd)
-      if seconds:
-        timings.setdefault("arms", {})[f"{arm}/seed_{seed}"] = seconds
+      spent = run_arm(config, wd)
+      if spent:
+        timings.setdefault("arms", {})[f"{arm}/seed_{seed}"] = spent
         _write_json(timings_path, timings)
       runs.setdefault(arm, {})[seed] = wd
   return runs

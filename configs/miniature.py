@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
                      "optionally followed by ',tiny'")
   c = base_config()
   c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=64, sft_len=128,
-                      sft_lr=3e-3, p_wrong=0.5, wrong_deltas=[-10, -1, 1, 10],
+                      sft_lr=3e-3, p_wrong=0.5, wrong_deltas=(-10, -1, 1, 10),
                       style="neutral", sft_attempts=4, seed=0)
   task = dict(min_digits=1, max_digits=2, num_operands=3, ops="+-")
   c.data.synthetic = dict(enabled=True, num_examples=4096, seed=0, **task)
@@ -56,19 +56,19 @@ def _ppo_arm(c, arm: str) -> None:
   if arm == "single_turn":
     c.rollout.update(dict(max_attempts=1, attempts="fixed", prompt="single_turn"))
   c.ppo.update(dict(actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.01, mini_batches=2))
-  c.optim.updates_per_step = 2
   # Both arms: accuracy with k attempts, the multi-attempt prompt stating k (METHODS.md §1).
-  c.eval.update(dict(benchmarks=["synthetic"], kinds=["attempts"], max_attempts=4,
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("attempts",), max_attempts=4,
                      batch_size=128, every_steps=0))
 
 
 def _group_arm(c, arm: str) -> None:
   c.method = arm
+  # LTE's rule for GRPO-family rollouts and Pass@k: run to EOS (the warm start trains it).
   c.rollout.update(dict(prompts_per_step=16, token_budget=24, max_attempts=1,
-                        attempts="fixed"))
+                        attempts="fixed", stop_at_box=False))
   c.grpo.update(dict(group_size=8, lr=3e-4))
-  c.eval.update(dict(benchmarks=["synthetic"], kinds=["passk"], num_samples=8, ks=[1, 8],
-                     batch_size=256, every_steps=10))
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("passk",), num_samples=8, ks=(1, 8),
+                     batch_size=256, every_steps=10, stop_at_box=False))
   c.eval.synthetic.num_examples = 128
 
 
@@ -87,4 +87,4 @@ def _tiny(c) -> None:
     c.rollout.prompts_per_step = 2
     c.grpo.group_size = 4
     c.eval.num_samples = 4
-    c.eval.ks = [1, 4]
+    c.eval.ks = (1, 4)

@@ -108,7 +108,7 @@ class ConfigTest(absltest.TestCase):
     self.assertLen(keys, 1)
     c = replicate.arm_config("single_turn", 3, overrides=["train.num_steps=7"])
     self.assertEqual((c.seed, c.train.num_steps, c.rollout.prompt), (3, 7, "single_turn"))
-    self.assertEqual(c.eval.kinds, ["attempts"])  # the multi-attempt curve, as the other arm
+    self.assertEqual(c.eval.kinds, ("attempts",))  # the multi-attempt curve, as the other arm
     with self.assertRaisesRegex(KeyError, "train.num_stepz"):
       replicate.arm_config("lte", 0, overrides=["train.num_stepz=7"])
     with self.assertRaisesRegex(ValueError, "variant"):

@@ -117,7 +117,7 @@ class ConfigTest(absltest.TestCase):
   def test_paper_commands(self):
     cmds = replicate.paper_commands("/r", ["grpo_extra", "single_turn"], [0, 1])
     self.assertLen(cmds, 4)
-    self.assertIn("--config=configs/grpo_qwen.py:extra --workdir=/r/grpo_extra/seed_0", cmds[0])
+    self.assertIn("--config=configs/grpo_qwen.py:extra --config.model.path=/ckpt/Qwen3-8B-Base --workdir=/r/grpo_extra/seed_0", cmds[0])
     self.assertIn("--config=configs/ppo_qwen.py", cmds[2])
     self.assertIn("--config.seed=1", cmds[3])
 

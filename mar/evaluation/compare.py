@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mar.evaluation import report
 from mar.metrics import METRICS_FILE, read_jsonl
@@ -31,6 +32,8 @@ PPO_ARMS = ("multi_attempt", "single_turn")
 GROUP_ARMS = ("grpo", "grpo_extra", "lte")
 LABELS = {"multi_attempt": "multi-attempt PPO", "single_turn": "single-turn PPO",
           "grpo": "GRPO", "grpo_extra": "GRPO + extra rollouts", "lte": "LTE"}
+COLORS = {"multi_attempt": "C3", "single_turn": "C0", "grpo": "C0", "grpo_extra": "C2",
+          "lte": "C3"}
 FIGURES = {"attempts": "attempts_vs_k.png", "none_pass": "none_pass.png",
            "passk": "passk_curves.png"}
 
@@ -202,9 +205,8 @@ def plot_attempts(comparison: dict, out_path: str) -> str | None:
   for i, (arm, a) in enumerate(arms.items()):
     seeds = list(a["seeds"].values())
     ks = sorted(seeds[0]["last"])
-    color = f"C{3 if arm == 'multi_attempt' else 0}"
     _band(ax, ks, [[s["last"][k] for k in ks] for s in seeds], f"{LABELS[arm]}, trained",
-          color, marker="o", linewidth=2.2)
+          COLORS[arm], marker="o", linewidth=2.2)
     if i == 0:  # the shared starting model, once
       _band(ax, ks, [[s["first"][k] for k in ks] for s in seeds], "warm start (step 0)",
             "0.45", marker="o", linestyle="--", linewidth=1.3)
@@ -227,9 +229,10 @@ def plot_none_pass(comparison: dict, out_path: str) -> str | None:
   if not arms:
     return None
   fig, (ax,) = _figure(1)
-  for i, (arm, a) in enumerate(arms.items()):
+  for arm, a in arms.items():
     steps, ys = _aligned(list(a["seeds"].values()), "none_pass")
-    _band(ax, steps, ys, LABELS[arm], f"C{i}", scale=1.0, linewidth=1.8)
+    _band(ax, steps, ys, LABELS[arm], COLORS[arm], scale=1.0, linewidth=1.8)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel("training step")
   ax.set_ylabel("none-pass groups (plain prompt)")
   ax.grid(alpha=0.3)
@@ -245,9 +248,10 @@ def plot_passk_curves(comparison: dict, out_path: str) -> str | None:
   fig, axes = _figure(2)
   k = next(iter(next(iter(arms.values()))["seeds"].values()))["k"]
   for ax, key, title in zip(axes, ("pass@1", "pass@k"), ("Pass@1", f"Pass@{k}")):
-    for i, (arm, a) in enumerate(arms.items()):
+    for arm, a in arms.items():
       steps, ys = _aligned(list(a["seeds"].values()), key)
-      _band(ax, steps, ys, LABELS[arm], f"C{i}", marker="o", linewidth=1.8)
+      _band(ax, steps, ys, LABELS[arm], COLORS[arm], marker="o", linewidth=1.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{title} (%)")

@@ -26,6 +26,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from mar.evaluation import compare, report
 
@@ -34,6 +35,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Root of the arms' workdirs and 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (config.seed) per arm.")
 _ARMS = flags.DEFINE_list("arms", list(compare.PPO_ARMS + compare.GROUP_ARMS), "Arms to run.")
 _TINY = flags.DEFINE_bool("tiny", False, "Seconds-long settings (configs/miniature.py ',tiny').")
+_PPO_MODEL = flags.DEFINE_string(
+    "ppo_model", "/ckpt/Qwen2.5-Math-1.5B", "--suite=paper: HF folder of the PPO arms' model.")
+_LTE_MODEL = flags.DEFINE_string(
+    "lte_model", "/ckpt/Qwen3-8B-Base", "--suite=paper: HF folder of the GRPO-family model.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: report on the finished arms under --workdir.")
 _COMPILE_CACHE = flags.DEFINE_bool(
     "compile_cache", True, "Persist XLA programs under the mar cache: the seeds and arms "
     "that share shapes compile once.")
@@ -144,26 +151,30 @@ def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
   return runs
 
 
-def paper_commands(root: str, arms, seeds) -> list[str]:
+def paper_commands(root: str, arms, seeds, ppo_model: str = "/ckpt/Qwen2.5-Math-1.5B",
+                   lte_model: str = "/ckpt/Qwen3-8B-Base") -> list[str]:
   """One `python -m mar.main` per (arm, seed) of the paper configs, in the suite's layout."""
   out = []
   for arm in arms:
     path, variant = PAPER_CONFIGS[arm]
     spec = path + (f":{variant}" if variant else "")
+    model = ppo_model if arm in compare.PPO_ARMS else lte_model
     for seed in seeds:
       out.append(" ".join([sys.executable, "-m", "mar.main", f"--config={spec}",
+                           f"--config.model.path={shlex.quote(model)}",
                            f"--workdir={shlex.quote(arm_workdir(root, arm, seed))}",
                            f"--config.seed={seed}"]))
   return out
 
 
-def paper_runs(root: str, arms, seeds) -> dict:
-  """The paper workdirs that have evaluation rows, as runs[arm][seed]."""
+def existing_runs(root: str, arms, seeds) -> dict:
+  """The finished workdirs under `root` (eval rows at the config.json's last step)."""
   runs: dict = {}
   for arm in arms:
     for seed in seeds:
       wd = arm_workdir(root, arm, seed)
-      if os.path.exists(report.eval_path(wd)):
+      config = _read_json(os.path.join(wd, "config.json"))
+      if config and finished(ml_collections.ConfigDict(config), wd):
         runs.setdefault(arm, {})[seed] = wd
   return runs
 
@@ -226,12 +237,13 @@ def main(argv):
   os.makedirs(root, exist_ok=True)
   if _COMPILE_CACHE.value:
     _enable_compile_cache()
-  if _SUITE.value == "miniature":
+  if _SUITE.value == "miniature" and not _REPORT_ONLY.value:
     runs = run_miniature(root, arms, seeds, _TINY.value, _SET.value)
   else:
-    print("# paper-scale runs (accelerators; see launch/README.md), one per arm and seed:")
-    print("\n".join(paper_commands(root, arms, seeds)))
-    runs = paper_runs(root, arms, seeds)
+    if _SUITE.value == "paper":
+      print("# paper-scale runs (accelerators; see launch/README.md), one per arm and seed:")
+      print("\n".join(paper_commands(root, arms, seeds, _PPO_MODEL.value, _LTE_MODEL.value)))
+    runs = existing_runs(root, arms, seeds)
     if not runs:
       print(f"# no finished runs under {root} yet; rerun this command when they are")
       return

@@ -139,16 +139,41 @@ def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
   timings.setdefault("warm_start", {"wall_s": time.perf_counter() - wall,
                                     "cpu_s": _cpu_seconds() - cpu})
   runs: dict = {}
+  start_rows: dict = {}  # eval kind -> step-0 rows of the first run evaluating that way
   for seed in seeds:
     for arm in arms:
       config = arm_config(arm, seed, tiny, overrides)
       wd = arm_workdir(root, arm, seed)
+      _share_start_eval(config, wd, start_rows)
       spent = run_arm(config, wd)
+      if _start_rows(wd):
+        start_rows.setdefault(_eval_kind(config), _start_rows(wd))
       if spent:
         timings.setdefault("arms", {})[f"{arm}/seed_{seed}"] = spent
         _write_json(timings_path, timings)
       runs.setdefault(arm, {})[seed] = wd
   return runs
+
+
+def _eval_kind(config) -> tuple:
+  return tuple(config.eval.kinds), tuple(config.eval.benchmarks)
+
+
+def _start_rows(workdir: str) -> list[dict]:
+  path = report.eval_path(workdir)
+  return ([r for r in report.read_eval_rows(path) if r["step"] == 0]
+          if os.path.exists(path) else [])
+
+
+def _share_start_eval(config, workdir: str, start_rows: dict) -> None:
+  """Step 0 is the shared warm start under the same evaluation for every arm of a kind
+  (greedy attempt curves; Pass@k with the step-0 PRNG key), so it is evaluated once and its
+  rows are copied into the other arms' eval.jsonl instead of being recomputed."""
+  kind = _eval_kind(config)
+  if kind in start_rows and not os.path.exists(report.eval_path(workdir)):
+    report.append_eval_rows(workdir, start_rows[kind])
+  if _start_rows(workdir):
+    config.eval.at_start = False
 
 
 def paper_commands(root: str, arms, seeds, ppo_model: str = "/ckpt/Qwen2.5-Math-1.5B",

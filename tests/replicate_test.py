@@ -93,6 +93,13 @@ class CompareTest(absltest.TestCase):
     for p in paths:
       self.assertGreater(os.path.getsize(p), 5000)
 
+  def test_markdown_has_both_tables_and_the_papers_rows(self):
+    md = compare.markdown(compare.build_report(self.runs, "test", tail=2))
+    self.assertIn("| multi-attempt PPO, trained | 2 | 45.0 ± 5.0 | 60.0 ± 0.0 |", md)
+    self.assertIn("| paper: multi-attempt PPO | - | 45.6 | 52.5 | - | 53.8 | +6.9 |", md)
+    self.assertIn("| LTE | 1 | 1.5 ± 0.0 | 45.0 ± 0.0 | 70.0 ± 0.0 |", md)
+    self.assertIn("| paper: LTE | - | - | 49.01 | 66.78 (k=16) | - |", md)
+
   def test_missing_eval_file_names_it(self):
     with self.assertRaisesRegex(FileNotFoundError, "eval.jsonl"):
       compare.attempt_accuracy(tempfile.mkdtemp())

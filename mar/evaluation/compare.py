@@ -273,3 +273,51 @@ def write_figures(rep: dict, out_dir: str) -> list[str]:
              plot_none_pass(rep["lte"], os.path.join(out_dir, FIGURES["none_pass"])),
              plot_passk_curves(rep["lte"], os.path.join(out_dir, FIGURES["passk"]))]
   return [p for p in written if p]
+
+
+# ----- a markdown summary beside the papers' numbers -----------------------------------------
+
+# METHODS.md: greedy accuracy (%) with k attempts, mean of 5 benchmarks; Pass@1 / Pass@k (%)
+# of Qwen3-8B-Base, mean of 6 benchmarks.
+PAPER_ATTEMPTS = {"multi_attempt": {1: 45.6, 2: 52.5, 4: 53.8}, "single_turn": {1: 42.3, 2: 43.2}}
+PAPER_PASS = {"grpo": (43.99, 56.82), "grpo_extra": (41.72, None), "lte": (49.01, 66.78)}
+
+
+def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
+  if not s or s.get("mean") is None:
+    return "-"
+  return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+
+
+def markdown(rep: dict) -> str:
+  """Both comparisons as markdown tables (mean ± std over seeds), the papers' rows beside."""
+  out = []
+  ma = rep["multi_attempt"].get("arms", {})
+  if ma:
+    ks = sorted({int(k) for a in ma.values() for k in a["accuracy"]})
+    out.append("| accuracy (%) with k attempts | seeds | " + " | ".join(f"k={k}" for k in ks)
+               + " | gain k=1→2 |")
+    out.append("|---" * (len(ks) + 3) + "|")
+    first = next(iter(ma.values()))
+    out.append("| warm start (step 0) | - | " + " | ".join(
+        _pm(first["accuracy_before"].get(str(k))) for k in ks) + " | - |")
+    for arm, a in ma.items():
+      out.append(f"| {LABELS[arm]}, trained | {a['gain_1_to_2']['n']} | " + " | ".join(
+          _pm(a["accuracy"].get(str(k))) for k in ks) + f" | {_pm(a['gain_1_to_2'])} |")
+    for arm, paper in PAPER_ATTEMPTS.items():
+      gain = f"{paper[2] - paper[1]:+.1f}"
+      out.append(f"| paper: {LABELS[arm]} | - | " + " | ".join(
+          f"{paper[k]}" if k in paper else "-" for k in ks) + f" | {gain} |")
+  lte = rep["lte"].get("arms", {})
+  if lte:
+    k = next(iter(next(iter(lte.values()))["seeds"].values()))["k"]
+    tail = rep["lte"]["tail_steps"]
+    out += ["", f"| method | seeds | none-pass groups (last {tail} steps) | Pass@1 (%) "
+            f"| Pass@{k} (%) | Pass@1 / Pass@{k} at step 0 |", "|---|---|---|---|---|---|"]
+    for arm, a in lte.items():
+      out.append(f"| {LABELS[arm]} | {a['final_pass@1']['n']} | "
+                 f"{_pm(a['final_none_pass'], 1.0)} | {_pm(a['final_pass@1'])} | "
+                 f"{_pm(a['final_pass@k'])} | {_pm(a['first_pass@1'])} / {_pm(a['first_pass@k'])} |")
+    for arm, (p1, pk) in PAPER_PASS.items():
+      out.append(f"| paper: {LABELS[arm]} | - | - | {p1} | {f'{pk} (k=16)' if pk else '-'} | - |")
+  return "\n".join(out)

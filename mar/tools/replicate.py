@@ -49,6 +49,7 @@ _SET = flags.DEFINE_multi_string(
 flags.mark_flags_as_required(["workdir"])
 
 REPORT_FILE = "report.json"
+SUMMARY_FILE = "report.md"  # the tables of report.json beside the papers' numbers
 FIGURES_DIR = "figures"
 TIMINGS_FILE = "timings.json"
 
@@ -212,6 +213,8 @@ def write_report(root: str, runs: dict, suite: str) -> dict:
   rep["figures"] = [os.path.relpath(p, root)
                     for p in compare.write_figures(rep, os.path.join(root, FIGURES_DIR))]
   _write_json(os.path.join(root, REPORT_FILE), rep)
+  with open(os.path.join(root, SUMMARY_FILE), "w", encoding="utf-8") as f:
+    f.write(compare.markdown(rep) + "\n\n" + summary(rep) + "\n")
   return rep
 
 

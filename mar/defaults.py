@@ -22,8 +22,9 @@ def base_config() -> ConfigDict:
 
   c.data = ConfigDict(dict(dir="../shared/data", train="", question_key="prompt",
                            answer_key="answer"))
+  # num_operands / ops: "a+b-c" style multi-step questions (mar.data.synthetic)
   c.data.synthetic = ConfigDict(dict(enabled=False, num_examples=0, seed=0, min_digits=1,
-                                     max_digits=2))
+                                     max_digits=2, num_operands=2, ops="+-"))
 
   c.rollout = ConfigDict(dict(
       prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
@@ -61,7 +62,8 @@ def base_config() -> ConfigDict:
       max_problems=0, batch_size=16,
       checkpoint_step=-1,  # eval mode: -1 = the latest checkpoint, else exactly this step
       stop_at_box=True))  # as rollout.stop_at_box, for evaluation runs
-  c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2))
+  c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2,
+                                     num_operands=2, ops="+-"))
   # LTE hints (METHODS.md §2): answers are quoted whole unless hint_max_chars > 0; answers are
   # dropped from the end only when the hinted prompt does not fit rollout.prompt_len.
   c.lte = ConfigDict(dict(hint_max_chars=0, hint_sep=", "))

@@ -1,17 +1,25 @@
 """The embedded demo's model: a tiny Qwen3 + tokenizer, warm-started on synthetic dialogues.
 
-`ensure_demo_model` builds (once per workdir) an HF-format folder with a byte-level BPE
-tokenizer and a 2-layer Qwen3, trained briefly with supervised learning on multi-attempt
-arithmetic dialogues in the exact METHODS.md format: some first attempts are wrong, then the
-feedback turn, then a correct retry (a "careless first guess" habit that RL must unlearn,
-see configs/demo.py). Everything after it (rollout, verifier,
-PPO/GRPO, checkpoints, evaluation) is the real pipeline, loading this folder like any
-checkpoint.
+`ensure_demo_model` builds an HF-format folder with a byte-level BPE tokenizer and a 2-layer
+Qwen3, trained briefly with supervised learning on arithmetic dialogues in the exact
+METHODS.md format. Styles (`model.demo.style`): "multi_attempt" / "single_turn" / "lte" teach
+a "careless first guess" habit that RL must unlearn (configs/demo.py); "neutral"
+(configs/miniature.py) only ever targets the correct answer, under every prompt the suite's
+arms use, so it favours no method. Everything after it (rollout, verifier, PPO/GRPO,
+checkpoints, evaluation) is the real pipeline, loading this folder like any checkpoint.
+
+The folder is built once per (warm-start config, seed) into a cache shared by runs, tests and
+mar.tools.replicate: `$MAR_CACHE/demo_models/<key>` (default `~/.cache/mar`), written to a
+temporary directory and renamed into place, with a sha256 manifest checked on every load.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 
 from absl import logging
 import jax
@@ -43,9 +51,38 @@ def _wrong(answer: int, rng: np.random.Generator, deltas) -> int:
   return answer + int(rng.choice(list(deltas)))
 
 
+def _neutral_dialogue(tok: Tokenizer, ex, n_attempts: int, show_wrong: bool, rng, deltas):
+  """A dialogue whose only target is the correct answer, under one of the suite's prompts.
+
+  The prompt is drawn uniformly from: multi-attempt (stating `n_attempts`), single-turn,
+  LTE plain, LTE hint. With `show_wrong`, a wrong answer appears as context only (never a
+  target): as a failed first attempt plus the feedback turn (multi-attempt, n >= 2) or in
+  the hint's list (LTE hint), so the model learns to read either signal as an instruction
+  ("not this one") without being taught to make errors or how to fix them.
+  """
+  # The answer closes the turn, so rollouts that run to EOS (GRPO / LTE) end there too.
+  wrong, answer = str(_wrong(int(ex.answer), rng, deltas)), _attempt(ex.answer) + prompts.IM_END
+  kind = int(rng.integers(4))
+  if kind == 0:
+    pieces = [(tok.encode(prompts.multi_attempt_prompt(ex.question, n_attempts)), False)]
+    if show_wrong and n_attempts > 1:
+      pieces += [(tok.encode(_attempt(wrong)), False),
+                 (tok.encode(prompts.feedback_text(n_attempts - 1)), False)]
+  elif kind == 1:
+    pieces = [(tok.encode(prompts.single_turn_prompt(ex.question)), False)]
+  elif kind == 2 or not show_wrong:
+    pieces = [(tok.encode(hints.chat_prompt(hints.plain_prompt(ex.question))), False)]
+  else:
+    user = hints.hint_prompt(ex.question, [wrong], [False])
+    pieces = [(tok.encode(hints.chat_prompt(user)), False)]
+  return pieces + [(tok.encode(answer), True)]
+
+
 def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, style: str,
                  deltas=(1,)):
   """Token ids and loss mask of one warm-start dialogue."""
+  if style == "neutral":
+    return _neutral_dialogue(tok, ex, n_attempts, first_wrong, rng, deltas)
   if style == "lte":
     # Half the dialogues show a hint naming the habitual wrong answer, answered correctly:
     # the rule LTE's hinted re-sampling can then discover and distil into the plain prompt.
@@ -100,12 +137,10 @@ def warm_start(cfg, params, tok, config, seed: int):
   opt = optim.make_optimizer(d.sft_lr, d.sft_steps, warmup_ratio=0.05, b2=0.98)
   update = jax.jit(make_update_step(loss_fn, opt), donate_argnums=(0, 1))
   opt_state = opt.init(params)
-  s = config.data.synthetic
   bar = progress(d.sft_steps, desc="demo warm start")
   for step in range(d.sft_steps):
-    exs = synthetic.make_arithmetic_examples(d.sft_batch, seed + 1000 + step,
-                                             min_digits=s.min_digits, max_digits=s.max_digits)
-    tokens, valid, target = sft_batch(tok, exs, config.rollout.max_attempts, d.p_wrong,
+    exs = synthetic.examples_from_config(config.data.synthetic, d.sft_batch, seed + 1000 + step)
+    tokens, valid, target = sft_batch(tok, exs, _sft_attempts(config), d.p_wrong,
                                       seed + step, d.sft_len, d.style, tuple(d.wrong_deltas))
     params, opt_state, m = update(params, opt_state,
                                   {"tokens": tokens, "valid": valid, "target": target})
@@ -122,23 +157,110 @@ def _sft_loss(cfg, params, mb):
   return loss, {"loss": loss}
 
 
-def ensure_demo_model(config, workdir: str) -> str:
-  """Builds `<workdir>/demo_model` (tokenizer + warm-started tiny Qwen3) unless it exists."""
-  path = os.path.join(workdir, "demo_model")
-  if os.path.isfile(os.path.join(path, "model.safetensors")):
-    return path
-  os.makedirs(path, exist_ok=True)
+def _sft_attempts(config) -> int:
+  """Most attempts a warm-start dialogue states: `model.demo.sft_attempts`, else M."""
+  return config.model.demo.get("sft_attempts", config.rollout.max_attempts)
+
+
+def _warm_start_seed(config) -> int:
+  """`model.demo.seed` pins the warm start when the RL seed (`config.seed`) varies."""
+  return config.model.demo.get("seed", config.seed)
+
+
+def cache_root() -> str:
+  """`$MAR_CACHE`, else `$XDG_CACHE_HOME/mar`, else `~/.cache/mar`."""
+  if os.environ.get("MAR_CACHE"):
+    return os.environ["MAR_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "mar")
+
+
+def warm_start_key(config) -> str:
+  """Hash of everything the demo folder depends on: warm-start config, task, M, seed."""
+  d = config.model.demo.to_dict() if hasattr(config.model.demo, "to_dict") else dict(config.model.demo)
+  s = config.data.synthetic
+  spec = {"version": _CACHE_VERSION, "demo": d, "attempts": _sft_attempts(config),
+          "seed": _warm_start_seed(config),
+          "task": {k: s.get(k) for k in ("min_digits", "max_digits", "num_operands", "ops")}}
+  return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_CACHE_VERSION = 1  # bump when the warm start's code changes what it builds
+_MANIFEST = "manifest.json"
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_manifest(path: str, key: str) -> None:
+  files = {n: _sha256(os.path.join(path, n)) for n in sorted(os.listdir(path)) if n != _MANIFEST}
+  with open(os.path.join(path, _MANIFEST), "w", encoding="utf-8") as f:
+    json.dump({"key": key, "files": files}, f, indent=1)
+
+
+def verify_cached(path: str, key: str) -> bool:
+  """True when `path` holds the manifest of `key` and every file matches its hash."""
+  try:
+    with open(os.path.join(path, _MANIFEST), encoding="utf-8") as f:
+      manifest = json.load(f)
+    files = manifest["files"]
+    return (manifest["key"] == key and "model.safetensors" in files
+            and all(_sha256(os.path.join(path, n)) == h for n, h in files.items()))
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
+def build_demo_model(config, path: str) -> None:
+  """Tokenizer + warm-started tiny Qwen3 written to `path` (an existing empty folder)."""
   s = config.data.synthetic
   corpus = [prompts.multi_attempt_prompt(ex.question, 2) + _attempt(ex.answer)
-            for ex in synthetic.make_arithmetic_examples(
-                2000, 7, min_digits=s.min_digits, max_digits=s.max_digits)]
+            for ex in synthetic.examples_from_config(s, 2000, 7)]
   corpus += [prompts.feedback_text(n) for n in range(1, 6)]
   corpus += [hints.hint_prompt("1+1", ["3"], [False]), prompts.single_turn_prompt("1+1")]
   build_tiny_tokenizer(path, corpus_texts=corpus, vocab_size=config.model.demo.vocab_size)
   tok = Tokenizer.from_dir(path)
   cfg = demo_model_config(tok.vocab_size)
-  params = models.init_params(cfg, jax.random.PRNGKey(config.seed))
+  seed = _warm_start_seed(config)
+  params = models.init_params(cfg, jax.random.PRNGKey(seed))
   logging.info("demo: warm start of a %d-layer Qwen3 (vocab %d)", cfg.num_layers, tok.vocab_size)
-  params = warm_start(cfg, params, tok, config, config.seed)
+  params = warm_start(cfg, params, tok, config, seed)
   models.save_hf(path, cfg, params)
+
+
+def ensure_demo_model(config, workdir: str) -> str:
+  """The demo model folder for `config`: built once into the cache, verified on every load.
+
+  A run that already has `<workdir>/demo_model` (made before the cache existed) keeps it.
+  A cached folder that fails its manifest is rebuilt. Concurrent builders each write a
+  temporary folder; the first rename wins and the others discard theirs.
+  """
+  legacy = os.path.join(workdir, "demo_model")
+  if os.path.isfile(os.path.join(legacy, "model.safetensors")):
+    return legacy
+  key = warm_start_key(config)
+  root = os.path.join(cache_root(), "demo_models")
+  path = os.path.join(root, key)
+  if verify_cached(path, key):
+    logging.info("demo: warm-started model from the cache %s", path)
+    return path
+  if os.path.exists(path):
+    logging.warning("demo: cached model %s fails its manifest; rebuilding it", path)
+    shutil.rmtree(path, ignore_errors=True)
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+  try:
+    build_demo_model(config, tmp)
+    _write_manifest(tmp, key)
+    try:
+      os.rename(tmp, path)
+    except OSError:  # another process renamed its copy first
+      if not verify_cached(path, key):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return path

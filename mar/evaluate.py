@@ -113,7 +113,5 @@ def _eval_examples(config, run, name: str):
   if name == "synthetic":
     from mar.data import synthetic
 
-    s = config.eval.synthetic
-    return synthetic.make_arithmetic_examples(s.num_examples, s.seed, min_digits=s.min_digits,
-                                              max_digits=s.max_digits)
+    return synthetic.examples_from_config(config.eval.synthetic)
   return _benchmark(config, name)

@@ -83,9 +83,7 @@ def load_train_data(config) -> list:
   if d.get("synthetic") and d.synthetic.enabled:
     from mar.data import synthetic
 
-    s = d.synthetic
-    return synthetic.make_arithmetic_examples(s.num_examples, s.seed, min_digits=s.min_digits,
-                                              max_digits=s.max_digits)
+    return synthetic.examples_from_config(d.synthetic)
   config_utils.check_paths(config, ["data.train"])
   return datasets.load_train_jsonl(d.train, question_key=d.question_key, answer_key=d.answer_key)
 

@@ -63,3 +63,15 @@ def make_arithmetic_examples(
     expr = str(operands[0]) + "".join(f"{o}{x}" for o, x in zip(chosen, operands[1:]))
     out.append(Example(question=f"What is {expr}?", answer=str(value), source="arithmetic", index=len(out)))
   return out
+
+
+def examples_from_config(s, n: int | None = None, seed: int | None = None) -> list[Example]:
+  """The questions a `data.synthetic` / `eval.synthetic` config node describes.
+
+  `n` and `seed` default to the node's `num_examples` and `seed`; `num_operands` and `ops`
+  (the harder, multi-step variant of configs/miniature.py) default to "a+b" / "a-b".
+  """
+  return make_arithmetic_examples(
+      s.num_examples if n is None else n, s.seed if seed is None else seed,
+      min_digits=s.min_digits, max_digits=s.max_digits,
+      num_operands=s.get("num_operands", 2), ops=s.get("ops", "+-"))

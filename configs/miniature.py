@@ -1,0 +1,90 @@
+"""The papers' comparisons in miniature: every arm on one task, one warm start, one budget.
+
+  python -m mar.tools.replicate --suite=miniature --workdir=/tmp/mar_mini   # all arms, seeds
+  python -m mar.main --config=configs/miniature.py:lte --workdir=/tmp/lte  # one arm alone
+Arms (the variant after the colon): `multi_attempt` (multi-attempt PPO, N ~ U{1..2}) and
+`single_turn` (single-turn PPO), both evaluated by accuracy with k = 1..4 attempts stated in
+the multi-attempt prompt; `grpo`, `grpo_extra` ("GRPO + extra rollouts": none-pass groups get
+G more plain samples) and `lte`, evaluated by Pass@1 / Pass@8 during training. Append
+`,tiny` (e.g. `lte,tiny`) for the seconds-long settings of the suite's test.
+
+The task is harder than the demo's: three operands of 1-2 digits ("What is 47-8+23?"), so
+the warm-started model is often wrong and a retry or a hint has something to work with. The
+warm start (`model.demo.style = "neutral"`, mar/demo.py) is identical for every arm and every
+RL seed (`model.demo.seed` is pinned): it only ever targets the correct answer, under each of
+the prompts the arms use, and shows wrong answers as context only (a failed attempt before
+the feedback turn, or in a hint), so neither method is taught its own answer.
+"""
+
+from mar.defaults import base_config
+
+ARMS = ("multi_attempt", "single_turn", "grpo", "grpo_extra", "lte")
+PPO_ARMS = ("multi_attempt", "single_turn")
+GROUP_ARMS = ("grpo", "grpo_extra", "lte")
+
+
+def get_config(arg: str | None = None):
+  arm, *mods = (arg or "multi_attempt").split(",")
+  if arm not in ARMS or any(m != "tiny" for m in mods):
+    raise ValueError(f"configs/miniature.py: variant {arg!r}; expected one of {ARMS}, "
+                     "optionally followed by ',tiny'")
+  c = base_config()
+  c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=64, sft_len=128,
+                      sft_lr=3e-3, p_wrong=0.5, wrong_deltas=(-10, -1, 1, 10),
+                      style="neutral", sft_attempts=4, seed=0)
+  task = dict(min_digits=1, max_digits=2, num_operands=3, ops="+-")
+  c.data.synthetic = dict(enabled=True, num_examples=4096, seed=0, **task)
+  c.eval.synthetic = dict(num_examples=256, seed=12345, **task)
+  c.rollout.update(dict(prompt_len=128, temperature=1.0))
+  c.optim.update(dict(warmup_ratio=0.05))
+  c.checkpoint.update(dict(every_steps=10, keep=2))
+  c.verify.workers = 2
+  c.train.num_steps = 30
+  if arm in PPO_ARMS:
+    _ppo_arm(c, arm)
+  else:
+    _group_arm(c, arm)
+  if mods:
+    _tiny(c)
+  return c
+
+
+def _ppo_arm(c, arm: str) -> None:
+  c.method = "ppo"
+  c.rollout.update(dict(prompts_per_step=64, prompt_len=64, token_budget=48, max_attempts=2,
+                        attempts="uniform", prompt="multi_attempt"))
+  if arm == "single_turn":
+    c.rollout.update(dict(max_attempts=1, attempts="fixed", prompt="single_turn"))
+  c.ppo.update(dict(actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.01, mini_batches=2))
+  # Both arms: accuracy with k attempts, the multi-attempt prompt stating k (METHODS.md §1).
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("attempts",), max_attempts=4,
+                     batch_size=128, every_steps=0))
+
+
+def _group_arm(c, arm: str) -> None:
+  c.method = arm
+  # LTE's rule for GRPO-family rollouts and Pass@k: run to EOS (the warm start trains it).
+  c.rollout.update(dict(prompts_per_step=16, token_budget=24, max_attempts=1,
+                        attempts="fixed", stop_at_box=False))
+  c.grpo.update(dict(group_size=8, lr=3e-4))
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("passk",), num_samples=8, ks=(1, 8),
+                     batch_size=256, every_steps=10, stop_at_box=False))
+  c.eval.synthetic.num_examples = 128
+
+
+def _tiny(c) -> None:
+  """Seconds per arm: a few SFT and RL steps, a handful of eval problems."""
+  c.model.demo.update(dict(sft_steps=4, sft_batch=8))
+  c.train.num_steps = 2
+  c.data.synthetic.num_examples = 64
+  c.eval.synthetic.num_examples = 8
+  c.eval.update(dict(batch_size=16, every_steps=1 if c.method != "ppo" else 0))
+  c.checkpoint.every_steps = 1
+  c.verify.workers = 1
+  if c.method == "ppo":
+    c.rollout.prompts_per_step = 8
+  else:
+    c.rollout.prompts_per_step = 2
+    c.grpo.group_size = 4
+    c.eval.num_samples = 4
+    c.eval.ks = (1, 4)

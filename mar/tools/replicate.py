@@ -1,0 +1,284 @@
+"""Both papers' central comparisons, with one command: runs the arms, writes report + figures.
+
+  python -m mar.tools.replicate --suite=miniature --workdir=/tmp/mar_mini [--seeds=0,1,2]
+  python -m mar.tools.replicate --suite=miniature --tiny --workdir=/tmp/t   # seconds, a check
+  python -m mar.tools.replicate --suite=paper --workdir=/runs/paper         # commands + report
+
+`miniature` trains every arm of configs/miniature.py (multi-attempt PPO, single-turn PPO,
+GRPO, GRPO + extra rollouts, LTE) for each seed, one after another, each through
+`mar.train.train` in `<workdir>/<arm>/seed_<s>` from the same cached warm start. A finished
+arm (eval rows at its last step) is skipped and an interrupted one resumes from its
+checkpoint, so rerunning the command picks up where it stopped. `paper` prints the
+`mar.main` commands of the paper configs for the same layout (they need accelerators) and
+reports on whichever of those workdirs have finished.
+Both write `<workdir>/report.json` (mar.evaluation.compare) and `<workdir>/figures/*.png`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shlex
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from mar.evaluation import compare, report
+
+_SUITE = flags.DEFINE_enum("suite", "miniature", ["miniature", "paper"], "Which comparison set.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root of the arms' workdirs and the report.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (config.seed) per arm.")
+_ARMS = flags.DEFINE_list("arms", list(compare.PPO_ARMS + compare.GROUP_ARMS), "Arms to run.")
+_TINY = flags.DEFINE_bool("tiny", False, "Seconds-long settings (configs/miniature.py ',tiny').")
+_PPO_MODEL = flags.DEFINE_string(
+    "ppo_model", "/ckpt/Qwen2.5-Math-1.5B", "--suite=paper: HF folder of the PPO arms' model.")
+_LTE_MODEL = flags.DEFINE_string(
+    "lte_model", "/ckpt/Qwen3-8B-Base", "--suite=paper: HF folder of the GRPO-family model.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: report on the finished arms under --workdir.")
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compile_cache", True, "Persist XLA programs under the mar cache: the seeds and arms "
+    "that share shapes compile once.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config override for every arm, KEY=VALUE (e.g. train.num_steps=10).")
+flags.mark_flags_as_required(["workdir"])
+
+REPORT_FILE = "report.json"
+SUMMARY_FILE = "report.md"  # the tables of report.json beside the papers' numbers
+FIGURES_DIR = "figures"
+TIMINGS_FILE = "timings.json"
+
+# arm -> (config file, variant) of the paper-scale runs
+PAPER_CONFIGS = {
+    "multi_attempt": ("configs/multi_attempt_qwen.py", None),
+    "single_turn": ("configs/ppo_qwen.py", None),
+    "grpo": ("configs/grpo_qwen.py", None),
+    "grpo_extra": ("configs/grpo_qwen.py", "extra"),
+    "lte": ("configs/lte_qwen.py", None),
+}
+
+
+def arm_workdir(root: str, arm: str, seed: int) -> str:
+  return os.path.join(root, arm, f"seed_{seed}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """'a.b=VALUE' -> ('a.b', literal VALUE, or the string when it is not a Python literal)."""
+  key, sep, raw = text.partition("=")
+  if not sep or not key:
+    raise ValueError(f"--set {text!r}: expected KEY=VALUE")
+  try:
+    return key, ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return key, raw
+
+
+def arm_config(arm: str, seed: int, tiny: bool = False, overrides=()):
+  """configs/miniature.py's arm with `seed` and overrides, locked (typos stay errors)."""
+  from configs import miniature
+
+  config = miniature.get_config(arm + (",tiny" if tiny else ""))
+  config.seed = int(seed)
+  config.lock()
+  for text in overrides:
+    key, value = parse_override(text)
+    *head, last = key.split(".")
+    node = config
+    for h in head:
+      node = node[h]
+    if last not in node:
+      raise KeyError(f"--set {text!r}: no config key {key!r}")
+    node[last] = type(node[last])(value) if isinstance(node[last], float) else value
+  return config
+
+
+def finished(config, workdir: str) -> bool:
+  """True when the run's eval.jsonl has rows at its last training step."""
+  path = report.eval_path(workdir)
+  if not os.path.exists(path):
+    return False
+  return config.train.num_steps in report.steps_of(report.read_eval_rows(path))
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and its reaped children (the verifier pool of a finished run)."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+def run_arm(config, workdir: str) -> dict | None:
+  """Trains one arm (resuming if interrupted); returns its wall and CPU seconds, None if done.
+
+  CPU seconds bound what the arm would take on an unloaded machine when the wall clock is
+  inflated by other jobs sharing the cores (between cpu_s / cores and cpu_s).
+  """
+  if finished(config, workdir):
+    logging.info("replicate: %s already finished", workdir)
+    return None
+  from mar import train
+
+  wall, cpu = time.perf_counter(), _cpu_seconds()
+  train.train(config, workdir)
+  return {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu_seconds() - cpu,
+          "steps": config.train.num_steps}
+
+
+def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
+  """Every (arm, seed) in turn; returns runs[arm][seed] = workdir and records the timings."""
+  from mar import demo
+
+  timings_path = os.path.join(root, TIMINGS_FILE)
+  timings = _read_json(timings_path)
+  first = arm_config(arms[0], seeds[0], tiny, overrides)
+  wall, cpu = time.perf_counter(), _cpu_seconds()
+  demo.ensure_demo_model(first, root)  # the shared warm start, built once into the cache
+  timings.setdefault("warm_start", {"wall_s": time.perf_counter() - wall,
+                                    "cpu_s": _cpu_seconds() - cpu})
+  runs: dict = {}
+  start_rows: dict = {}  # eval kind -> step-0 rows of the first run evaluating that way
+  for seed in seeds:
+    for arm in arms:
+      config = arm_config(arm, seed, tiny, overrides)
+      wd = arm_workdir(root, arm, seed)
+      _share_start_eval(config, wd, start_rows)
+      spent = run_arm(config, wd)
+      if _start_rows(wd):
+        start_rows.setdefault(_eval_kind(config), _start_rows(wd))
+      if spent:
+        timings.setdefault("arms", {})[f"{arm}/seed_{seed}"] = spent
+        _write_json(timings_path, timings)
+      runs.setdefault(arm, {})[seed] = wd
+  return runs
+
+
+def _eval_kind(config) -> tuple:
+  return tuple(config.eval.kinds), tuple(config.eval.benchmarks)
+
+
+def _start_rows(workdir: str) -> list[dict]:
+  path = report.eval_path(workdir)
+  return ([r for r in report.read_eval_rows(path) if r["step"] == 0]
+          if os.path.exists(path) else [])
+
+
+def _share_start_eval(config, workdir: str, start_rows: dict) -> None:
+  """Step 0 is the shared warm start under the same evaluation for every arm of a kind
+  (greedy attempt curves; Pass@k with the step-0 PRNG key), so it is evaluated once and its
+  rows are copied into the other arms' eval.jsonl instead of being recomputed."""
+  kind = _eval_kind(config)
+  if kind in start_rows and not os.path.exists(report.eval_path(workdir)):
+    report.append_eval_rows(workdir, start_rows[kind])
+  if _start_rows(workdir):
+    config.eval.at_start = False
+
+
+def paper_commands(root: str, arms, seeds, ppo_model: str = "/ckpt/Qwen2.5-Math-1.5B",
+                   lte_model: str = "/ckpt/Qwen3-8B-Base") -> list[str]:
+  """One `python -m mar.main` per (arm, seed) of the paper configs, in the suite's layout."""
+  out = []
+  for arm in arms:
+    path, variant = PAPER_CONFIGS[arm]
+    spec = path + (f":{variant}" if variant else "")
+    model = ppo_model if arm in compare.PPO_ARMS else lte_model
+    for seed in seeds:
+      out.append(" ".join([sys.executable, "-m", "mar.main", f"--config={spec}",
+                           f"--config.model.path={shlex.quote(model)}",
+                           f"--workdir={shlex.quote(arm_workdir(root, arm, seed))}",
+                           f"--config.seed={seed}"]))
+  return out
+
+
+def existing_runs(root: str, arms, seeds) -> dict:
+  """The finished workdirs under `root` (eval rows at the config.json's last step)."""
+  runs: dict = {}
+  for arm in arms:
+    for seed in seeds:
+      wd = arm_workdir(root, arm, seed)
+      config = _read_json(os.path.join(wd, "config.json"))
+      if config and finished(ml_collections.ConfigDict(config), wd):
+        runs.setdefault(arm, {})[seed] = wd
+  return runs
+
+
+def write_report(root: str, runs: dict, suite: str) -> dict:
+  rep = compare.build_report(runs, suite)
+  timings = _read_json(os.path.join(root, TIMINGS_FILE))
+  if timings:
+    rep["timings_s"] = timings
+  rep["figures"] = [os.path.relpath(p, root)
+                    for p in compare.write_figures(rep, os.path.join(root, FIGURES_DIR))]
+  _write_json(os.path.join(root, REPORT_FILE), rep)
+  with open(os.path.join(root, SUMMARY_FILE), "w", encoding="utf-8") as f:
+    f.write(compare.markdown(rep) + "\n\n" + summary(rep) + "\n")
+  return rep
+
+
+def summary(rep: dict) -> str:
+  """A few lines: each effect, its numbers, and whether it holds."""
+  lines = []
+  for name in ("multi_attempt", "lte"):
+    effect = rep[name].get("effect")
+    if effect:
+      numbers = {k: v for k, v in effect.items() if k not in ("claim", "holds")}
+      lines.append(f"{effect['claim']}: {'HOLDS' if effect['holds'] else 'DOES NOT HOLD'} "
+                   f"{json.dumps(numbers)}")
+  return "\n".join(lines) or "no complete comparison (missing arms)"
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, allow_nan=True)
+  os.replace(tmp, path)
+
+
+def _enable_compile_cache() -> None:
+  import jax
+  from mar import demo
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(demo.cache_root(), "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv):
+  del argv
+  root, seeds = _WORKDIR.value, [int(s) for s in _SEEDS.value]
+  arms = list(_ARMS.value)
+  known = compare.PPO_ARMS + compare.GROUP_ARMS
+  bad = [a for a in arms if a not in known]
+  if bad:
+    raise app.UsageError(f"--arms: unknown {bad}; expected some of {known}")
+  os.makedirs(root, exist_ok=True)
+  if _COMPILE_CACHE.value:
+    _enable_compile_cache()
+  if _SUITE.value == "miniature" and not _REPORT_ONLY.value:
+    runs = run_miniature(root, arms, seeds, _TINY.value, _SET.value)
+  else:
+    if _SUITE.value == "paper":
+      print("# paper-scale runs (accelerators; see launch/README.md), one per arm and seed:")
+      print("\n".join(paper_commands(root, arms, seeds, _PPO_MODEL.value, _LTE_MODEL.value)))
+    runs = existing_runs(root, arms, seeds)
+    if not runs:
+      print(f"# no finished runs under {root} yet; rerun this command when they are")
+      return
+  rep = write_report(root, runs, _SUITE.value)
+  print(summary(rep))
+  print(f"report: {os.path.join(root, REPORT_FILE)}; figures: {rep['figures']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

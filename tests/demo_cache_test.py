@@ -1,0 +1,79 @@
+"""The demo's warm-start cache: built once per (warm-start config, seed), verified on load."""
+
+import os
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+
+from configs import demo as demo_config
+from configs import miniature
+from mar import demo
+
+
+def _tiny_config(seed=0):
+  c = demo_config.get_config()
+  c.model.demo.update(dict(sft_steps=2, sft_batch=4))
+  c.seed = seed
+  return c
+
+
+class DemoCacheTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.cache = tempfile.mkdtemp()
+    patcher = mock.patch.dict(os.environ, {"MAR_CACHE": self.cache})
+    patcher.start()
+    self.addCleanup(patcher.stop)
+
+  def test_built_once_reused_and_rebuilt_when_corrupt(self):
+    c = _tiny_config()
+    path = demo.ensure_demo_model(c, tempfile.mkdtemp())
+    self.assertEqual(os.path.dirname(path), os.path.join(self.cache, "demo_models"))
+    self.assertTrue(demo.verify_cached(path, demo.warm_start_key(c)))
+    # No temporary folders are left beside it.
+    self.assertEqual(os.listdir(os.path.dirname(path)), [os.path.basename(path)])
+    with mock.patch.object(demo, "warm_start", side_effect=AssertionError("rebuilt")):
+      self.assertEqual(demo.ensure_demo_model(c, tempfile.mkdtemp()), path)
+    with open(os.path.join(path, "model.safetensors"), "r+b") as f:
+      f.seek(100)
+      f.write(b"\x00\x01\x02\x03")
+    self.assertFalse(demo.verify_cached(path, demo.warm_start_key(c)))
+    with mock.patch.object(demo, "warm_start", wraps=demo.warm_start) as spy:
+      self.assertEqual(demo.ensure_demo_model(c, tempfile.mkdtemp()), path)
+      spy.assert_called_once()
+    self.assertTrue(demo.verify_cached(path, demo.warm_start_key(c)))
+
+  def test_key_follows_warm_start_config_and_seed_only(self):
+    a = demo.warm_start_key(_tiny_config())
+    self.assertNotEqual(a, demo.warm_start_key(_tiny_config(seed=1)))
+    c = _tiny_config()
+    c.model.demo.sft_lr = 1e-3
+    self.assertNotEqual(a, demo.warm_start_key(c))
+    c = _tiny_config()
+    c.train.num_steps = 7  # RL settings do not change the warm start
+    self.assertEqual(a, demo.warm_start_key(c))
+    # The suite pins the warm-start seed: RL seeds share one model.
+    m0, m1 = miniature.get_config("lte"), miniature.get_config("single_turn")
+    m1.seed = 5
+    self.assertEqual(demo.warm_start_key(m0), demo.warm_start_key(m1))
+
+  def test_neutral_dialogue_targets_only_the_correct_answer(self):
+    from mar.data import synthetic
+    from mar.data.tiny_tokenizer import build_tiny_tokenizer
+    from mar.data.tokenizer import Tokenizer
+
+    folder = tempfile.mkdtemp()
+    build_tiny_tokenizer(folder, vocab_size=300)
+    tok = Tokenizer.from_dir(folder)
+    exs = synthetic.make_arithmetic_examples(32, 3, max_digits=2, num_operands=3)
+    tokens, valid, target = demo.sft_batch(tok, exs, 4, 1.0, 0, 512, "neutral", (-1, 1))
+    for ex, row, v, t in zip(exs, tokens, valid, target):
+      self.assertEqual(tok.decode(row[t].tolist()), f"\\boxed{{{ex.answer}}}<|im_end|>")
+      context = tok.decode(row[v & ~t].tolist())
+      self.assertNotIn(f"\\boxed{{{ex.answer}}}", context)
+
+
+if __name__ == "__main__":
+  absltest.main()

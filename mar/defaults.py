@@ -11,6 +11,9 @@ from mar.config_utils import common_config
 
 def base_config() -> ConfigDict:
   c = common_config()
+  # Learner batches hold real tokens only: sequences packed into rows of this many slots
+  # (-1: the rollout's row width, prompt bucket + token budget); 0: padded rows as sampled.
+  c.train.pack_len = -1
   c.mode = "train"  # train | eval
   c.method = "ppo"  # ppo | grpo | lte | grpo_extra
   c.distributed = False  # jax.distributed.initialize() on multi-host launches

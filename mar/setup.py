@@ -98,7 +98,8 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
                         kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
                         temperature=r.temperature, micro_batches=p.micro_batches)
-    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules)
+    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules,
+                          pack_len=config.train.pack_len)
   g = config.grpo
   hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
                         clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
@@ -106,7 +107,7 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                         separate_norm=g.separate_norm, temperature=r.temperature,
                         micro_batches=g.micro_batches)
   return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
-                          rules=rules)
+                          rules=rules, pack_len=config.train.pack_len)
 
 
 def _optimizer(config, lr: float):

@@ -44,7 +44,7 @@ class PlanTest(absltest.TestCase):
   def test_round_trip_and_counts(self):
     valid = _widen(pt._masks(None)[0])  # pylint: disable=protected-access
     x = np.where(valid, np.arange(valid.size).reshape(valid.shape), 0)
-    p = packing.plan(valid, 48, num_mini_batches=2, row_multiple=2)
+    p = packing.plan(valid, 48, num_mini_batches=2, shards=2)
     self.assertEqual(p.real_tokens, valid.sum())
     self.assertEqual(p.num_rows % 4, 0)
     self.assertLess(p.positions, valid.size)
@@ -59,6 +59,9 @@ class PlanTest(absltest.TestCase):
     self.assertEqual([packing.bucket_rows(n) for n in (1, 7, 8, 9, 17, 100)],
                      [1, 7, 8, 10, 20, 112])
     self.assertEqual(packing.bucket_rows(9, 4), 12)
+    # beyond the padded micro-batch's rows: whole micro-batches of that many rows
+    self.assertEqual(packing.mini_batch_rows(5, micro_rows=8, shards=2), (6, 1))
+    self.assertEqual(packing.mini_batch_rows(73, micro_rows=8), (80, 10))
 
   def test_non_contiguous_rows_are_an_error(self):
     valid = np.array([[1, 0, 1, 0]], bool)
@@ -139,15 +142,18 @@ class GroupLossTest(parameterized.TestCase):
     params = models.init_params(config, jax.random.key(0), std=0.2)
     batch = _group_batch(config, params)
     grads = {}
-    for mb in (1, 2):
+    for mb in (1, 4):
       hp = grpo.GRPOHparams(logprob_chunk=8, micro_batches=mb, agg=agg)
       learner = grpo.GRPOLearner(config, hp, optim.make_optimizer(1e-3, 10), 16, pack_len=48)
-      packed, _ = learner.pack_batch(batch, 1)
+      packed, counts = learner.pack_batch(batch, 1)
+      rows = len(packed["tokens"])
+      self.assertEqual(rows // counts["micro_rows"], 1 if mb == 1 else 2)  # unequal tokens
       # sgd(1): the update is minus the accumulated gradient
-      step = jax.jit(make_update_step(grpo.actor_loss_fn(config, hp, 16), _sgd(), mb))
+      step = jax.jit(make_update_step(grpo.actor_loss_fn(config, hp, 16), _sgd(),
+                                      micro_rows=counts["micro_rows"]))
       new, _, _ = step(params, _sgd().init(params), {k: jnp.asarray(v) for k, v in packed.items()})
       grads[mb] = jax.tree.map(lambda a, b: a - b, params, new)
-    _close_trees(self, grads[2], grads[1])
+    _close_trees(self, grads[4], grads[1])
 
 
 def _sgd():

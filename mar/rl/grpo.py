@@ -126,7 +126,8 @@ class GRPOLearner:
   response_len: int
   mesh: Any = None
   rules: Any = None
-  pack_len: int = 0  # > 0: batches packed into rows of this many slots (`rl.packing`)
+  # Packed batches (`rl.packing`): rows of pack_len slots (-1: the batch's own width); 0: off.
+  pack_len: int = 0
 
   def __post_init__(self):
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
@@ -151,15 +152,20 @@ class GRPOLearner:
     self.update = jax.jit(
         make_update_step(loss, self.optimizer, hp.micro_batches),
         donate_argnums=(0, 1), **kw)
+    self._loss, self._update_kw, self._packed_updates = loss, kw, {}
 
-  def plan(self, valid, num_mini_batches: int = 1, micro_batches: int = 1):
+  def plan(self, valid, num_mini_batches: int = 1, micro_batches: int | None = None):
     """This host's packing of an [n, S] batch (the same row count on every host)."""
-    valid = np.asarray(valid, bool)
-    hosts = jax.process_count()
-    local_mb = max(num_mini_batches // hosts, 1) if hosts > 1 else num_mini_batches
-    rows = parallel.max_over_hosts(packing.rows_needed(valid, self.pack_len, local_mb))
-    multiple = micro_batches * self.shards
-    return packing.plan(valid, self.pack_len, local_mb, multiple, min_rows=rows)
+    return packing.host_plan(valid, self.pack_len, num_mini_batches, micro_batches,
+                             self.shards)
+
+  def packed_update(self, micro_rows: int):
+    """The update program for packed batches of `micro_rows` rows per micro-batch."""
+    if micro_rows not in self._packed_updates:
+      self._packed_updates[micro_rows] = jax.jit(
+          make_update_step(self._loss, self.optimizer, micro_rows=micro_rows),
+          donate_argnums=(0, 1), **self._update_kw)
+    return self._packed_updates[micro_rows]
 
   def logprobs_host(self, params, tokens, valid) -> np.ndarray:
     """log-probs [n, S] (numpy) of this host's rows, through the packed program if packing."""
@@ -173,10 +179,12 @@ class GRPOLearner:
     return packing.unpack(out, p.index, p.shape)
 
   def pack_batch(self, batch: dict, num_mini_batches: int) -> tuple[dict, dict]:
-    """Host: an unpacked group batch -> (packed batch, counts for the metrics)."""
+    """Host: an unpacked group batch -> (packed batch, counts for the metrics).
+
+    counts also carries `micro_rows`, the packed update's micro-batch row count."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    mb = self.hp.micro_batches
-    p = self.plan(batch["valid"], num_mini_batches, mb)
+    p = self.plan(batch["valid"], num_mini_batches, self.hp.micro_batches)
+    mb = p.micro_batches
     out = packing.pack_host(batch, p, _PER_SEQUENCE)
     out["seq_counts"] = packing.sequence_counts(out["action_mask"], p.seq)
     # The normaliser of the (global) mini-batch each row belongs to.
@@ -185,13 +193,14 @@ class GRPOLearner:
     norms = np.asarray([loss_norms(self.hp, {k: v[i * per:(i + 1) * per]
                                              for k, v in batch.items()}, per, mb)
                         for i in range(local_mb)])
-    hosts_per_mb = jax.process_count() // num_mini_batches
+    hosts_per_mb = max(jax.process_count() // num_mini_batches, 1)
     if hosts_per_mb > 1:  # a mini-batch spans several hosts' rows
       norms = parallel.sum_over_host_groups(norms, hosts_per_mb)
     out["loss_norm"] = np.repeat(norms, p.rows_per_mini_batch).astype(np.float32)
     del out["valid"]
     return out, {"train/real_tokens": float(p.real_tokens),
-                 "train/padded_positions": float(p.positions)}
+                 "train/padded_positions": float(p.positions),
+                 "micro_rows": p.rows_per_mini_batch * hosts_per_mb // mb}
 
   def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
     """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
@@ -205,8 +214,10 @@ class GRPOLearner:
                        "mini-batches (config.grpo.mini_batches)")
     counts = {"train/real_tokens": float(np.asarray(batch["valid"]).sum()),
               "train/padded_positions": float(np.size(batch["valid"]))}
+    update = self.update
     if self.pack_len:
       batch, counts = self.pack_batch(batch, num_mini_batches)
+      update = self.packed_update(counts.pop("micro_rows"))
     if self.mesh is not None:
       batch = parallel.put_batch(batch, self.mesh, self.rules)
     if self.hp.kl_coef:
@@ -215,6 +226,6 @@ class GRPOLearner:
       batch = dict(batch, ref_logp=ref_logp)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
-      policy, opt_state, metrics = self.update(policy, opt_state, part)
+      policy, opt_state, metrics = update(policy, opt_state, part)
       history.append(metrics)
     return policy, opt_state, {**mean_metrics(history), **counts}

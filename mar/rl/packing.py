@@ -11,16 +11,22 @@ work on host numpy arrays and, inside jitted programs, on device arrays alike. S
 restarts RoPE positions per segment, so every packed token sees what it saw unpacked.
 
 Sequences are packed per mini-batch (sequences [k N/m, (k+1) N/m) fill their own rows),
-so a mini-batch holds the same sequences packed or not. The row count per mini-batch is
-rounded up to `bucket_rows` (a multiple of `row_multiple`, then at most 3 significant
-bits), so programs compile for a few shapes, not once per step.
+so a mini-batch holds the same sequences packed or not. Micro-batches keep the padded
+layout's memory bound: at most `micro_rows` rows each (the padded micro-batch's row count,
+rows being as wide as the padded ones), so a packed mini-batch has fewer micro-batches
+rather than fuller ones. Row and micro-batch counts are rounded up by `bucket_rows` (to a
+multiple of the data shards, then at most 3 significant bits), so programs compile for a
+few shapes, not once per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
+
+from mar import parallel
 
 
 PAD_INDEX = np.iinfo(np.int32).max
@@ -45,6 +51,7 @@ class PackPlan:
     seq: int32 [R, L]; the sequence n of each slot, -1 for padding.
     shape: (N, S) of the unpacked layout.
     rows_per_mini_batch: R / num_mini_batches.
+    micro_batches: micro-batches per mini-batch (each rows_per_mini_batch / micro_batches rows).
   """
 
   index: np.ndarray
@@ -52,6 +59,7 @@ class PackPlan:
   seq: np.ndarray
   shape: tuple[int, int]
   rows_per_mini_batch: int
+  micro_batches: int = 1
 
   @property
   def row_len(self) -> int:
@@ -115,11 +123,25 @@ def _first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, row_multiple: int = 1,
-         min_rows: int = 0, base: int = 0) -> PackPlan:
+def mini_batch_rows(needed: int, micro_rows: int | None = None, shards: int = 1):
+  """(rows, micro-batches) of a packed mini-batch that needs `needed` rows.
+
+  Up to `micro_rows` rows: one micro-batch, rows bucketed over `shards`. Beyond: a bucketed
+  number of micro-batches of `micro_rows` rows each (a multiple of `shards`).
+  """
+  if micro_rows is None or needed <= micro_rows:
+    rows = bucket_rows(needed, shards)
+    return (rows if micro_rows is None else min(rows, micro_rows)), 1
+  m = bucket_rows(-(-needed // micro_rows))
+  return m * micro_rows, m
+
+
+def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, shards: int = 1,
+         min_rows: int = 0, base: int = 0, micro_rows: int | None = None) -> PackPlan:
   """Packs the valid spans of an [N, S] batch into rows of `row_len` slots.
 
-  `row_multiple`: rows per mini-batch are a multiple of it (micro-batches x data shards).
+  `shards`: row counts are multiples of it (the mesh's batch shards). `micro_rows`: at most
+  this many rows per micro-batch (None: one micro-batch per mini-batch).
   `min_rows`: at least this many rows per mini-batch (on several hosts, the largest count
   over hosts, so every host's plan has the same shape). `base`: added to every index
   (this host's first slot in the global [N_global * S] layout).
@@ -134,7 +156,8 @@ def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, row_multipl
   groups = [[[i + k * per for i in row] for row in _first_fit(length[k * per:(k + 1) * per],
                                                                 row_len)]
             for k in range(num_mini_batches)]
-  rows = bucket_rows(max([len(g) for g in groups] + [min_rows, 1]), row_multiple)
+  rows, micro = mini_batch_rows(max([len(g) for g in groups] + [min_rows, 1]), micro_rows,
+                                shards)
   total = rows * num_mini_batches
   index = np.full((total, row_len), PAD_INDEX, np.int32)
   seg = np.zeros((total, row_len), np.int32)
@@ -148,7 +171,7 @@ def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, row_multipl
         seg[row, at:at + ln] = j + 1
         seq[row, at:at + ln] = i
         at += ln
-  return PackPlan(index, seg, seq, (n, s), rows)
+  return PackPlan(index, seg, seq, (n, s), rows, micro)
 
 
 def rows_needed(valid: np.ndarray, row_len: int, num_mini_batches: int = 1) -> int:
@@ -157,6 +180,31 @@ def rows_needed(valid: np.ndarray, row_len: int, num_mini_batches: int = 1) -> i
   per = len(length) // num_mini_batches
   return max(len(_first_fit(length[k * per:(k + 1) * per], row_len))
              for k in range(num_mini_batches))
+
+
+def host_plan(valid, row_len: int, num_mini_batches: int = 1, micro_batches: int | None = None,
+              shards: int = 1, global_index: bool = False) -> PackPlan:
+  """This host's plan for its rows of a learner batch (every host calls it: a collective).
+
+  row_len <= 0: the batch's own width. On several hosts each packs its own rows with the
+  same row count (the largest any host needs); mini-batch k of the global batch is then
+  made of whole hosts' mini-batches, as in the padded layout. `micro_batches`: the padded
+  layout's micro-batch count, whose row count bounds the packed micro-batches (None: no
+  micro-batching, e.g. a log-prob pass). `global_index`: index the global [N_all, S] layout.
+  """
+  valid = np.asarray(valid, bool)
+  n, s = valid.shape
+  hosts = jax.process_count()
+  local_mb = max(num_mini_batches // hosts, 1)
+  hosts_per_mb = max(hosts // num_mini_batches, 1)
+  row_len = row_len if row_len > 0 else s
+  micro_rows = None
+  if micro_batches is not None:
+    micro_rows = max(n * hosts // num_mini_batches // micro_batches // hosts_per_mb, 1)
+  rows = parallel.max_over_hosts(rows_needed(valid, row_len, local_mb))
+  base = jax.process_index() * n * s if global_index else 0
+  return plan(valid, row_len, local_mb, shards, min_rows=rows, base=base,
+              micro_rows=micro_rows)
 
 
 # ----- moving data in and out of the packed layout (numpy or jax.numpy) -------------------

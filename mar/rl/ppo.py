@@ -141,7 +141,9 @@ class PPOLearner:
   critic_opt: Any
   mesh: Any = None
   rules: Any = None
-  pack_len: int = 0  # > 0: scoring and updates over rows of this many slots (`rl.packing`)
+  # Scoring and updates over packed rows (`rl.packing`) of pack_len slots (-1: the rollout's
+  # own width); 0: the padded [B, S] layout.
+  pack_len: int = 0
 
   def __post_init__(self):
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
@@ -170,6 +172,7 @@ class PPOLearner:
     self.update_critic = jax.jit(
         make_update_step(critic_loss, self.critic_opt, hp.micro_batches),
         donate_argnums=(0, 1), **critic_kw)
+    self._update_args, self._packed = (actor_loss, critic_loss, actor_kw, critic_kw), {}
 
   def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes,
            num_mini_batches: int = 1):
@@ -184,10 +187,13 @@ class PPOLearner:
     valid = np.asarray(episodes.valid)
     counts = {"train/real_tokens": float(valid.sum()),
               "train/padded_positions": float(valid.size)}
-    plan = None
+    plan, update_actor, update_critic = None, self.update_actor, self.update_critic
     if self.pack_len:
       plan = self.plan(valid, num_mini_batches)
       counts["train/padded_positions"] = float(plan.positions)
+      hosts_per_mb = max(jax.process_count() // num_mini_batches, 1)
+      update_actor, update_critic = self.packed_updates(
+          plan.rows_per_mini_batch * hosts_per_mb // plan.micro_batches)
     if self.mesh is not None:
       episodes = parallel.put_batch(scored_fields(episodes), self.mesh, self.rules)
     if plan is None:
@@ -197,8 +203,8 @@ class PPOLearner:
       batch = self.score_packed(policy, ref, critic, episodes, index, seg)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
-      critic, critic_state, c_metrics = self.update_critic(critic, critic_state, part)
-      policy, actor_state, a_metrics = self.update_actor(policy, actor_state, part)
+      critic, critic_state, c_metrics = update_critic(critic, critic_state, part)
+      policy, actor_state, a_metrics = update_actor(policy, actor_state, part)
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
                       **{f"critic/{k}": v for k, v in c_metrics.items()}})
     metrics = {**mean_metrics(history), **counts}
@@ -206,9 +212,16 @@ class PPOLearner:
 
   def plan(self, valid: np.ndarray, num_mini_batches: int) -> packing.PackPlan:
     """This host's packing of its rollout rows, indexing the global [B, S] layout."""
-    hosts, (n, s) = jax.process_count(), valid.shape
-    local_mb = max(num_mini_batches // hosts, 1) if hosts > 1 else num_mini_batches
-    rows = parallel.max_over_hosts(packing.rows_needed(valid, self.pack_len, local_mb))
-    return packing.plan(valid, self.pack_len, local_mb, self.hp.micro_batches * self.shards,
-                        min_rows=rows, base=jax.process_index() * n * s)
+    return packing.host_plan(valid, self.pack_len, num_mini_batches, self.hp.micro_batches,
+                             self.shards, global_index=True)
 
+  def packed_updates(self, micro_rows: int):
+    """(actor, critic) update programs for packed batches of `micro_rows`-row micro-batches."""
+    if micro_rows not in self._packed:
+      actor_loss, critic_loss, actor_kw, critic_kw = self._update_args
+      self._packed[micro_rows] = (
+          jax.jit(make_update_step(actor_loss, self.actor_opt, micro_rows=micro_rows),
+                  donate_argnums=(0, 1), **actor_kw),
+          jax.jit(make_update_step(critic_loss, self.critic_opt, micro_rows=micro_rows),
+                  donate_argnums=(0, 1), **critic_kw))
+    return self._packed[micro_rows]

@@ -160,7 +160,7 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline)
+      timeline=timeline, prompt_buckets=r.prompt_buckets)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,

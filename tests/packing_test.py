@@ -133,6 +133,26 @@ class GroupLossTest(parameterized.TestCase):
       np.testing.assert_allclose(m_b[k], m_a[k], rtol=LOSS_TOL, atol=LOSS_TOL, err_msg=k)
     _close_trees(self, g_b, g_a)
 
+  def test_without_old_logp_pi_old_is_pi(self):
+    """One on-policy mini-batch: the loss's own log-probs stand in for an old-logp pass."""
+    config = pt.tiny_config()
+    params = models.init_params(config, jax.random.key(0), std=0.2)
+    batch = _group_batch(config, params)
+    lp = jax.jit(lambda p, t, v: grpo.scoring.token_logprobs(config, p, t, v, chunk=8))
+    batch["old_logp"] = np.asarray(lp(params, batch["tokens"], batch["valid"]))
+    hp = grpo.GRPOHparams(logprob_chunk=8)
+    learner = grpo.GRPOLearner(config, hp, optim.make_optimizer(1e-3, 10), 16, pack_len=48)
+    grad = jax.jit(jax.value_and_grad(grpo.actor_loss_fn(config, hp, 16), has_aux=True))
+    results = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "old_logp"}):
+      packed, _ = learner.pack_batch(b, 1)
+      results.append(grad(params, {k: jnp.asarray(v) for k, v in packed.items()}))
+    (la, ma), ga = results[0]
+    (lb, mb), gb = results[1]
+    np.testing.assert_allclose(lb, la, rtol=LOSS_TOL, atol=LOSS_TOL)
+    self.assertEqual(float(mb["clipfrac"]), 0.0)
+    _close_trees(self, gb, ga)
+
   @parameterized.named_parameters(("token_mean", "token_mean"),
                                   ("drgrpo", "seq_mean_token_sum_norm"))
   def test_packed_micro_batches_give_the_mini_batch_gradient(self, agg):

@@ -81,7 +81,7 @@ class TrainerTest(absltest.TestCase):
       self.assertTrue(np.isfinite(m["loss"]))
       self.assertIn("success_at_attempt/1", m)
     run.close()
-    self.assertEqual(_cache_size(run.runner._rollout), 1)
+    self.assertEqual(sum(map(_cache_size, run.runner._programs.values())), 1)
     self.assertEqual(_cache_size(run.learner.score), 1)
     self.assertEqual(_cache_size(run.learner.update_actor), 1)
     self.assertEqual(_cache_size(run.learner.update_critic), 1)

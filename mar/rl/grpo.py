@@ -78,12 +78,15 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
     out = scoring.token_logprobs(config, params, mb["tokens"], valid, hp.temperature,
                                  hp.logprob_chunk, with_entropy=want_entropy, segment_ids=seg)
     logp, entropy = out if want_entropy else (out, None)
+    # No old_logp: the batch is learned in one optimizer step from the policy that sampled
+    # it, so pi_old is pi itself (what a separate forward would give, without its cost).
+    old_logp = mb.get("old_logp", jax.lax.stop_gradient(logp))
     packed = {}
     if seg is not None:  # the mini-batch's normaliser, shared by its micro-batches
       packed = dict(seq_counts=mb["seq_counts"],
                     group_norm=None if hp.separate_norm else mb["loss_norm"][0])
     return losses.grpo_lte_loss(
-        logp, mb["old_logp"], mb["old_logp_hinted"], mb["advantages"], mb["action_mask"],
+        logp, old_logp, mb["old_logp_hinted"], mb["advantages"], mb["action_mask"],
         mb["hinted"], clip_low=hp.clip_low, clip_high=hp.clip_high,
         shaping_gamma=hp.shaping_gamma, agg=hp.agg, max_len=max_len,
         separate_norm=hp.separate_norm, ref_logp=mb.get("ref_logp"), kl_coef=hp.kl_coef,
@@ -204,7 +207,8 @@ class GRPOLearner:
 
   def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
     """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
-    advantages), one optimizer step per mini-batch; metrics averaged over them.
+    advantages), one optimizer step per mini-batch; metrics averaged over them. Without
+    old_logp (one mini-batch only) the policy's own log-probs stand in for pi_old.
 
     With `pack_len` the batch is packed here (`pack_batch`); metrics then include the
     update's real tokens and computed positions (this host's)."""
@@ -212,6 +216,8 @@ class GRPOLearner:
     if size % num_mini_batches:
       raise ValueError(f"group batch {size} is not divisible into {num_mini_batches} "
                        "mini-batches (config.grpo.mini_batches)")
+    if "old_logp" not in batch and num_mini_batches > 1:
+      raise ValueError("group batch without old_logp: only one mini-batch is on-policy")
     counts = {"train/real_tokens": float(np.asarray(batch["valid"]).sum()),
               "train/padded_positions": float(np.size(batch["valid"]))}
     update = self.update

@@ -172,8 +172,10 @@ def main():
   ap.add_argument("--side", default="both", choices=["both", "mar", "trl"])
   ap.add_argument("--pack_len", type=int, default=-1)
   ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mar_grpo_vs_trl"))
+  ap.add_argument("--model_path", default="", help="a demo model folder (default: build one)")
   args = ap.parse_args()
-  model_path = demo.ensure_demo_model(demo_config.get_config("lte"), args.workdir)
+  model_path = args.model_path or demo.ensure_demo_model(demo_config.get_config("lte"),
+                                                         args.workdir)
   result = {"machine": {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg()[0]},
             "work": "configs/demo.py:lte method=grpo: 16 prompts x 8, 24 new tokens, f32, "
                     "beta 0, one update over 128 sequences; median of steps 3-8"}

@@ -4,6 +4,7 @@
   python bench/train_step.py --configs=tiny --repeats=5
   python bench/train_step.py --reshard                 # + layout change cost on 8 CPU devices
   python bench/train_step.py --configs= --host_fraction  # host share of demo trainer steps
+  python bench/train_step.py --configs= --packing        # padding of packed batches, paper mix
 
 Prints one JSON object. For each config (Qwen2 shapes below; batch x sequence stated in the
 output), one update step on one batch, all f32 on one device:
@@ -293,6 +294,49 @@ def run_config(name: str, repeats: int, peak_gflops: float) -> dict:
   return out
 
 
+# ----- positions the update computes: padded rows vs packed rows (paper length mix) ---------
+
+
+def paper_length_mix(n: int, seed: int = 0, prompt=(100, 130), median: float = 900.0,
+                     sigma: float = 0.8, cap: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt and response lengths: prompts uniform in `prompt`, responses lognormal."""
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(prompt[0], prompt[1] + 1, n)
+  responses = np.minimum(np.maximum(np.round(rng.lognormal(np.log(median), sigma, n)), 1), cap)
+  return prompts, responses.astype(np.int64)
+
+
+def packing_counts(sequences: int = 1024, prompt_len: int = 1024, token_budget: int = 8192,
+                   mini_batches: int = 2, micro_batches: int = 64, seeds: int = 5) -> dict:
+  """Positions computed by the GRPO update per real token, padded vs packed.
+
+  Defaults: configs/lte_qwen.py (128 prompts x G = 8, 2 mini-batches of 64 micro-batches).
+  The batch is laid out as the rollout hands it over ([N, prompt bucket + token budget],
+  left-padded prompts, right-padded responses) and packed by the learner's own plan
+  (`GRPOLearner.plan`, rows as wide as the rollout's, counts bucketed per mini-batch).
+  """
+  cfg = QwenConfig.tiny("qwen3")
+  learner = grpo.GRPOLearner(cfg, grpo.GRPOHparams(micro_batches=micro_batches),
+                             optim.make_optimizer(LR, 10), token_budget, pack_len=-1)
+  width = prompt_len + token_budget
+  runs = []
+  for seed in range(seeds):
+    p_len, r_len = paper_length_mix(sequences, seed, cap=token_budget)
+    slot = np.arange(width)[None]
+    valid = (slot >= prompt_len - p_len[:, None]) & (slot < prompt_len + r_len[:, None])
+    plan = learner.plan(valid, mini_batches, micro_batches)
+    real = int(valid.sum())
+    runs.append({"real_tokens": real, "padded_positions": int(valid.size),
+                 "packed_positions": plan.positions, "rows": plan.num_rows,
+                 "padded_ratio": valid.size / real, "packed_ratio": plan.positions / real})
+  return {"sequences": sequences, "row_len": width, "mini_batches": mini_batches,
+          "micro_batches": micro_batches,
+          "mix": "prompts U[100, 130], responses lognormal(median 900, sigma 0.8), cap 8192",
+          "packed_ratio_max": max(r["packed_ratio"] for r in runs),
+          "padded_ratio_mean": float(np.mean([r["padded_ratio"] for r in runs])),
+          "runs": runs}
+
+
 # ----- the memory planner's activation estimate vs XLA ---------------------------------------------
 
 
@@ -430,6 +474,8 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--reshard", action="store_true", help="also time layout changes (8 devices)")
   ap.add_argument("--reshard_child", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--packing", action="store_true",
+                  help="also count positions vs real tokens of packed batches (paper mix)")
   ap.add_argument("--host_fraction", action="store_true",
                   help="also measure the host's share of trainer steps (demo config)")
   args = ap.parse_args()
@@ -461,6 +507,8 @@ def main():
     result["reshard"] = reshard_bench()
   if args.host_fraction:
     result["host_fraction"] = host_fraction()
+  if args.packing:
+    result["packing"] = packing_counts()
   result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
   print(json.dumps(result, indent=1))
 

@@ -11,6 +11,9 @@ from mar.config_utils import common_config
 
 def base_config() -> ConfigDict:
   c = common_config()
+  # Learner batches hold real tokens only: sequences packed into rows of this many slots
+  # (-1: the rollout's row width, prompt bucket + token budget); 0: padded rows as sampled.
+  c.train.pack_len = -1
   c.mode = "train"  # train | eval
   c.method = "ppo"  # ppo | grpo | lte | grpo_extra
   c.distributed = False  # jax.distributed.initialize() on multi-host launches
@@ -30,6 +33,7 @@ def base_config() -> ConfigDict:
       prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
       batch_size=0,  # rows per rollout program; 0 = prompts_per_step
       prompt_len=256,  # left-padded prompt bucket
+      prompt_buckets=1,  # > 1: also prompt_len / 2, / 4, ...; a call pads to the least that fits
       token_budget=512,  # generated tokens shared by all attempts
       max_attempts=5,  # M
       attempts="uniform",  # uniform: N ~ U{1..M} per episode; fixed: N = M

@@ -176,6 +176,17 @@ def batch_spec(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> PartitionSpec:
   return sharding_lib.logical_to_spec(axes, mesh, rules, shape)
 
 
+def batch_shards(mesh: Mesh | None, rules: Rules | None = None) -> int:
+  """How many ways the rows of a batch are split (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  n = 1 << 30  # a row count every shard count divides
+  spec = batch_spec(mesh, rules, (n,))[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
 def batch_shardings(tree, mesh: Mesh, rules: Rules | None = None):
   rules = sharding_lib.DEFAULT_RULES if rules is None else rules
   return jax.tree.map(lambda x: NamedSharding(mesh, batch_spec(mesh, rules, np.shape(x))), tree)
@@ -287,6 +298,17 @@ def max_over_hosts(n: int) -> int:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+
+
+def sum_over_host_groups(values: np.ndarray, group: int) -> np.ndarray:
+  """`values` summed over each run of `group` consecutive hosts (every host calls it)."""
+  if jax.process_count() == 1 or group <= 1:
+    return np.asarray(values)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  every = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.float64)))
+  first = jax.process_index() // group * group
+  return every[first:first + group].sum(0)
 
 
 def mean_over_hosts(metrics: dict) -> dict:

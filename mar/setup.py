@@ -96,7 +96,8 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
                         kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
                         temperature=r.temperature, micro_batches=p.micro_batches)
-    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules)
+    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules,
+                          pack_len=config.train.pack_len)
   g = config.grpo
   hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
                         clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
@@ -104,7 +105,7 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                         separate_norm=g.separate_norm, temperature=r.temperature,
                         micro_batches=g.micro_batches)
   return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
-                          rules=rules)
+                          rules=rules, pack_len=config.train.pack_len)
 
 
 def updates_per_step(config) -> int:
@@ -162,7 +163,7 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline, stop_at_box=r.stop_at_box)
+      timeline=timeline, stop_at_box=r.stop_at_box, prompt_buckets=r.prompt_buckets)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,

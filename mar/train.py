@@ -92,6 +92,7 @@ def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
   m.update(_host_share(run, started))
   m["tokens_per_s"] = m["response_tokens_total"] / max(timer.seconds.get("sample", 1e-9), 1e-9)
   m["loss"] = learn.get("actor/loss", np.nan)
+  m["time/step"] = time.perf_counter() - started
   return state, m
 
 
@@ -157,6 +158,7 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   }
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
+  m["time/step"] = time.perf_counter() - started
   return state, m
 
 

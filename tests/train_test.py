@@ -81,10 +81,16 @@ class TrainerTest(absltest.TestCase):
       self.assertTrue(np.isfinite(m["loss"]))
       self.assertIn("success_at_attempt/1", m)
     run.close()
-    self.assertEqual(_cache_size(run.runner._rollout), 1)
-    self.assertEqual(_cache_size(run.learner.score), 1)
-    self.assertEqual(_cache_size(run.learner.update_actor), 1)
-    self.assertEqual(_cache_size(run.learner.update_critic), 1)
+    self.assertEqual(sum(map(_cache_size, run.runner._programs.values())), 1)
+    # Packed learner batches: one program per row-count bucket, never one per step.
+    buckets = len(run.learner._packed)
+    self.assertLessEqual(_cache_size(run.learner.score_packed), 2)
+    for actor, critic in run.learner._packed.values():
+      self.assertEqual(_cache_size(actor), 1)
+      self.assertEqual(_cache_size(critic), 1)
+    self.assertLessEqual(buckets, 2)
+    self.assertGreater(m["train/real_tokens"], 0)
+    self.assertLessEqual(m["train/padded_positions"], 8 * run.runner.spec.cache_len)
 
   def test_batch_indices_cover_epochs(self):
     config = tiny_config("ppo")

@@ -16,7 +16,6 @@ from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
-from mar import parallel
 from mar.lte import hints, refine
 from mar.rl import grpo
 from mar.rollout.runner import HostEpisodes
@@ -68,9 +67,9 @@ def first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
 
 
 def logprobs(run, params, tokens, valid) -> np.ndarray:
-  """The learner's log-probs of this host's rows (a program over all hosts' rows)."""
-  batch = parallel.put_batch((tokens, valid), run.mesh)
-  return parallel.host_local(run.timeline.call(run.learner.logprobs, params, *batch))
+  """The learner's log-probs of this host's rows (a program over all hosts' rows; packed
+  rows of real tokens unless train.pack_len is 0)."""
+  return run.timeline.call(run.learner.logprobs_host, params, tokens, valid)
 
 
 def hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
@@ -81,7 +80,7 @@ def hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
   """
   pl, rl, tok = run.runner.prompt_len, run.runner.spec.token_budget, run.tokenizer
   n, per = len(hinted_texts), run.runner.local_batch
-  pad = -n % per
+  pad = 0 if run.learner.pack_len else -n % per  # packed rows are bucketed already
   texts, responses = hinted_texts + hinted_texts[:1] * pad, responses + responses[:1] * pad
   tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in texts], responses, pl, rl,
                                          tok.pad_id)
@@ -119,6 +118,9 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   else:
     out = dict(original, hinted=np.zeros(len(tokens), bool))
   out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
-  out["old_logp"] = logprobs(run, policy, out["tokens"], out["valid"])
+  if config.grpo.mini_batches > 1:  # one mini-batch is on-policy: the update's own pi_old
+    out["old_logp"] = logprobs(run, policy, out["tokens"], out["valid"])
   out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
+  if run.learner.pack_len:  # packed on the host by the learner
+    return out, metrics
   return {k: jnp.asarray(v) for k, v in out.items()}, metrics

@@ -318,27 +318,54 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """RoPE positions of packed rows: each segment counts from 0 at its first slot.
+
+  segment_ids [B, T] (0 = padding, equal ids = one sequence, segments contiguous).
+  """
+  t = segment_ids.shape[-1]
+  slot = jnp.arange(t, dtype=jnp.int32)
+  prev = jnp.concatenate([jnp.full_like(segment_ids[:, :1], -1), segment_ids[:, :-1]], axis=1)
+  starts = jnp.where(segment_ids != prev, slot, 0)
+  return slot - jax.lax.cummax(starts, axis=1)
+
+
+def _attention_mask(t: int, attention_mask: jax.Array, segment_ids=None) -> jax.Array:
+  """[B, T, T]: causal, to valid keys, and (packed rows) within the query's segment."""
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return mask
+
+
 # ----- public entry points --------------------------------------------------------------
 
 
-def hidden_states(config: QwenConfig, params, tokens, positions=None, attention_mask=None):
-  """Uncached pass: tokens [B, T] -> final-normed hidden states [B, T, D]."""
+def hidden_states(config: QwenConfig, params, tokens, positions=None, attention_mask=None,
+                  segment_ids=None):
+  """Uncached pass: tokens [B, T] -> final-normed hidden states [B, T, D].
+
+  `segment_ids` [B, T] marks packed rows (several sequences per row, 0 = padding): tokens
+  attend only within their segment and, unless `positions` is given, RoPE positions restart
+  at 0 per segment, so each segment computes what it would alone in its own row.
+  """
   b, t = tokens.shape
   if attention_mask is None:
-    attention_mask = jnp.ones((b, t), bool)
+    attention_mask = (jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0)
   attention_mask = attention_mask.astype(bool)
   if positions is None:
-    positions = default_positions(attention_mask)
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  mask = causal[None] & attention_mask[:, None, :]
+    positions = (default_positions(attention_mask) if segment_ids is None
+                 else segment_positions(segment_ids))
+  mask = _attention_mask(t, attention_mask, segment_ids)
   rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x, _ = _run_layers(config, params, _embed(config, params, tokens), rope_cs, mask)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps)
 
 
-def forward(config: QwenConfig, params, tokens, positions=None, attention_mask=None):
-  """Uncached pass: tokens [B, T] -> f32 logits [B, T, V]."""
-  h = hidden_states(config, params, tokens, positions, attention_mask)
+def forward(config: QwenConfig, params, tokens, positions=None, attention_mask=None,
+            segment_ids=None):
+  """Uncached pass: tokens [B, T] -> f32 logits [B, T, V] (`segment_ids`: packed rows)."""
+  h = hidden_states(config, params, tokens, positions, attention_mask, segment_ids)
   return logits_from_hidden(config, params, h)
 
 
@@ -382,7 +409,8 @@ def init_value_head(config: QwenConfig, key: jax.Array) -> jax.Array:
   return std * jax.random.normal(key, (config.hidden_size,), jnp.float32)
 
 
-def value_forward(config: QwenConfig, params, tokens, positions=None, attention_mask=None):
+def value_forward(config: QwenConfig, params, tokens, positions=None, attention_mask=None,
+                  segment_ids=None):
   """Critic: backbone + value head. params = {'backbone': ..., 'value_head': [D]} -> [B, T]."""
-  h = hidden_states(config, params["backbone"], tokens, positions, attention_mask)
+  h = hidden_states(config, params["backbone"], tokens, positions, attention_mask, segment_ids)
   return jnp.einsum("btd,d->bt", h.astype(jnp.float32), params["value_head"].astype(jnp.float32))

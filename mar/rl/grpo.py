@@ -19,6 +19,7 @@ from mar import parallel
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
+from mar.rl import packing
 from mar.rl import scoring
 from mar.rl.update import make_update_step, mean_metrics, mini_batches
 
@@ -67,20 +68,51 @@ def member_advantages(hp: GRPOHparams, rewards: np.ndarray) -> jax.Array:
 
 
 def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
+  """loss_fn(params, micro_batch) over an unpacked ([N, S], per-sequence advantages and
+  `hinted`) or a packed (`segment_ids`, per-token fields, `seq_counts`, `loss_norm`) batch."""
   want_entropy = hp.entropy_coef != 0.0
 
   def loss_fn(params, mb):
-    out = scoring.token_logprobs(config, params, mb["tokens"], mb["valid"], hp.temperature,
-                                 hp.logprob_chunk, with_entropy=want_entropy)
+    seg = mb.get("segment_ids")
+    valid = mb["valid"] if seg is None else seg > 0
+    out = scoring.token_logprobs(config, params, mb["tokens"], valid, hp.temperature,
+                                 hp.logprob_chunk, with_entropy=want_entropy, segment_ids=seg)
     logp, entropy = out if want_entropy else (out, None)
+    # No old_logp: the batch is learned in one optimizer step from the policy that sampled
+    # it, so pi_old is pi itself (what a separate forward would give, without its cost).
+    old_logp = mb.get("old_logp", jax.lax.stop_gradient(logp))
+    packed = {}
+    if seg is not None:  # the mini-batch's normaliser, shared by its micro-batches
+      packed = dict(seq_counts=mb["seq_counts"],
+                    group_norm=None if hp.separate_norm else mb["loss_norm"][0])
     return losses.grpo_lte_loss(
-        logp, mb["old_logp"], mb["old_logp_hinted"], mb["advantages"], mb["action_mask"],
+        logp, old_logp, mb["old_logp_hinted"], mb["advantages"], mb["action_mask"],
         mb["hinted"], clip_low=hp.clip_low, clip_high=hp.clip_high,
         shaping_gamma=hp.shaping_gamma, agg=hp.agg, max_len=max_len,
         separate_norm=hp.separate_norm, ref_logp=mb.get("ref_logp"), kl_coef=hp.kl_coef,
         kl_name=hp.kl_name, kl_clamp=hp.kl_clamp, entropy=entropy,
-        entropy_coef=hp.entropy_coef)
+        entropy_coef=hp.entropy_coef, **packed)
   return loss_fn
+
+
+# Fields of a group batch with one value per sequence.
+_PER_SEQUENCE = ("advantages", "hinted")
+
+
+def loss_norms(hp: GRPOHparams, batch: dict, num_seqs: int, micro_batches: int) -> float:
+  """The count `hp.agg` divides by over one mini-batch (unpacked [n, S] arrays), / micro-batches.
+
+  Micro-batches of a packed mini-batch hold unequal token counts; dividing each by the
+  mini-batch's count / M makes the mean of their losses the mini-batch's loss.
+  """
+  mask = np.asarray(batch["action_mask"], bool)
+  if hp.agg == "token_mean":
+    count = mask.sum()
+  elif hp.agg == "seq_mean_token_mean":
+    count = mask.any(1).sum()
+  else:  # seq_mean_token_sum_norm: every sequence, as the unpacked rows count
+    count = num_seqs
+  return float(count) / micro_batches
 
 
 @dataclasses.dataclass
@@ -97,9 +129,15 @@ class GRPOLearner:
   response_len: int
   mesh: Any = None
   rules: Any = None
+  # Packed batches (`rl.packing`): rows of pack_len slots (-1: the batch's own width); 0: off.
+  pack_len: int = 0
 
   def __post_init__(self):
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
+    if self.pack_len and hp.separate_norm and hp.agg == "seq_mean_token_sum_norm":
+      raise ValueError("grpo: separate_norm with agg=seq_mean_token_sum_norm needs unpacked "
+                       "batches (train.pack_len=0)")
+    self.shards = parallel.batch_shards(mesh, rules)
     constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
     self.shardings, kw = None, {}
     if mesh is not None:
@@ -108,26 +146,92 @@ class GRPOLearner:
       kw = dict(out_shardings=(sh.params, sh.actor_opt, parallel.replicated(mesh)))
     self.logprobs = jax.jit(lambda p, tokens, valid: constrain(scoring.token_logprobs(
         c, p, *constrain((tokens, valid)), hp.temperature, hp.logprob_chunk)))
+    self.packed_logprobs = jax.jit(lambda p, tokens, seg: constrain(scoring.token_logprobs(
+        c, p, *constrain((tokens, seg > 0)), hp.temperature, hp.logprob_chunk,
+        segment_ids=constrain(seg))))
     self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
                          static_argnums=1)
     loss = parallel.batch_constrained(actor_loss_fn(c, hp, self.response_len), mesh, rules)
     self.update = jax.jit(
         make_update_step(loss, self.optimizer, hp.micro_batches),
         donate_argnums=(0, 1), **kw)
+    self._loss, self._update_kw, self._packed_updates = loss, kw, {}
+
+  def plan(self, valid, num_mini_batches: int = 1, micro_batches: int | None = None):
+    """This host's packing of an [n, S] batch (the same row count on every host)."""
+    return packing.host_plan(valid, self.pack_len, num_mini_batches, micro_batches,
+                             self.shards)
+
+  def packed_update(self, micro_rows: int):
+    """The update program for packed batches of `micro_rows` rows per micro-batch."""
+    if micro_rows not in self._packed_updates:
+      self._packed_updates[micro_rows] = jax.jit(
+          make_update_step(self._loss, self.optimizer, micro_rows=micro_rows),
+          donate_argnums=(0, 1), **self._update_kw)
+    return self._packed_updates[micro_rows]
+
+  def logprobs_host(self, params, tokens, valid) -> np.ndarray:
+    """log-probs [n, S] (numpy) of this host's rows, through the packed program if packing."""
+    if not self.pack_len:
+      batch = parallel.put_batch((tokens, valid), self.mesh, self.rules)
+      return parallel.host_local(self.logprobs(params, *batch))
+    p = self.plan(valid)
+    tokens_p = packing.pack(np.asarray(tokens), p.index, p.segment_ids)
+    batch = parallel.put_batch((tokens_p, p.segment_ids), self.mesh, self.rules)
+    out = parallel.host_local(self.packed_logprobs(params, *batch))
+    return packing.unpack(out, p.index, p.shape)
+
+  def pack_batch(self, batch: dict, num_mini_batches: int) -> tuple[dict, dict]:
+    """Host: an unpacked group batch -> (packed batch, counts for the metrics).
+
+    counts also carries `micro_rows`, the packed update's micro-batch row count."""
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    p = self.plan(batch["valid"], num_mini_batches, self.hp.micro_batches)
+    mb = p.micro_batches
+    out = packing.pack_host(batch, p, _PER_SEQUENCE)
+    out["seq_counts"] = packing.sequence_counts(out["action_mask"], p.seq)
+    # The normaliser of the (global) mini-batch each row belongs to.
+    n, local_mb = len(batch["valid"]), len(p.index) // p.rows_per_mini_batch
+    per = n // local_mb
+    norms = np.asarray([loss_norms(self.hp, {k: v[i * per:(i + 1) * per]
+                                             for k, v in batch.items()}, per, mb)
+                        for i in range(local_mb)])
+    hosts_per_mb = max(jax.process_count() // num_mini_batches, 1)
+    if hosts_per_mb > 1:  # a mini-batch spans several hosts' rows
+      norms = parallel.sum_over_host_groups(norms, hosts_per_mb)
+    out["loss_norm"] = np.repeat(norms, p.rows_per_mini_batch).astype(np.float32)
+    del out["valid"]
+    return out, {"train/real_tokens": float(p.real_tokens),
+                 "train/padded_positions": float(p.positions),
+                 "micro_rows": p.rows_per_mini_batch * hosts_per_mb // mb}
 
   def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
     """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
-    advantages), one optimizer step per mini-batch; metrics averaged over them."""
+    advantages), one optimizer step per mini-batch; metrics averaged over them. Without
+    old_logp (one mini-batch only) the policy's own log-probs stand in for pi_old.
+
+    With `pack_len` the batch is packed here (`pack_batch`); metrics then include the
+    update's real tokens and computed positions (this host's)."""
     size = batch["tokens"].shape[0]
     if size % num_mini_batches:
       raise ValueError(f"group batch {size} is not divisible into {num_mini_batches} "
                        "mini-batches (config.grpo.mini_batches)")
+    if "old_logp" not in batch and num_mini_batches > 1:
+      raise ValueError("group batch without old_logp: only one mini-batch is on-policy")
+    counts = {"train/real_tokens": float(np.asarray(batch["valid"]).sum()),
+              "train/padded_positions": float(np.size(batch["valid"]))}
+    update = self.update
+    if self.pack_len:
+      batch, counts = self.pack_batch(batch, num_mini_batches)
+      update = self.packed_update(counts.pop("micro_rows"))
     if self.mesh is not None:
       batch = parallel.put_batch(batch, self.mesh, self.rules)
     if self.hp.kl_coef:
-      batch = dict(batch, ref_logp=self.logprobs(ref, batch["tokens"], batch["valid"]))
+      ref_logp = (self.packed_logprobs(ref, batch["tokens"], batch["segment_ids"])
+                  if self.pack_len else self.logprobs(ref, batch["tokens"], batch["valid"]))
+      batch = dict(batch, ref_logp=ref_logp)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
-      policy, opt_state, metrics = self.update(policy, opt_state, part)
+      policy, opt_state, metrics = update(policy, opt_state, part)
       history.append(metrics)
-    return policy, opt_state, mean_metrics(history)
+    return policy, opt_state, {**mean_metrics(history), **counts}

@@ -64,21 +64,26 @@ def kl_penalty(
 # Aggregation of per-token values into a scalar.
 
 
-def _token_mean(values, mask, max_len, group_norm):
-  del max_len
+def _token_mean(values, mask, max_len, group_norm, seq_counts):
+  del max_len, seq_counts
   norm = mask.sum() if group_norm is None else group_norm
   return values.sum() / jnp.maximum(norm, 1e-8)
 
 
-def _seq_mean_token_mean(values, mask, max_len, group_norm):
+def _seq_mean_token_mean(values, mask, max_len, group_norm, seq_counts):
   del max_len
+  if seq_counts is not None:  # packed rows: a row holds several sequences
+    share = mask / jnp.maximum(seq_counts, 1.0)  # sums to 1 over each sequence's tokens
+    norm = share.sum() if group_norm is None else group_norm
+    return (values * share).sum() / jnp.maximum(norm, 1e-8)
   tokens = mask.sum(axis=-1)
   seq_mean = values.sum(axis=-1) / jnp.maximum(tokens, 1.0)
   norm = (tokens > 0).sum() if group_norm is None else group_norm
   return seq_mean.sum() / jnp.maximum(norm, 1e-8)
 
 
-def _seq_mean_token_sum_norm(values, mask, max_len, group_norm):
+def _seq_mean_token_sum_norm(values, mask, max_len, group_norm, seq_counts):
+  del seq_counts  # packed rows pass the sequence count as group_norm
   max_len = values.shape[-1] if max_len is None else max_len
   num_seqs = values.shape[0] if group_norm is None else group_norm
   return values.sum() / (num_seqs * max_len)
@@ -98,6 +103,7 @@ def aggregate(
     *,
     max_len: int | None = None,
     group_norm: float | Array | None = None,
+    seq_counts: Array | None = None,
 ) -> Array:
   """Reduces per-token values [B, T] over `mask` to a scalar.
 
@@ -111,6 +117,10 @@ def aggregate(
   respectively). Use it when a mini-batch is split into M micro-batches whose gradients are
   averaged (rl/update.py): pass (count over the whole mini-batch) / M, so the average of the
   micro-batch losses equals the mini-batch loss even when token counts differ between them.
+
+  Packed rows (`rl.packing`, several sequences per row): `seq_counts` [B, T] gives at each
+  token the mask-token count of its own sequence, so seq_mean_token_mean averages per
+  sequence, not per row; seq_mean_token_sum_norm then needs group_norm = the sequence count.
   """
   if name not in AGGREGATIONS:
     raise ValueError(
@@ -118,7 +128,7 @@ def aggregate(
     )
   mask = jnp.asarray(mask).astype(bool)
   values = jnp.where(mask, jnp.asarray(values, jnp.float32), 0.0)
-  return AGGREGATIONS[name](values, mask.astype(jnp.float32), max_len, group_norm)
+  return AGGREGATIONS[name](values, mask.astype(jnp.float32), max_len, group_norm, seq_counts)
 
 
 def _masked_mean(values: Array, mask: Array) -> Array:
@@ -293,6 +303,7 @@ def grpo_lte_loss(
     kl_clamp: float | None = 10.0,
     entropy: Array | None = None,
     entropy_coef: float = 0.0,
+    seq_counts: Array | None = None,
 ) -> tuple[Array, Metrics]:
   """GRPO / LTE actor loss over a batch mixing on-policy and hinted rows.
 
@@ -303,6 +314,9 @@ def grpo_lte_loss(
   over its own tokens (group_norm must then be None). old_logp is ignored on hinted rows and
   old_logp_hinted on on-policy rows; hinted=None (plain GRPO) means no hinted rows and
   old_logp_hinted may be None.
+
+  Packed rows (`rl.packing`): `hinted` and `advantages` are per token [B, T] and
+  `seq_counts` is passed to `aggregate`.
 
   Optional terms (off when their coef is 0; static Python floats):
     + kl_coef * agg(k_name(logp, ref_logp)), ref_logp required only then;
@@ -315,7 +329,8 @@ def grpo_lte_loss(
   else:
     if old_logp_hinted is None:
       raise ValueError("losses.py: grpo_lte_loss got `hinted` rows but old_logp_hinted=None")
-    hinted_bt = jnp.asarray(hinted).astype(bool)[:, None] & m
+    hinted = jnp.asarray(hinted).astype(bool)
+    hinted_bt = (hinted if hinted.ndim == 2 else hinted[:, None]) & m
   onpolicy_bt = m & ~hinted_bt
 
   clip_bt, clipped, log_ratio = ppo_clip_token_loss(
@@ -331,11 +346,13 @@ def grpo_lte_loss(
       raise ValueError(
           "losses.py: grpo_lte_loss separate_norm=True cannot be combined with group_norm"
       )
-    pg_loss = aggregate(agg, clip_bt, onpolicy_bt, max_len=max_len) + aggregate(
-        agg, shape_bt, hinted_bt, max_len=max_len
+    pg_loss = aggregate(agg, clip_bt, onpolicy_bt, max_len=max_len,
+                        seq_counts=seq_counts) + aggregate(
+        agg, shape_bt, hinted_bt, max_len=max_len, seq_counts=seq_counts
     )
   else:
-    pg_loss = aggregate(agg, per_token, m, max_len=max_len, group_norm=group_norm)
+    pg_loss = aggregate(agg, per_token, m, max_len=max_len, group_norm=group_norm,
+                        seq_counts=seq_counts)
 
   loss = pg_loss
   metrics = {
@@ -349,7 +366,8 @@ def grpo_lte_loss(
     if ref_logp is None:
       raise ValueError("losses.py: grpo_lte_loss kl_coef != 0 needs ref_logp, found None")
     kl_bt = kl_penalty(kl_name, logp, ref_logp, kl_clamp, m)
-    kl = aggregate(agg, kl_bt, m, max_len=max_len, group_norm=group_norm)
+    kl = aggregate(agg, kl_bt, m, max_len=max_len, group_norm=group_norm,
+                   seq_counts=seq_counts)
     loss = loss + kl_coef * kl
     metrics["kl"] = jax.lax.stop_gradient(kl)
   if entropy_coef != 0.0:
@@ -357,7 +375,8 @@ def grpo_lte_loss(
       raise ValueError(
           "losses.py: grpo_lte_loss entropy_coef != 0 needs per-token entropy, found None"
       )
-    ent = aggregate(agg, entropy, m, max_len=max_len, group_norm=group_norm)
+    ent = aggregate(agg, entropy, m, max_len=max_len, group_norm=group_norm,
+                    seq_counts=seq_counts)
     loss = loss - entropy_coef * ent
     metrics["entropy"] = jax.lax.stop_gradient(ent)
   elif entropy is not None:

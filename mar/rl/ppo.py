@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mar import parallel
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
+from mar.rl import packing
 from mar.rl import scoring
 from mar.rl.update import make_update_step, mean_metrics, mini_batches
 from mar.rollout.multi_attempt import Episodes, token_rewards
@@ -60,10 +62,44 @@ def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: 
   }
 
 
+def score_packed(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes,
+                 index, segment_ids) -> dict:
+  """`score_episodes` with the forwards over packed rows (`rl.packing`): the batch it
+  returns is packed [R, L]; GAE and whitening run on the [B, S] layout, per original
+  sequence, with the critic's values scattered back there."""
+  seg = segment_ids
+  pk = lambda x: packing.pack(x, index, seg, jnp)
+  tokens, valid = pk(ep.tokens), seg > 0
+  lp = lambda p: scoring.token_logprobs(config, p, tokens, valid, hp.temperature,
+                                        hp.logprob_chunk, segment_ids=seg)
+  old_logp = lp(policy)
+  ref_logp = lp(ref) if hp.kl_coef else jnp.zeros_like(old_logp)
+  values = scoring.token_values(config, critic, tokens, valid, seg)
+  advantages, returns = adv_lib.gae(
+      token_rewards(ep), packing.unpack(values, index, ep.tokens.shape, jnp),
+      ep.action_mask, ep.feedback_mask, hp.gamma, hp.lam)
+  advantages = adv_lib.normalize_advantages(advantages, ep.action_mask)
+  action = pk(ep.action_mask)
+  return {
+      "tokens": tokens,
+      "segment_ids": seg,
+      "action_mask": action,
+      "old_logp": old_logp,
+      "ref_logp": ref_logp,
+      "old_values": jnp.where(action, values, 0.0),
+      "advantages": pk(advantages),
+      "returns": pk(returns),
+  }
+
+
+def _valid(mb) -> jax.Array:
+  return mb["valid"] if "segment_ids" not in mb else mb["segment_ids"] > 0
+
+
 def actor_loss_fn(config: QwenConfig, hp: PPOHparams):
   def loss_fn(params, mb):
-    logp = scoring.token_logprobs(config, params, mb["tokens"], mb["valid"], hp.temperature,
-                                  hp.logprob_chunk)
+    logp = scoring.token_logprobs(config, params, mb["tokens"], _valid(mb), hp.temperature,
+                                  hp.logprob_chunk, segment_ids=mb.get("segment_ids"))
     return losses.ppo_actor_loss(
         logp, mb["old_logp"], mb["advantages"], mb["action_mask"], mb["ref_logp"],
         clip_low=hp.clip, clip_high=hp.clip, kl_coef=hp.kl_coef, kl_name=hp.kl_name,
@@ -73,7 +109,8 @@ def actor_loss_fn(config: QwenConfig, hp: PPOHparams):
 
 def critic_loss_fn(config: QwenConfig, hp: PPOHparams):
   def loss_fn(params, mb):
-    values = scoring.token_values(config, params, mb["tokens"], mb["valid"])
+    values = scoring.token_values(config, params, mb["tokens"], _valid(mb),
+                                  mb.get("segment_ids"))
     return losses.value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"],
                              hp.value_clip)
   return loss_fn
@@ -104,11 +141,15 @@ class PPOLearner:
   critic_opt: Any
   mesh: Any = None
   rules: Any = None
+  # Scoring and updates over packed rows (`rl.packing`) of pack_len slots (-1: the rollout's
+  # own width); 0: the padded [B, S] layout.
+  pack_len: int = 0
 
   def __post_init__(self):
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
     self.shardings = None
+    self.shards = parallel.batch_shards(mesh, rules)
     actor_kw, critic_kw = {}, {}
     if mesh is not None:
       self.shardings = sh = parallel.TrainShardings.create(
@@ -119,6 +160,8 @@ class PPOLearner:
       critic_kw = dict(out_shardings=(sh.critic, sh.critic_opt, rep))
     self.score = jax.jit(lambda pol, ref, cri, ep: constrain(
         score_episodes(c, hp, pol, ref, cri, constrain(ep))))
+    self.score_packed = jax.jit(lambda pol, ref, cri, ep, index, seg: constrain(score_packed(
+        c, hp, pol, ref, cri, constrain(ep), *constrain((index, seg)))))
     self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
                          static_argnums=1)
     actor_loss = parallel.batch_constrained(actor_loss_fn(c, hp), mesh, rules)
@@ -129,6 +172,7 @@ class PPOLearner:
     self.update_critic = jax.jit(
         make_update_step(critic_loss, self.critic_opt, hp.micro_batches),
         donate_argnums=(0, 1), **critic_kw)
+    self._update_args, self._packed = (actor_loss, critic_loss, actor_kw, critic_kw), {}
 
   def step(self, policy, actor_state, critic, critic_state, ref, episodes: Episodes,
            num_mini_batches: int = 1):
@@ -140,15 +184,44 @@ class PPOLearner:
     if size % num_mini_batches:
       raise ValueError(f"rollout batch {size} is not divisible into {num_mini_batches} "
                        "mini-batches (config.ppo.mini_batches)")
+    valid = np.asarray(episodes.valid)
+    counts = {"train/real_tokens": float(valid.sum()),
+              "train/padded_positions": float(valid.size)}
+    plan, update_actor, update_critic = None, self.update_actor, self.update_critic
+    if self.pack_len:
+      plan = self.plan(valid, num_mini_batches)
+      counts["train/padded_positions"] = float(plan.positions)
+      hosts_per_mb = max(jax.process_count() // num_mini_batches, 1)
+      update_actor, update_critic = self.packed_updates(
+          plan.rows_per_mini_batch * hosts_per_mb // plan.micro_batches)
     if self.mesh is not None:
       episodes = parallel.put_batch(scored_fields(episodes), self.mesh, self.rules)
-    batch = self.score(policy, ref, critic, episodes)
+    if plan is None:
+      batch = self.score(policy, ref, critic, episodes)
+    else:
+      index, seg = parallel.put_batch((plan.index, plan.segment_ids), self.mesh, self.rules)
+      batch = self.score_packed(policy, ref, critic, episodes, index, seg)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
-      critic, critic_state, c_metrics = self.update_critic(critic, critic_state, part)
-      policy, actor_state, a_metrics = self.update_actor(policy, actor_state, part)
+      critic, critic_state, c_metrics = update_critic(critic, critic_state, part)
+      policy, actor_state, a_metrics = update_actor(policy, actor_state, part)
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
                       **{f"critic/{k}": v for k, v in c_metrics.items()}})
-    metrics = mean_metrics(history)
+    metrics = {**mean_metrics(history), **counts}
     return policy, actor_state, critic, critic_state, metrics
 
+  def plan(self, valid: np.ndarray, num_mini_batches: int) -> packing.PackPlan:
+    """This host's packing of its rollout rows, indexing the global [B, S] layout."""
+    return packing.host_plan(valid, self.pack_len, num_mini_batches, self.hp.micro_batches,
+                             self.shards, global_index=True)
+
+  def packed_updates(self, micro_rows: int):
+    """(actor, critic) update programs for packed batches of `micro_rows`-row micro-batches."""
+    if micro_rows not in self._packed:
+      actor_loss, critic_loss, actor_kw, critic_kw = self._update_args
+      self._packed[micro_rows] = (
+          jax.jit(make_update_step(actor_loss, self.actor_opt, micro_rows=micro_rows),
+                  donate_argnums=(0, 1), **actor_kw),
+          jax.jit(make_update_step(critic_loss, self.critic_opt, micro_rows=micro_rows),
+                  donate_argnums=(0, 1), **critic_kw))
+    return self._packed[micro_rows]

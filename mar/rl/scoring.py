@@ -44,13 +44,16 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk: int = 512,
     with_entropy: bool = False,
+    segment_ids: jax.Array | None = None,
 ):
   """log pi(tokens[s] | tokens[<s]) at every slot s (0 where s has no predecessor).
 
   Returns logp [B, S] (and entropy [B, S] of the predicting distribution if asked).
   `temperature` must match the sampler's so these equal the sampling log-probs.
+  With `segment_ids` (packed rows, `rl.packing`), `valid` must be segment_ids > 0 and each
+  segment is scored as its own sequence.
   """
-  h = qwen.hidden_states(config, params, tokens, attention_mask=valid)
+  h = qwen.hidden_states(config, params, tokens, attention_mask=valid, segment_ids=segment_ids)
   h_prev = _shift_right(h, 0.0)
   t = temperature if temperature > 0 else 1.0
 
@@ -66,12 +69,22 @@ def token_logprobs(
     return logp, ent
 
   outs = _chunked(score, h_prev, tokens, chunk)
-  has_prev = _shift_right(valid, False) & valid
+  has_prev = _has_prev(valid, segment_ids)
   outs = tuple(jnp.where(has_prev, o, 0.0) for o in outs)
   return outs if with_entropy else outs[0]
 
 
-def token_values(config: QwenConfig, critic_params, tokens: jax.Array, valid: jax.Array):
+def _has_prev(valid: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """Slots whose predecessor slot holds the same sequence's previous token."""
+  has_prev = _shift_right(valid, False) & valid
+  if segment_ids is not None:
+    has_prev &= _shift_right(segment_ids, 0) == segment_ids
+  return has_prev
+
+
+def token_values(config: QwenConfig, critic_params, tokens: jax.Array, valid: jax.Array,
+                 segment_ids: jax.Array | None = None):
   """values[b, s] = critic value of the state before the token at slot s ([B, S])."""
-  v = qwen.value_forward(config, critic_params, tokens, attention_mask=valid)
-  return jnp.where(_shift_right(valid, False) & valid, _shift_right(v, 0.0), 0.0)
+  v = qwen.value_forward(config, critic_params, tokens, attention_mask=valid,
+                         segment_ids=segment_ids)
+  return jnp.where(_has_prev(valid, segment_ids), _shift_right(v, 0.0), 0.0)

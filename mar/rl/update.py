@@ -45,6 +45,7 @@ def make_update_step(
     optimizer: optax.GradientTransformation,
     num_micro_batches: int = 1,
     accum_dtype: Any = jnp.float32,
+    micro_rows: int | None = None,
 ) -> Callable[..., tuple[Any, Any, dict[str, Array]]]:
   """Builds update(params, opt_state, batch, *extra) -> (params, opt_state, metrics).
 
@@ -55,13 +56,20 @@ def make_update_step(
   finite; the optimizer from optim.make_optimizer then leaves params and state unchanged)
   and, for such an optimizer, `num_skipped` so far. The returned function is not jitted:
   jit it with donation, `jax.jit(update, donate_argnums=(0, 1))`.
+
+  `micro_rows` (packed batches, `rl.packing`): micro-batches of that many rows instead of
+  a fixed count; a batch of at most `micro_rows` rows is one micro-batch. The count then
+  follows the batch's (static) row count.
   """
   if num_micro_batches < 1:
     raise ValueError(f"update.py: num_micro_batches must be >= 1, found {num_micro_batches}")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(params, opt_state, batch, *extra):
-    micro = split_micro_batches(batch, num_micro_batches)
+    num = num_micro_batches
+    if micro_rows is not None:
+      num = max(jax.tree.leaves(batch)[0].shape[0] // micro_rows, 1)
+    micro = split_micro_batches(batch, num)
     zeros = jax.tree.map(
         lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, accum_dtype)), params
     )
@@ -72,7 +80,7 @@ def make_update_step(
       return acc, dict(metrics, loss=loss)
 
     grad_sum, metrics = jax.lax.scan(body, zeros, micro)
-    grads = jax.tree.map(lambda g, p: (g / num_micro_batches).astype(p.dtype), grad_sum, params)
+    grads = jax.tree.map(lambda g, p: (g / num).astype(p.dtype), grad_sum, params)
     metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
 
     updates, opt_state = optimizer.update(grads, opt_state, params)

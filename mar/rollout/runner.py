@@ -38,8 +38,20 @@ class HostEpisodes:
   reward: np.ndarray  # [n] float
 
 
+def bucket_lengths(prompt_len: int, count: int) -> tuple[int, ...]:
+  """`count` prompt buckets up to `prompt_len`, each half the next (multiples of 8)."""
+  out = {prompt_len}
+  for i in range(1, max(count, 1)):
+    out.add(max(8, -(-(prompt_len >> i) // 8) * 8))
+  return tuple(sorted(out))
+
+
 class RolloutRunner:
-  """Owns one compiled rollout program for a (batch size, prompt bucket, spec).
+  """Owns the compiled rollout programs for a (batch size, spec): one per prompt bucket.
+
+  With `prompt_buckets` > 1 each call pads its prompts to the smallest of that many
+  buckets (prompt_len, prompt_len / 2, ...) that holds its longest prompt, and the dialogue
+  slots shrink with it, so short prompts are not sampled at the longest one's cost.
 
   Single-turn rollouts (M = 1, no hybrid hints) are verified on the host after the program
   instead of in a callback inside it (`deferred`): `run_host` then verifies chunk c while
@@ -54,7 +66,7 @@ class RolloutRunner:
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
                decode_fn=None, defer_verify: bool | None = None, timeline=None,
-               stop_at_box: bool = True):
+               stop_at_box: bool = True, prompt_buckets: int = 1):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -73,11 +85,13 @@ class RolloutRunner:
     self._host_params_cache: tuple = (None, None)
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
+    self._feedback_len = max(fb_tokens.shape[1], hint_feedback_len)
+    self.buckets = bucket_lengths(prompt_len, prompt_buckets)
     self.spec = ma.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
         cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts,
-                                   max(fb_tokens.shape[1], hint_feedback_len)),
+                                   self._feedback_len),
         sampling=sampling,
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
@@ -91,11 +105,20 @@ class RolloutRunner:
     self.stop_predicate = boxed_stop_predicate(strings) if stop_at_box else None
     self.mesh = mesh
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
-    spec, pred = self.spec, self.stop_predicate
-    vfn = None if self.deferred else self.verify_fn
-    decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
-    self._rollout = jax.jit(lambda params, *args: ma.rollout(
-        model_config, params, spec, pred, vfn, *args, decode_fn=decode))
+    self._decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
+    self._programs = {}
+
+  def _rollout(self, params, tokens, *args):
+    """The rollout program of the prompt bucket tokens.shape[1] (one compile per bucket)."""
+    p = tokens.shape[1]
+    if p not in self._programs:
+      spec = dataclasses.replace(self.spec, cache_len=ma.cache_len_for(
+          p, self.spec.token_budget, self.spec.max_attempts, self._feedback_len))
+      pred, vfn, decode = self.stop_predicate, None if self.deferred else self.verify_fn, \
+          self._decode
+      self._programs[p] = jax.jit(lambda params, *args: ma.rollout(
+          self.model_config, params, spec, pred, vfn, *args, decode_fn=decode))
+    return self._programs[p](params, tokens, *args)
 
   def fits(self, prompt: str) -> bool:
     """Whether a prompt text fits the prompt bucket."""
@@ -104,15 +127,20 @@ class RolloutRunner:
   def encode_prompts(self, prompts: Sequence[str]):
     """Left-pads this host's tokenized prompts into [B / hosts, P] (+ mask).
 
-    Raises if a prompt is too long.
+    P is the smallest prompt bucket that holds the longest prompt of the call (of any
+    host's, on several: a collective). Raises if a prompt is too long.
     """
-    b, p = self.local_batch, self.prompt_len
+    b = self.local_batch
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
+    encoded = [self.tok.encode(text) for text in prompts]
+    longest = max([len(ids) for ids in encoded] + [1])
+    if len(self.buckets) > 1 and self.processes > 1:
+      longest = parallel.max_over_hosts(longest)
+    p = next((q for q in self.buckets if q >= longest), self.prompt_len)
     tokens = np.full((b, p), self.tok.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
-    for i, text in enumerate(prompts):
-      ids = self.tok.encode(text)
+    for i, (text, ids) in enumerate(zip(prompts, encoded)):
       if len(ids) > p:
         raise ValueError(f"prompt {i} has {len(ids)} tokens > prompt_len {p}: "
                          f"{text[:80]!r}...")

@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
                      clip_high=0.2, kl_coef=0.0, lr=1e-6, mini_batches=2, micro_batches=64))
   c.optim.update(dict(updates_per_step=2, warmup_ratio=0.0, min_lr_ratio=1.0))
   c.model.dtype = "bfloat16"
+  c.export.at_end = True  # RUN/hf/: the trained policy for vLLM and other harnesses
   c.model.remat = True
   c.data.train = "../shared/data/train/math_lvl3to5_8k.jsonl"
   c.eval.update(dict(benchmarks=["math500", "minerva_math", "olympiadbench", "amc23",

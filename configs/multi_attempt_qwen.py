@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
                     actor_lr=5e-7, critic_lr=1e-5, mini_batches=8, micro_batches=16))
   c.optim.updates_per_step = 8  # 1024 episodes / 128 per optimizer step
   c.model.dtype = "bfloat16"
+  c.export.at_end = True  # RUN/hf/: the trained policy for vLLM and other harnesses
   c.model.remat = True
   c.data.train = "../shared/data/train/math_lvl3to5_8k.jsonl"
   c.eval.update(dict(benchmarks=["aime24", "math500", "amc23", "minerva_math", "olympiadbench"],

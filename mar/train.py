@@ -32,6 +32,7 @@ from mar import setup
 from mar.lte import hints, refine
 from mar.rl import grpo
 from mar.rollout.runner import HostEpisodes
+from mar.tools import export_hf
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def train(config, workdir: str) -> dict:
   run = setup.build_run(config, workdir)
   state = init_state(config, run)
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter.from_config(workdir, config)
   start = 0
   restored = ckpt.restore(state)
   if restored is not None:
@@ -290,8 +291,9 @@ def train(config, workdir: str) -> dict:
   bar.close()
   ckpt.wait()
   ckpt.close()
-  writer.close()
   if parallel.is_main_process():
     plots.plot_all(workdir)
+  writer.close()  # after the plots: W&B gets the final ones
+  export_hf.export_at_end(config, workdir, state["policy"])
   run.close()
   return last

@@ -140,11 +140,12 @@ def _tfds_records(spec: str, tfds_dir: str) -> Iterator[Record]:
   if name.split("/")[0] == "mar_math":
     from mar.data import tfds_math  # pylint: disable=g-import-not-at-top,unused-import  (registers it)
   try:
-    source = tfds.data_source(name, split=split, data_dir=tfds_dir or None)
+    # download=False: nothing downloads or builds at run time; a missing set is an error.
+    source = tfds.data_source(name, split=split, data_dir=tfds_dir or None, download=False)
   except Exception as e:  # pylint: disable=broad-except  (not built, unknown name or split)
     hint = ""
     if name.startswith("mar_math"):
-      hint = (f"; build it with `tfds build mar/data/tfds_math.py --config={name.split('/')[-1]}"
+      hint = (f"; build it with `python -m mar.data.tfds_math --configs={name.split('/')[-1]}"
               f"{' --data_dir=' + tfds_dir if tfds_dir else ''}`")
     raise DatasetError(f"{spec}: cannot open the TFDS split ({type(e).__name__}: "
                        f"{str(e)[:300]}){hint}") from None

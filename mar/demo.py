@@ -120,14 +120,9 @@ def _sft_loss(cfg, params, mb):
   return loss, {"loss": loss}
 
 
-def demo_model_dir(workdir: str) -> str:
-  """Where a demo run keeps its model folder."""
-  return os.path.join(workdir, "demo_model")
-
-
 def ensure_demo_model(config, workdir: str) -> str:
   """Builds `<workdir>/demo_model` (tokenizer + warm-started tiny Qwen3) unless it exists."""
-  path = demo_model_dir(workdir)
+  path = os.path.join(workdir, "demo_model")
   if os.path.isfile(os.path.join(path, "model.safetensors")):
     return path
   os.makedirs(path, exist_ok=True)

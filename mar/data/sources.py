@@ -149,8 +149,10 @@ def _tfds_records(spec: str, tfds_dir: str) -> Iterator[Record]:
               f"{' --data_dir=' + tfds_dir if tfds_dir else ''}`")
     raise DatasetError(f"{spec}: cannot open the TFDS split ({type(e).__name__}: "
                        f"{str(e)[:300]}){hint}") from None
-  for i in range(len(source)):
-    yield spec, f"record {i}", {k: _plain(v) for k, v in source[i].items()}
+  for start in range(0, len(source), _BATCH_ROWS):  # batched random access: one read per chunk
+    rows = range(start, min(start + _BATCH_ROWS, len(source)))
+    for i, record in zip(rows, source.__getitems__(list(rows))):
+      yield spec, f"record {i}", {k: _plain(v) for k, v in record.items()}
 
 
 def _plain(value: Any) -> Any:

@@ -33,15 +33,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 GENERATION_CONFIG = "generation_config.json"
 POLICY = "policy"
+DEMO_MODEL_DIR = "demo_model"  # where mar.demo puts a demo run's model folder
 
 
 def run_model_path(workdir: str, run_config: dict) -> str:
   """The HF folder a run started from (its architecture and tokenizer)."""
   model = run_config.get("model", {})
-  if model.get("demo", {}).get("enabled"):
-    from mar import demo  # pylint: disable=g-import-not-at-top
-
-    return demo.demo_model_dir(workdir)
+  if model.get("demo", {}).get("enabled"):  # built by mar.demo.ensure_demo_model
+    return os.path.join(workdir, DEMO_MODEL_DIR)
   path = model.get("path", "")
   if not path:
     raise ValueError(f"{os.path.join(workdir, config_utils.CONFIG_FILE)}: model.path is empty")

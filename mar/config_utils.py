@@ -38,11 +38,6 @@ def common_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.metrics = ml_collections.ConfigDict()
     c.metrics.log_every = 1
-    # Weights & Biases: the same scalars as TensorBoard, the resolved config, eval tables and
-    # plots (mar.wandb_sink; WANDB_MODE=offline writes a run folder under <workdir>/wandb).
-    c.metrics.wandb = False
-    c.metrics.wandb_project = "mar"
-    c.metrics.wandb_entity = ""  # "" = the account's default
     return c
 
 

@@ -61,6 +61,11 @@ def base_config() -> ConfigDict:
       max_problems=0, batch_size=16, checkpoint_step=-1))
   c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2))
   c.verify = ConfigDict(dict(workers=2, timeout=3.0))
+  # Weights & Biases: the same scalars as TensorBoard, the resolved config, eval tables and
+  # plots (mar.wandb_sink; WANDB_MODE=offline writes a run folder under <workdir>/wandb).
+  c.metrics.wandb = False
+  c.metrics.wandb_project = "mar"
+  c.metrics.wandb_entity = ""  # "" = the account's default
   # The trained policy as an HF folder at RUN/hf/ when training ends (mar.tools.export_hf).
   c.export = ConfigDict(dict(at_end=False, dtype="bfloat16",
                              max_shard_size=5 * 10**9))  # bytes per safetensors file

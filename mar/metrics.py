@@ -132,7 +132,7 @@ class MetricsWriter:
         """A writer that also sends its scalars to W&B when `config.metrics.wandb` is on."""
         sink = None
         m = config.metrics
-        if m.wandb and jax.process_index() == 0:
+        if m.get("wandb") and jax.process_index() == 0:
             from mar import config_utils  # pylint: disable=g-import-not-at-top
             from mar.wandb_sink import WandbSink  # pylint: disable=g-import-not-at-top
 

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 from absl.testing import absltest
 import jax
@@ -153,6 +154,8 @@ def wandb_records(path: str):
     if left < 7 or kind == 0:  # block trailer / zero padding
       pos += left
       continue
+    if pos + 7 + length > len(data):  # a record still being written
+      return
     chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
     if kind in (1, 2):  # full, first
       pending = chunk
@@ -160,6 +163,16 @@ def wandb_records(path: str):
       pending += chunk
     if kind in (1, 4):
       yield wandb_internal_pb2.Record.FromString(pending)
+
+
+def finished_records(path: str, timeout: float = 60.0) -> list:
+  """The records of a finished run: W&B's writer process may still be flushing its file."""
+  deadline = time.time() + timeout
+  while True:
+    records = list(wandb_records(path))
+    if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+      return records
+    time.sleep(0.2)
 
 
 class WandbTest(absltest.TestCase):
@@ -171,7 +184,7 @@ class WandbTest(absltest.TestCase):
     files = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
     self.assertLen(files, 1)
     history, config = {}, {}
-    for rec in wandb_records(files[0]):
+    for rec in finished_records(files[0]):
       kind = rec.WhichOneof("record_type")
       if kind == "history":
         items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
@@ -185,6 +198,36 @@ class WandbTest(absltest.TestCase):
         self.assertAlmostEqual(logged[key], row[key], places=5, msg=key)
     self.assertEqual(config["method"], "ppo")
     self.assertEqual(config["train"]["num_steps"], 2)
+
+  def test_eval_rows_and_plots_go_as_a_table_and_images(self):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from mar.wandb_sink import WandbSink  # pylint: disable=g-import-not-at-top
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    workdir = tempfile.mkdtemp()
+    sink = WandbSink(workdir, {"method": "ppo"}, project="mar")
+    sink.log(1, {"loss": 0.5})
+    with open(os.path.join(workdir, "eval.jsonl"), "w") as f:
+      f.write(json.dumps({"step": 1, "benchmark": "math500", "k": 1, "accuracy": 0.25}) + "\n")
+    os.makedirs(os.path.join(workdir, "plots"))
+    Image.new("RGB", (4, 4)).save(os.path.join(workdir, "plots", "attempts.png"))
+    sink.log(2, {"loss": 0.25})
+    sink.close()
+    (path,) = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
+    logged = {}
+    for rec in finished_records(path):
+      if rec.WhichOneof("record_type") == "history":
+        logged.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                       for i in rec.history.item})
+    self.assertIn("eval/table/_type", logged, sorted(logged))
+    self.assertEqual(logged["eval/table/_type"], "table-file")
+    self.assertEqual(logged["eval/table/nrows"], 1)
+    self.assertEqual(logged["plots/attempts/_type"], "image-file")
+    (table,) = glob.glob(os.path.join(os.path.dirname(path), "files", "media", "table", "eval",
+                                      "*.table.json"))
+    with open(table) as f:
+      t = json.load(f)
+    self.assertEqual(dict(zip(t["columns"], t["data"][0]))["accuracy"], 0.25)
 
 
 if __name__ == "__main__":

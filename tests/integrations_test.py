@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -114,7 +115,18 @@ class ExportTest(absltest.TestCase):
   def test_default_dtype_is_bfloat16_of_the_trained_params(self):
     workdir = trained_run("single")
     _, params = trained_policy(workdir)
-    out = export_hf.export_checkpoint(workdir, tempfile.mkdtemp())
+    reads = []
+    read = checkpoint.read_state_leaf
+
+    def recorded(directory, step, keys, dtype=None):
+      reads.append(keys)
+      return read(directory, step, keys, dtype)
+
+    with mock.patch.object(checkpoint, "read_state_leaf", recorded):
+      out = export_hf.export_checkpoint(workdir, tempfile.mkdtemp())
+    # One array at a time, each policy leaf once; the critic and optimizer are never read.
+    self.assertEqual(sorted(reads), sorted(("policy",) + tuple(p.key for p in path)
+                                           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]))
     tensors = load_file(os.path.join(out, hf_io.SINGLE_FILE))
     self.assertEqual(tensors["model.embed_tokens.weight"].dtype, ml_dtypes.bfloat16)
     np.testing.assert_array_equal(tensors["model.embed_tokens.weight"],

@@ -71,9 +71,9 @@ def read_records(spec: str, tfds_dir: str = "",
   """
   if is_tfds(spec):
     return _tfds_records(spec, tfds_dir)
-  if spec.endswith(".jsonl") or spec.endswith(".json"):
-    return datasets.jsonl_records(spec)
-  return _parquet_records(parquet_files(spec), columns)
+  if spec.endswith(".parquet") or os.path.isdir(spec) or glob.has_magic(spec):
+    return _parquet_records(parquet_files(spec), columns)
+  return datasets.jsonl_records(spec)  # any other file is JSON lines
 
 
 def parquet_files(spec: str) -> list[str]:

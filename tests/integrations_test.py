@@ -79,7 +79,7 @@ def mar_logits(model_dir: str, params, tokens: np.ndarray) -> np.ndarray:
 
 class ExportTest(absltest.TestCase):
 
-  def check_folder(self, folder: str, workdir: str, params):
+  def check_folder(self, folder: str, params):
     """transformers loads `folder` (model + tokenizer) and its logits equal mar's."""
     model_dir = tiny_config().model.path
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -99,7 +99,7 @@ class ExportTest(absltest.TestCase):
     # The policy moved in training (else parity with the initial weights would prove little).
     _, initial = hf_io.load_hf(tiny_config().model.path)
     self.assertGreater(np.abs(params["embed"] - np.asarray(initial["embed"])).max(), 0)
-    self.check_folder(os.path.join(workdir, "hf"), workdir, params)
+    self.check_folder(os.path.join(workdir, "hf"), params)
 
     out = tempfile.mkdtemp()
     subprocess.run([sys.executable, "-m", "mar.tools.export_hf", f"--workdir={workdir}",
@@ -110,7 +110,7 @@ class ExportTest(absltest.TestCase):
       shards = set(json.load(f)["weight_map"].values())
     self.assertGreater(len(shards), 1)
     self.assertIn("tokenizer.json", os.listdir(out))
-    self.check_folder(out, workdir, params)
+    self.check_folder(out, params)
 
   def test_default_dtype_is_bfloat16_of_the_trained_params(self):
     workdir = trained_run("single")
@@ -139,9 +139,9 @@ class ExportTest(absltest.TestCase):
   def test_fsdp8_run_exports_at_end_and_from_its_checkpoint(self):
     workdir = trained_run("fsdp8")
     _, params = trained_policy(workdir)
-    self.check_folder(os.path.join(workdir, "hf"), workdir, params)  # from sharded params
+    self.check_folder(os.path.join(workdir, "hf"), params)  # from sharded params
     out = export_hf.export_checkpoint(workdir, tempfile.mkdtemp(), dtype="float32")
-    self.check_folder(out, workdir, params)  # from the checkpoint a mesh wrote
+    self.check_folder(out, params)  # from the checkpoint a mesh wrote
 
   def test_missing_step_names_the_steps_found(self):
     workdir = trained_run("single")

@@ -4,7 +4,6 @@ The same 200 training records read from each give the same Examples in the same 
 TFDS is read without TensorFlow; bad input names the source, record and field.
 """
 
-import dataclasses
 import json
 import os
 import sys

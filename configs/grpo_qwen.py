@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
   c.optim.update(dict(warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.999, weight_decay=0.01,
                       grad_clip=1.0))
   c.model.dtype = "bfloat16"
+  c.export.at_end = True  # RUN/hf/: the trained policy for vLLM and other harnesses
   c.model.remat = True
   c.data.train = "../shared/data/train/math_lvl3to5_8k.jsonl"
   c.eval.update(dict(benchmarks=("math500", "minerva_math", "olympiadbench", "amc23",

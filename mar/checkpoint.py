@@ -246,6 +246,57 @@ class Checkpointer:
         self._manager.reload()
 
 
+# ------------------------------------------------------ reading one array at a time
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of a checkpoints folder whose write finished, ascending; opens no manager.
+
+    Readers outside the trainer (the HF exporter) use this instead of a `Checkpointer`,
+    whose manager would clean up the tmp folder of a save still in flight.
+    """
+    root = epath.Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no checkpoints folder")
+    return sorted(
+        int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / _COMMIT_MARKER).exists()
+    )
+
+
+def state_metadata(directory: str | os.PathLike, step: int) -> PyTree:
+    """The stored `state` tree of `step` as `jax.ShapeDtypeStruct`s (nothing is read)."""
+    path = epath.Path(directory) / str(step) / _STATE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint item")
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def read_state_leaf(
+    directory: str | os.PathLike, step: int, keys: tuple[str, ...], dtype: Any = None
+) -> np.ndarray:
+    """One array of `step`'s state (`keys` is its path, e.g. ("policy", "embed")) on the host.
+
+    Only that array is read (orbax partial restore), whatever mesh wrote it, cast to
+    `dtype` while reading when given.
+    """
+    path = epath.Path(directory) / str(step) / _STATE
+    node = state_metadata(directory, step)
+    for k in keys:
+        node = node[k]
+    target, restore_args = node, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+    for k in reversed(keys):
+        target, restore_args = {k: target}, {k: restore_args}
+    out = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
+    for k in keys:
+        out = out[k]
+    return np.asarray(out)
+
+
 class _TargetMismatchError(ValueError):
     """The restore target does not describe the stored state (a config error)."""
 

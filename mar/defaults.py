@@ -1,7 +1,7 @@
 """Every config key mar reads, with defaults; experiment files in configs/ override them.
 
 Keys are grouped by the part of the step they steer: model, data, rollout, ppo, grpo,
-optim, eval, verify (plus seed/train/mesh/checkpoint/metrics from `common_config`).
+optim, eval, verify, export (plus seed/train/mesh/checkpoint/metrics from `common_config`).
 """
 
 from ml_collections import ConfigDict
@@ -25,6 +25,12 @@ def base_config() -> ConfigDict:
 
   c.data = ConfigDict(dict(dir="../shared/data", train="", question_key="prompt",
                            answer_key="answer"))
+  c.data.answer_from_solution = False  # gold = the last \boxed{} of the answer field
+  c.data.tfds_dir = ""  # data_dir of `tfds:` sources; "" = TFDS's default (~/tensorflow_datasets)
+  # Per-benchmark source (`path.jsonl`, `.parquet`, shard folder, `tfds:NAME/CONFIG:SPLIT`);
+  # "" = `<data.dir>/<name>/test.jsonl`.
+  c.data.benchmarks = ConfigDict(dict(math500="", aime24="", aime25="", amc23="",
+                                      minerva_math="", olympiadbench="", gsm8k=""))
   # num_operands / ops: "a+b-c" style multi-step questions (mar.data.synthetic)
   c.data.synthetic = ConfigDict(dict(enabled=False, num_examples=0, seed=0, min_digits=1,
                                      max_digits=2, num_operands=2, ops="+-"))
@@ -72,4 +78,12 @@ def base_config() -> ConfigDict:
   # dropped from the end only when the hinted prompt does not fit rollout.prompt_len.
   c.lte = ConfigDict(dict(hint_max_chars=0, hint_sep=", "))
   c.verify = ConfigDict(dict(workers=2, timeout=3.0))
+  # Weights & Biases: the same scalars as TensorBoard, the resolved config, eval tables and
+  # plots (mar.wandb_sink; WANDB_MODE=offline writes a run folder under <workdir>/wandb).
+  c.metrics.wandb = False
+  c.metrics.wandb_project = "mar"
+  c.metrics.wandb_entity = ""  # "" = the account's default
+  # The trained policy as an HF folder at RUN/hf/ when training ends (mar.tools.export_hf).
+  c.export = ConfigDict(dict(at_end=False, dtype="bfloat16",
+                             max_shard_size=5 * 10**9))  # bytes per safetensors file
   return c

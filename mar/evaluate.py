@@ -15,7 +15,7 @@ from absl import logging
 import jax
 
 from mar import plots
-from mar.data import datasets, prompts
+from mar.data import prompts, sources
 from mar.evaluation import passk, report
 from mar.lte import hints
 
@@ -43,7 +43,7 @@ def episode_metrics(episodes, n: int) -> dict:
 
 
 def _benchmark(config, name: str):
-  data = datasets.load_benchmark(name, config.data.dir)
+  data = sources.load_benchmark_from_config(name, config.data)
   limit = config.eval.max_problems
   return data[:limit] if limit else data
 

@@ -1,4 +1,4 @@
-"""Training metrics on the host: JSONL + TensorBoard, progress bars, wall-clock splits.
+"""Training metrics on the host: JSONL + TensorBoard (+ W&B), progress bars, wall-clock splits.
 
 `<workdir>/metrics.jsonl` holds one JSON object per logged step, `step` first. Values are
 plain JSON: numpy/jax scalars become Python ints/floats, and non-finite floats (NaN, ±inf)
@@ -115,16 +115,30 @@ class MetricsWriter:
     `enabled`. Each `write` is flushed, so a crash loses at most the row being written.
     """
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, wandb_sink=None):
         self.workdir = os.fspath(workdir)
         self.path = os.path.join(self.workdir, METRICS_FILE)
         self.enabled = bool(enabled) and jax.process_index() == 0
         self._tb = None
         self._file = None
+        self._wandb = wandb_sink if self.enabled else None
         if self.enabled:
             os.makedirs(self.workdir, exist_ok=True)
             _drop_partial_last_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")
+
+    @classmethod
+    def from_config(cls, workdir: str | os.PathLike, config: Any) -> "MetricsWriter":
+        """A writer that also sends its scalars to W&B when `config.metrics.wandb` is on."""
+        sink = None
+        m = config.metrics
+        if m.get("wandb") and jax.process_index() == 0:
+            from mar import config_utils  # pylint: disable=g-import-not-at-top
+            from mar.wandb_sink import WandbSink  # pylint: disable=g-import-not-at-top
+
+            sink = WandbSink(os.fspath(workdir), config_utils.config_to_dict(config),
+                             project=m.wandb_project, entity=m.wandb_entity)
+        return cls(workdir, wandb_sink=sink)
 
     def _tensorboard(self, purge_step: int | None = None):
         if self._tb is None:
@@ -146,10 +160,14 @@ class MetricsWriter:
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         tb = self._tensorboard()
+        scalars = {}
         for key, value in metrics.items():
             scalar = _scalar_for_tensorboard(value)
             if scalar is not None:
                 tb.add_scalar(str(key), scalar, global_step=step)
+                scalars[str(key)] = scalar
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         return row
 
     def truncate_after(self, step: int) -> int:
@@ -188,6 +206,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self

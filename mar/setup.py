@@ -18,7 +18,7 @@ from mar import config_utils
 from mar import models
 from mar import overlap
 from mar import parallel
-from mar.data import datasets, prompts
+from mar.data import prompts, sources
 from mar.data.tokenizer import Tokenizer
 from mar.models import model as qwen
 from mar.rl import grpo, optim, ppo
@@ -84,8 +84,10 @@ def load_train_data(config) -> list:
     from mar.data import synthetic
 
     return synthetic.examples_from_config(d.synthetic)
-  config_utils.check_paths(config, ["data.train"])
-  return datasets.load_train_jsonl(d.train, question_key=d.question_key, answer_key=d.answer_key)
+  if not d.train:
+    config_utils.check_paths(config, ["data.train"])  # says which flag to pass
+  return sources.load_train(d.train, question_key=d.question_key, answer_key=d.answer_key,
+                            answer_from_solution=d.answer_from_solution, tfds_dir=d.tfds_dir)
 
 
 def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=None,

@@ -28,6 +28,7 @@ from mar import plots
 from mar import setup
 from mar.lte import hints
 from mar.lte import step as lte_step
+from mar.tools import export_hf
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def train(config, workdir: str) -> dict:
   run = setup.build_run(config, workdir)
   state = init_state(config, run)
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter.from_config(workdir, config)
   start = 0
   restored = ckpt.restore(state)
   if restored is not None:
@@ -214,8 +215,9 @@ def train(config, workdir: str) -> dict:
   bar.close()
   ckpt.wait()
   ckpt.close()
-  writer.close()
   if parallel.is_main_process():
     plots.plot_all(workdir)
+  writer.close()  # after the plots: W&B gets the final ones
+  export_hf.export_at_end(config, workdir, state["policy"])
   run.close()
   return last

@@ -1,4 +1,6 @@
-"""Benchmarks and training sets from local JSONL files.
+"""Benchmarks and training sets as `Example`s: gold-answer rules, JSONL reading.
+
+Other formats (Parquet, TFDS) hand their records to the same functions (mar.data.sources).
 
 Gold answers follow the graders the papers used (see the data's SOURCE.md):
 amc23 stores floats (`27.0` -> `27`), minerva's gold is the last box of its
@@ -12,7 +14,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from absl import logging
 
@@ -60,7 +62,7 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     raise DatasetError(f"{path}: empty file, expected JSON lines")
 
 
-def _field(path: str, lineno: int, record: dict[str, Any], key: str, types: tuple[type, ...]) -> Any:
+def _field(path: str, lineno: int | str, record: dict[str, Any], key: str, types: tuple[type, ...]) -> Any:
   if key not in record:
     raise DatasetError(
         f"{path}:{lineno}: field {key!r}: missing (record has {sorted(record)})"
@@ -140,14 +142,65 @@ def benchmark_path(name: str, data_dir: str) -> str:
   )
 
 
-def load_benchmark(name: str, data_dir: str) -> list[Example]:
-  """A benchmark's questions and gold answers, in file order."""
-  path = benchmark_path(name, data_dir)
+# (where, record label, record): the file or source, the line / record number, the fields.
+Record = tuple[str, "int | str", dict[str, Any]]
+
+
+def jsonl_records(path: str) -> Iterator[Record]:
+  return ((path, lineno, record) for lineno, record in read_jsonl(path))
+
+
+def benchmark_examples(name: str, records: Iterable[Record]) -> list[Example]:
+  """A benchmark's questions and gold answers from its records (any source), in order."""
+  if name not in _SPECS:
+    raise DatasetError(f"unknown benchmark {name!r}; expected one of {BENCHMARKS}")
   question_key, gold_fn = _SPECS[name]
   out = []
-  for i, (lineno, record) in enumerate(read_jsonl(path)):
+  for i, (path, lineno, record) in enumerate(records):
     question = _field(path, lineno, record, question_key, (str,))
     out.append(Example(question=question, answer=gold_fn(path, lineno, record), source=name, index=i))
+  return out
+
+
+def load_benchmark(name: str, data_dir: str) -> list[Example]:
+  """A benchmark's questions and gold answers, in file order."""
+  return benchmark_examples(name, jsonl_records(benchmark_path(name, data_dir)))
+
+
+def train_examples(
+    records: Iterable[Record],
+    where: str,
+    source: str,
+    question_key: str = "prompt",
+    answer_key: str = "answer",
+    answer_from_solution: bool = False,
+) -> list[Example]:
+  """Training questions from records of any source (`where` names it in messages).
+
+  Records with an empty or null answer are dropped (and logged). With
+  `answer_from_solution` the answer field holds a worked solution and the gold answer is
+  its last `\\boxed{}`; a record without one is an error.
+  """
+  out, dropped = [], 0
+  for i, (path, lineno, record) in enumerate(records):
+    question = _field(path, lineno, record, question_key, (str,))
+    answer = _field(path, lineno, record, answer_key, (str, int, float, type(None)))
+    if isinstance(answer, float) and answer.is_integer():
+      answer = int(answer)
+    answer = "" if answer is None else str(answer).strip()
+    if answer and answer_from_solution:
+      box = extract_boxed(answer)
+      if box is None:
+        raise DatasetError(f"{path}:{lineno}: field {answer_key!r}: expected a \\boxed{{}} "
+                           f"answer (data.answer_from_solution), found none")
+      answer = box.strip()
+    if not answer:
+      dropped += 1
+      continue
+    out.append(Example(question=question, answer=answer, source=source, index=i))
+  logging.info("%s: %d examples, %d dropped for an empty %r", where, len(out), dropped, answer_key)
+  if not out:
+    raise DatasetError(f"{where}: every record has an empty {answer_key!r}")
   return out
 
 
@@ -156,25 +209,13 @@ def load_train_jsonl(
     question_key: str = "prompt",
     answer_key: str = "answer",
     source: str | None = None,
+    answer_from_solution: bool = False,
 ) -> list[Example]:
-  """Training questions; records with an empty or null answer are dropped (and logged).
+  """Training questions of a JSONL file (see `train_examples`).
 
   The defaults fit `math_lvl3to5_8k.jsonl` (`prompt`, `answer`); the multi-attempt
   reference's own copy uses `question`/`input` and `ground_truth_answer`.
   """
   source = source or os.path.splitext(os.path.basename(path))[0]
-  out, dropped = [], 0
-  for i, (lineno, record) in enumerate(read_jsonl(path)):
-    question = _field(path, lineno, record, question_key, (str,))
-    answer = _field(path, lineno, record, answer_key, (str, int, float, type(None)))
-    if isinstance(answer, float) and answer.is_integer():
-      answer = int(answer)
-    answer = "" if answer is None else str(answer).strip()
-    if not answer:
-      dropped += 1
-      continue
-    out.append(Example(question=question, answer=answer, source=source, index=i))
-  logging.info("%s: %d examples, %d dropped for an empty %r", path, len(out), dropped, answer_key)
-  if not out:
-    raise DatasetError(f"{path}: every record has an empty {answer_key!r}")
-  return out
+  return train_examples(jsonl_records(path), path, source, question_key, answer_key,
+                        answer_from_solution)

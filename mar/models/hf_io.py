@@ -351,12 +351,16 @@ def save_hf(
     params: dict,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype=None,
+    read_leaf: Callable[[str], np.ndarray] | None = None,
 ) -> None:
   """Writes `config.json` + safetensors (HF names, unfused) that transformers loads.
 
   Tensors are written in `dtype` (default: the embedding's dtype). More than
   `max_shard_size` bytes of tensors go to numbered shards plus `model.safetensors.index.json`.
   Tied models write no `lm_head.weight`. With several hosts all must call; host 0 writes.
+  `read_leaf(path)` ("embed", "layers/qkv", ...) fetches a leaf's values when `params`
+  only describes them (e.g. `jax.ShapeDtypeStruct`s of a checkpoint): one leaf is on the
+  host at a time either way.
   """
   _check_params(config, params)
   np_dtype = np.dtype(dtype if dtype is not None else _get(params, "embed").dtype)
@@ -373,7 +377,8 @@ def save_hf(
   for i, entry in enumerate(entries):
     if entry.rule.leaf != leaf:  # entries are in leaf order: one leaf on the host at a time
       leaf, host = entry.rule.leaf, None
-      host = _to_host(_get(params, leaf)).astype(np_dtype, copy=False)
+      host = (read_leaf(leaf) if read_leaf else _to_host(_get(params, leaf)))
+      host = host.astype(np_dtype, copy=False)
     pending[entry.name] = _hf_tensor(host, entry, d)
     if i + 1 == len(entries) or shard_of[i + 1] != shard_of[i]:
       if writer:

@@ -183,7 +183,7 @@ def build_report(runs: Mapping[str, Mapping[int, str]], suite: str, tail: int = 
 
 
 def _figure(ncols: int):
-  fig = Figure(figsize=(4.6 * ncols, 3.6), layout="constrained")
+  fig = Figure(figsize=(max(6.0, 4.6 * ncols), 3.8), layout="constrained")
   FigureCanvasAgg(fig)
   return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 

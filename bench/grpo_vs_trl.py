@@ -20,6 +20,7 @@ sides in one process, one after the other, and compare within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -153,7 +154,8 @@ def bench_trl(model_path: str) -> dict:
       steps.append(time.perf_counter() - self.t0)
 
   trainer.add_callback(StepTimer())
-  trainer.train()
+  with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs: keep JSON clean
+    trainer.train()
   logs = [h for h in trainer.state.log_history if "reward" in h]
   rows = [{"step": s, "generation": gen, "update": s - gen, "other": 0.0}
           for s, gen in zip(steps, timings["generation"])]

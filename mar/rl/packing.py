@@ -82,10 +82,6 @@ class PackPlan:
   def valid(self) -> np.ndarray:
     return self.segment_ids > 0
 
-  def device_fields(self) -> dict:
-    """The plan arrays a jitted program needs to pack / unpack on the device."""
-    return {"pack_index": self.index, "segment_ids": self.segment_ids}
-
 
 def _spans(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(first valid slot, number of valid slots) per row; valid slots must be contiguous."""

@@ -1,8 +1,9 @@
 """Host driver of the jitted rollout: texts in, episodes (and host-side results) out.
 
-Tokenizes the prompt texts, left-pads them into a fixed [B, P] bucket (rows beyond the
-real batch get n_attempts = 0 and stay idle, so every call has the same shapes and the
-program compiles once), runs the rollout, and hands back device episodes plus the
+Tokenizes the prompt texts, left-pads them into a [B, P] bucket (P: the smallest of a few
+sizes, powers of two up to prompt_len, that holds the batch's longest prompt, so prefill and
+the KV cache follow real prompt lengths; rows beyond the real batch get n_attempts = 0 and
+stay idle, so the program compiles once per bucket), runs the rollout, and hands back device episodes plus the
 per-row responses the GRPO/LTE and evaluation code need on the host.
 """
 
@@ -36,6 +37,23 @@ class HostEpisodes:
   correct: np.ndarray  # [n] bool: any attempt correct
   truncated: np.ndarray  # [n] bool
   reward: np.ndarray  # [n] float
+
+
+def prompt_buckets(prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
+  """Prompt bucket sizes: powers of two from `smallest` below prompt_len, then prompt_len."""
+  sizes, p = [], smallest
+  while p < prompt_len:
+    sizes.append(p)
+    p *= 2
+  return tuple(sizes) + (prompt_len,)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `length` tokens."""
+  for p in buckets:
+    if length <= p:
+      return p
+  raise ValueError(f"a prompt of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
 class RolloutRunner:
@@ -72,11 +90,12 @@ class RolloutRunner:
     self._host_params_cache: tuple = (None, None)
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
+    self._feedback_len = max(fb_tokens.shape[1], hint_feedback_len)
+    self.buckets = prompt_buckets(prompt_len)
     self.spec = ma.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
-        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts,
-                                   max(fb_tokens.shape[1], hint_feedback_len)),
+        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts, self._feedback_len),
         sampling=sampling,
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
@@ -87,33 +106,53 @@ class RolloutRunner:
     self.stop_predicate = boxed_stop_predicate(strings)
     self.mesh = mesh
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
-    spec, pred = self.spec, self.stop_predicate
-    vfn = None if self.deferred else self.verify_fn
-    decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
-    self._rollout = jax.jit(lambda params, *args: ma.rollout(
-        model_config, params, spec, pred, vfn, *args, decode_fn=decode))
+    self._decode_fn = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
+    self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
+    # Prompt tokens computed by prefill vs real ones, since the runner was built.
+    self.prefill_tokens = {"computed": 0, "real": 0}
+
+  def spec_for(self, bucket: int) -> ma.RolloutSpec:
+    """The rollout spec of one prompt bucket: its cache holds that bucket, not the largest."""
+    return dataclasses.replace(self.spec, cache_len=ma.cache_len_for(
+        bucket, self.spec.token_budget, self.spec.max_attempts, self._feedback_len))
+
+  def _rollout_for(self, bucket: int):
+    if bucket not in self._rollouts:
+      spec, pred, decode = self.spec_for(bucket), self.stop_predicate, self._decode_fn
+      vfn = None if self.deferred else self.verify_fn
+      self._rollouts[bucket] = jax.jit(lambda params, *args: ma.rollout(
+          self.model_config, params, spec, pred, vfn, *args, decode_fn=decode))
+    return self._rollouts[bucket]
 
   def fits(self, prompt: str) -> bool:
-    """Whether a prompt text fits the prompt bucket."""
+    """Whether a prompt text fits the largest prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
   def encode_prompts(self, prompts: Sequence[str]):
     """Left-pads this host's tokenized prompts into [B / hosts, P] (+ mask).
 
-    Raises if a prompt is too long.
+    P is the smallest bucket that holds the longest prompt (on several hosts running one
+    program, the longest of all hosts'). Raises if a prompt is longer than prompt_len.
     """
-    b, p = self.local_batch, self.prompt_len
+    b = self.local_batch
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
+    ids = [self.tok.encode(text) for text in prompts]
+    for i, (text, x) in enumerate(zip(prompts, ids)):
+      if len(x) > self.prompt_len:
+        raise ValueError(f"prompt {i} has {len(x)} tokens > prompt_len {self.prompt_len}: "
+                         f"{text[:80]!r}...")
+    longest = max(map(len, ids), default=1)
+    if self.processes > 1 and not self.per_host:  # one program over every host's rows
+      longest = parallel.max_over_hosts(longest)
+    p = bucket_for(longest, self.buckets)
     tokens = np.full((b, p), self.tok.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
-    for i, text in enumerate(prompts):
-      ids = self.tok.encode(text)
-      if len(ids) > p:
-        raise ValueError(f"prompt {i} has {len(ids)} tokens > prompt_len {p}: "
-                         f"{text[:80]!r}...")
-      tokens[i, p - len(ids):] = ids
-      mask[i, p - len(ids):] = True
+    for i, x in enumerate(ids):
+      tokens[i, p - len(x):] = x
+      mask[i, p - len(x):] = True
+    self.prefill_tokens["computed"] += b * p
+    self.prefill_tokens["real"] += sum(map(len, ids))
     return tokens, mask
 
   def dispatch(self, params, prompts: Sequence[str], n_attempts: Sequence[int],
@@ -130,7 +169,7 @@ class RolloutRunner:
       batch = parallel.put_batch(batch, self.mesh)
       key = np.asarray(key)  # replicated: every host passes the same key
     t0 = time.perf_counter()
-    out = self._rollout(params, *batch, *self.feedback, key)
+    out = self._rollout_for(tokens.shape[1])(params, *batch, *self.feedback, key)
     if self.timeline is not None:
       self.timeline.track(out, t0)
     return out
@@ -183,14 +222,26 @@ class RolloutRunner:
     )
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
-               n_attempts: Sequence[int] | None = None) -> HostEpisodes:
+               n_attempts: Sequence[int] | None = None, _sorted: bool = False) -> HostEpisodes:
     """Any number of this host's prompts, in batch-sized chunks; the concatenated host view.
+
+    Prompts are chunked in order of length (results come back in the given order), so
+    each chunk's prompt bucket follows its own longest prompt.
 
     Deferred runs dispatch chunk c + 1 before verifying chunk c, so the host's decoding and
     verification overlap the device's sampling.
     """
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
     step = self.local_batch
+    if len(prompts) > step and not _sorted:  # chunks of similar lengths, so each gets a small prompt bucket
+      order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
+      out = self.run_host(params, [prompts[i] for i in order], [answers[i] for i in order],
+                          key, [n_attempts[i] for i in order], _sorted=True)
+      back = np.argsort(order)
+      return HostEpisodes(*(
+          [v[i] for i in back] if isinstance(v, list) else np.asarray(v)[back]
+          for v in (out.responses, out.texts, out.answers, out.correct, out.truncated,
+                    out.reward)))
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
     for c, (lo, hi) in enumerate(chunks):

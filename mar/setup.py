@@ -62,7 +62,8 @@ class Run:
           token_budget=config.rollout.token_budget, sampling=sp,
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
-          mesh=self.mesh)
+          mesh=self.mesh, sampling_mesh=self.runner.sampling_mesh,
+          sampling_dtype=self.runner.sampling_dtype)
     return self._eval_runners[kind]
 
   def close(self):
@@ -161,7 +162,8 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline)
+      timeline=timeline, sampling_mesh=parallel.sampling_mesh(config),
+      sampling_dtype=parallel.sampling_dtype(cfg))
   train_data, skipped = drop_long_prompts(config, runner, train_data)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))

@@ -71,7 +71,8 @@ class RolloutRunner:
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
-               decode_fn=None, defer_verify: bool | None = None, timeline=None):
+               decode_fn=None, defer_verify: bool | None = None, timeline=None,
+               sampling_mesh=None, sampling_dtype=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -105,6 +106,11 @@ class RolloutRunner:
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
     self.stop_predicate = boxed_stop_predicate(strings)
     self.mesh = mesh
+    # The sampling layout: rows over sampling_mesh's 'data', weights in sampling_dtype over
+    # its 'tensor', made from the training layout once per distinct params (`reshard_stats`).
+    self.sampling_mesh, self.sampling_dtype = sampling_mesh, sampling_dtype
+    self._sampling_params_cache: tuple = (None, None)
+    self.reshard_stats: dict = {}
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
     self._decode_fn = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
     self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
@@ -165,9 +171,12 @@ class RolloutRunner:
     batch = (tokens, mask, attempts, np.arange(rows, dtype=np.int32))
     if self.per_host:
       params = self._host_params(params)
-    elif self.processes > 1:  # this host's rows -> the global batch
-      batch = parallel.put_batch(batch, self.mesh)
-      key = np.asarray(key)  # replicated: every host passes the same key
+    else:
+      params = self._sampling_params(params)
+      layout = self.sampling_mesh or self.mesh
+      if self.processes > 1 or self.sampling_mesh is not None:  # rows over 'data'
+        batch = parallel.put_batch(batch, layout)
+        key = np.asarray(key)  # replicated: every host passes the same key
     t0 = time.perf_counter()
     out = self._rollout_for(tokens.shape[1])(params, *batch, *self.feedback, key)
     if self.timeline is not None:
@@ -265,8 +274,20 @@ class RolloutRunner:
         reward=np.concatenate([p.reward for p in parts]),
     )
 
+  def _sampling_params(self, params):
+    """The policy in the sampling layout and dtype: one timed reshard per distinct params."""
+    if self.sampling_mesh is None:
+      return params
+    cached_for, out = self._sampling_params_cache
+    if cached_for is params:
+      return out
+    shardings = parallel.sampling_shardings(self.model_config, self.sampling_mesh)
+    out, self.reshard_stats = parallel.reshard(params, shardings, dtype=self.sampling_dtype)
+    self._sampling_params_cache = (params, out)
+    return out
+
   def _host_params(self, params):
-    """The policy gathered onto this host's devices (sharded over them as the rules say).
+    """The policy gathered onto this host's devices, in the sampling layout and dtype.
 
     A collective (every host calls dispatch in step), once per distinct `params`.
     """
@@ -274,10 +295,17 @@ class RolloutRunner:
     if cached_for is params:
       return local
     devices = jax.local_devices()
-    tensor = self.mesh.shape["tensor"] if len(devices) % self.mesh.shape["tensor"] == 0 else 1
-    mesh = sharding_lib.make_mesh(1, -1, tensor, devices=devices)
+    mesh_shape = (self.sampling_mesh or self.mesh).shape
+    tensor = mesh_shape["tensor"] if len(devices) % mesh_shape["tensor"] == 0 else 1
+    if self.sampling_mesh is not None:
+      mesh = sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
+    else:
+      mesh = sharding_lib.make_mesh(1, -1, tensor, devices=devices)
     shardings = sharding_lib.param_shardings(self.model_config, mesh)
-    local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), shardings)
+    start = time.perf_counter()
+    gathered = multihost_utils.process_allgather(params, tiled=True)
+    local, stats = parallel.reshard(gathered, shardings, dtype=self.sampling_dtype)
+    self.reshard_stats = dict(stats, seconds=time.perf_counter() - start)
     self._host_params_cache = (params, local)
     return local
 

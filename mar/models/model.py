@@ -268,16 +268,28 @@ def _write_kv(c: jax.Array, new: jax.Array, slots: jax.Array, layer=None,
   """Scatters new [B, T, K, Dh] into cache c at slots [B, T] in place; slots >= S are dropped.
 
   c is one layer's [B, K, S, Dh] ([B, K, Dh, S] with slot_last), or the stacked
-  [L, B, K, S, Dh] with `layer` given.
+  [L, B, K, S, Dh] with `layer` given. Written per row under vmap, so the scatter carries
+  the rows as a batch dimension and a row-split cache is written without collectives.
   """
-  b = jnp.arange(new.shape[0])[:, None]
+  new = new.astype(c.dtype)
   if layer is not None:
-    idx = (layer, b, slice(None), slots)
-  elif slot_last:
-    idx = (b, slice(None), slice(None), slots)
-  else:
-    idx = (b, slice(None), slots)
-  return c.at[idx].set(new.astype(c.dtype), mode="drop")
+    return jax.vmap(lambda c, n, s: c.at[layer, :, s].set(n, mode="drop"),
+                    in_axes=(1, 0, 0), out_axes=1)(c, new, slots)
+  if slot_last:
+    return jax.vmap(lambda c, n, s: c.at[:, :, s].set(n.transpose(1, 2, 0), mode="drop"))(
+        c, new, slots)
+  return jax.vmap(lambda c, n, s: c.at[:, s].set(n.transpose(1, 0, 2), mode="drop"))(
+      c, new, slots)
+
+
+def set_at_slots(x: jax.Array, slots: jax.Array, values) -> jax.Array:
+  """x [B, S, ...] with x[b, slots[b, t]] = values[b, t] (slots [B] or [B, T]; >= S dropped).
+
+  Per row under vmap (rows are a batch dimension of the scatter: no collectives when the
+  rows are split over devices).
+  """
+  values = jnp.broadcast_to(jnp.asarray(values, x.dtype), slots.shape + x.shape[2:])
+  return jax.vmap(lambda r, s, v: r.at[s].set(v, mode="drop"))(x, slots, values)
 
 
 def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, layer=None):
@@ -443,7 +455,7 @@ def forward_cached(
   s = cache.valid.shape[1]
   slots = start[:, None] + jnp.arange(t, dtype=start.dtype)[None]  # [B, T]
   write_slots = jnp.where(token_valid.astype(bool), slots, s)
-  valid = cache.valid.at[jnp.arange(b)[:, None], write_slots].set(True, mode="drop")
+  valid = set_at_slots(cache.valid, write_slots, True)
   if s > config.attn_block and t < s:  # decode and appends: read the live blocks only
     mask = live_slots(config, valid, slots)
   else:  # prefill into a cache of its own length: one dense pass

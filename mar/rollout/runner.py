@@ -10,6 +10,7 @@ per-row responses the GRPO/LTE and evaluation code need on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
 from mar.rollout import multi_attempt as ma
@@ -37,6 +39,9 @@ class HostEpisodes:
   correct: np.ndarray  # [n] bool: any attempt correct
   truncated: np.ndarray  # [n] bool
   reward: np.ndarray  # [n] float
+
+
+_unstack = jax.jit(qwen.unstack_layers)  # no donation: a no-op reshard returns the input
 
 
 def prompt_buckets(prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
@@ -112,7 +117,7 @@ class RolloutRunner:
     self._sampling_params_cache: tuple = (None, None)
     self.reshard_stats: dict = {}
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
-    self._decode_fn = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
+    self._decode_fn = decode_fn  # tests pass a scripted policy here
     self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
     # Prompt tokens computed by prefill vs real ones, since the runner was built.
     self.prefill_tokens = {"computed": 0, "real": 0}
@@ -125,6 +130,9 @@ class RolloutRunner:
   def _rollout_for(self, bucket: int):
     if bucket not in self._rollouts:
       spec, pred, decode = self.spec_for(bucket), self.stop_predicate, self._decode_fn
+      if decode is None:  # the sampler, one decode loop per data shard of the layout
+        mesh = self._local_mesh() if self.per_host else self.sampling_mesh
+        decode = functools.partial(sampling_lib.decode, mesh=mesh)
       vfn = None if self.deferred else self.verify_fn
       self._rollouts[bucket] = jax.jit(lambda params, *args: ma.rollout(
           self.model_config, params, spec, pred, vfn, *args, decode_fn=decode))
@@ -283,8 +291,18 @@ class RolloutRunner:
       return out
     shardings = parallel.sampling_shardings(self.model_config, self.sampling_mesh)
     out, self.reshard_stats = parallel.reshard(params, shardings, dtype=self.sampling_dtype)
+    out = _unstack(out)  # the decode layout, so the rollout program copies no weights
     self._sampling_params_cache = (params, out)
     return out
+
+  def _local_mesh(self):
+    """This host's devices, laid out as the sampling (else the training) mesh asks."""
+    devices = jax.local_devices()
+    mesh_shape = (self.sampling_mesh or self.mesh).shape
+    tensor = mesh_shape["tensor"] if len(devices) % mesh_shape["tensor"] == 0 else 1
+    if self.sampling_mesh is not None:
+      return sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
+    return sharding_lib.make_mesh(1, -1, tensor, devices=devices)
 
   def _host_params(self, params):
     """The policy gathered onto this host's devices, in the sampling layout and dtype.
@@ -294,17 +312,11 @@ class RolloutRunner:
     cached_for, local = self._host_params_cache
     if cached_for is params:
       return local
-    devices = jax.local_devices()
-    mesh_shape = (self.sampling_mesh or self.mesh).shape
-    tensor = mesh_shape["tensor"] if len(devices) % mesh_shape["tensor"] == 0 else 1
-    if self.sampling_mesh is not None:
-      mesh = sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
-    else:
-      mesh = sharding_lib.make_mesh(1, -1, tensor, devices=devices)
-    shardings = sharding_lib.param_shardings(self.model_config, mesh)
+    shardings = sharding_lib.param_shardings(self.model_config, self._local_mesh())
     start = time.perf_counter()
     gathered = multihost_utils.process_allgather(params, tiled=True)
     local, stats = parallel.reshard(gathered, shardings, dtype=self.sampling_dtype)
+    local = _unstack(local)
     self.reshard_stats = dict(stats, seconds=time.perf_counter() - start)
     self._host_params_cache = (params, local)
     return local

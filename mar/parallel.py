@@ -390,9 +390,14 @@ def sampling_dtype(model_config: QwenConfig):
   return d if d.itemsize < 4 else None
 
 
+# The embedding and LM head stay whole on every device while sampling: each tensor shard then
+# computes all the logits it samples from, with no gather per token.
+SAMPLING_RULES = tuple((k, None if k == "vocab" else v) for k, v in sharding_lib.DEFAULT_RULES)
+
+
 def sampling_shardings(model_config: QwenConfig, mesh: Mesh, rules: Rules | None = None):
-  """Params on the sampling mesh: replicated over 'data', split over 'tensor' by the rules."""
-  rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+  """Params on the sampling mesh: replicated over 'data', heads and MLP over 'tensor'."""
+  rules = SAMPLING_RULES if rules is None else rules
   return sharding_lib.param_shardings(model_config, mesh, rules)
 
 

@@ -44,9 +44,10 @@ class CompiledRolloutTest(parameterized.TestCase):
     report = pm.compiled_report(_small(lte_qwen, tensor=2), model, 8, None)
     r = report["rollout"]
     self.assertEqual(report["sampling_mesh"], {"data": 4, "fsdp": 1, "tensor": 2})
-    self.assertBetween(r["decode_loop_collectives"], 1, 2 * model.num_layers + 2)
-    self.assertEqual(r["decode_loop_collective_dtypes"], ["bf16"],
-                     r["decode_loop_collective_ops"])
+    # Only the reductions after the attention output and the MLP down projection of each
+    # layer (XLA:CPU runs bf16 all-reduces in f32; TPU keeps bf16, see bench/README.md).
+    self.assertEqual(set(r["decode_loop_collective_ops"]), {"all-reduce"})
+    self.assertBetween(r["decode_loop_collectives"], 1, 2 * model.num_layers)
 
 
 if __name__ == "__main__":

@@ -257,9 +257,10 @@ def _attend_live(config: QwenConfig, q, kc, vc, live: LiveSlots, layer=None,
 
 
 def _mlp(lp: dict, x: jax.Array) -> jax.Array:
-  w = lp["gate_up"]  # [D, 2, F]
-  gu = _dot("btd,de->bte", x, w.reshape(w.shape[0], -1))
-  g, u = gu[..., :w.shape[-1]], gu[..., w.shape[-1]:]
+  # One matmul for gate and up; their [2] axis stays its own dimension, so with F split
+  # over devices (tensor parallel) taking gate and up apart moves nothing between them.
+  gu = _dot("btd,dkf->btkf", x, lp["gate_up"])  # gate_up: [D, 2, F]
+  g, u = gu[..., 0, :], gu[..., 1, :]
   return _dot("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
 
 

@@ -312,7 +312,10 @@ class RolloutRunner:
     cached_for, local = self._host_params_cache
     if cached_for is params:
       return local
-    shardings = sharding_lib.param_shardings(self.model_config, self._local_mesh())
+    if self.sampling_mesh is not None:
+      shardings = parallel.sampling_shardings(self.model_config, self._local_mesh())
+    else:
+      shardings = sharding_lib.param_shardings(self.model_config, self._local_mesh())
     start = time.perf_counter()
     gathered = multihost_utils.process_allgather(params, tiled=True)
     local, stats = parallel.reshard(gathered, shardings, dtype=self.sampling_dtype)

@@ -165,9 +165,13 @@ def _row_specs(state: SamplerState, axis: str) -> SamplerState:
 
 
 def _rows_local(mesh) -> bool:
-  """Whether decode runs as one loop per 'data' shard: rows split, weights whole."""
+  """Whether decode runs as one loop per 'data' shard: rows split, weights not over 'fsdp'.
+
+  'tensor' stays an automatic axis inside each shard's loop (its reductions are the only
+  collectives there).
+  """
   return (mesh is not None and mesh.shape.get("data", 1) > 1
-          and all(mesh.shape.get(a, 1) == 1 for a in ("fsdp", "tensor")))
+          and mesh.shape.get("fsdp", 1) == 1)
 
 
 @functools.partial(
@@ -194,8 +198,10 @@ def _decode(config, params, state, max_new, stop_predicate, *, sampling, stop_id
 
   specs = _row_specs(state, "data")
   rep = jax.tree.map(lambda _: PartitionSpec(), params)
+  manual = {"data"} if mesh.shape.get("tensor", 1) > 1 else frozenset(mesh.axis_names)
   return jax.shard_map(per_shard, mesh=mesh, in_specs=(rep, specs, PartitionSpec("data")),
-                       out_specs=specs, check_vma=False)(params, state, max_new)
+                       out_specs=specs, axis_names=manual, check_vma=False)(
+                           params, state, max_new)
 
 
 def _decode_rows(config, params, state, max_new, stop_predicate, row_ids, *, sampling,

@@ -325,25 +325,42 @@ def model_config(config, preset: str | None) -> QwenConfig:
 def rollout_program_plan(config, model: QwenConfig, sampling_shape: dict[str, int]) -> dict:
   """The planner's per-device bytes of the rollout program on the sampling layout.
 
-  Arguments: the weights in the sampling dtype (replicated over 'data', split over 'tensor'
-  by the rules). Live during decode: the KV cache of this device's rows, the per-slot
-  buffers of the episodes (tokens, log-probs, masks, attempt ids) and a few [rows, V] f32
-  logit buffers of the sampler.
+  Arguments: the weights in the sampling dtype (replicated over 'data'; heads and MLP split
+  over 'tensor'). The program then peaks either in prefill (the prompt-length cache plus one
+  layer's activations over the prompt: dense f32 scores and their probabilities, q/k/v, the
+  MLP's gate, up and product) or in decode (the full cache, plus the prompt-length cache it
+  was padded from), on top of the episodes' per-slot buffers (tokens, log-probs, masks,
+  attempt ids) and a few [rows, V] f32 logit buffers of the sampler.
   """
   from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
 
   mesh = abstract_mesh(sampling_shape)
+  rules = parallel.SAMPLING_RULES
   dtype = dtype_from_name(config.model.dtype)
+  b = np.dtype(dtype).itemsize
   rs = cm.rollout_shape(config)
-  weights = param_bytes(model, mesh, sharding_lib.DEFAULT_RULES, dtype)
-  kv = kv_cache_bytes(model, mesh, rs.rows, rs.slots, sharding_lib.DEFAULT_RULES, dtype)
-  local = math.ceil(rs.rows / _split(rs.rows, mesh, sharding_lib.DEFAULT_RULES, "batch"))
+  weights = param_bytes(model, mesh, rules, dtype)
+  kv = kv_cache_bytes(model, mesh, rs.rows, rs.slots, rules, dtype)
+  kv_prompt = kv_cache_bytes(model, mesh, rs.rows, rs.prompt_len, rules, dtype)
+  local = math.ceil(rs.rows / _split(rs.rows, mesh, rules, "batch"))
+  tp_heads = _split(model.num_kv_heads, mesh, rules, "kv_heads")
+  tp_mlp = _split(model.intermediate_size, mesh, rules, "mlp")
+  heads, kv_heads = model.num_heads / tp_heads, model.num_kv_heads / tp_heads
+  p, dh, d = rs.prompt_len, model.head_dim, model.hidden_size
+  per_token = (heads * p * (4 + b)  # scores (f32) and probabilities
+               + 2 * (heads + 2 * kv_heads) * dh * b  # q/k/v before and after RoPE
+               + 3 * model.intermediate_size / tp_mlp * b + 4 * d * b)
+  prefill_act = int(local * p * per_token)
   per_slot = 4 + 4 + 1 + 1 + 4 + 4  # tokens, log-probs, action / feedback masks, attempt id, copy
   episodes = local * rs.slots * per_slot
   logits = 4 * local * model.vocab_size * 4
+  phases = {"prefill": kv_prompt + prefill_act, "decode": kv + kv_prompt}
   return {"weights_bytes_per_device": weights, "kv_bytes_per_device": kv,
+          "kv_prompt_bytes_per_device": kv_prompt,
+          "prefill_activation_bytes_per_device": prefill_act,
           "episode_buffers_bytes_per_device": episodes, "logits_bytes_per_device": logits,
-          "peak_bytes_per_device": weights + kv + episodes + logits,
+          "peak_phase": max(phases, key=phases.get),
+          "peak_bytes_per_device": weights + episodes + logits + max(phases.values()),
           "rows": rs.rows, "slots": rs.slots}
 
 

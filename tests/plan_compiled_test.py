@@ -4,6 +4,8 @@ Tiny model dims with the paper configs' structure (multi-attempt PPO with the pe
 callback; single-turn LTE), so the compiles take seconds; bench runs report the real shapes.
 """
 
+import importlib.util
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -48,6 +50,26 @@ class CompiledRolloutTest(parameterized.TestCase):
     # layer (XLA:CPU runs bf16 all-reduces in f32; TPU keeps bf16, see bench/README.md).
     self.assertEqual(set(r["decode_loop_collective_ops"]), {"all-reduce"})
     self.assertBetween(r["decode_loop_collectives"], 1, 2 * model.num_layers)
+
+
+@absltest.skipUnless(importlib.util.find_spec("libtpu"), "needs libtpu (pip install jax[tpu])")
+class TpuTopologyTest(parameterized.TestCase):
+  """Ahead-of-time compiles for 8 TPU v5p chips (runs where libtpu is installed)."""
+
+  @parameterized.parameters((multi_attempt_qwen, "qwen2"), (lte_qwen, "qwen3"))
+  def test_default_layout(self, module, model_type):
+    report = pm.compiled_report(_small(module), _model(model_type), None, "v5p:2x2x2")
+    r = report["rollout"]
+    self.assertEqual(report["target"], "v5p:2x2x2")
+    self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
+    self.assertAlmostEqual(r["kv_bytes_per_device"] / (r["kv_bytes_all_rows"] / 8), 1.0,
+                           delta=0.05)
+
+  def test_tensor_parallel_bf16_reductions(self):
+    model = _model("qwen3")
+    r = pm.compiled_report(_small(lte_qwen, tensor=2), model, None, "v5p:2x2x2")["rollout"]
+    self.assertEqual(r["decode_loop_collective_ops"], {"all-reduce": 2 * model.num_layers})
+    self.assertEqual(r["decode_loop_collective_dtypes"], ["bf16"])
 
 
 if __name__ == "__main__":

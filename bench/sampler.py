@@ -3,6 +3,7 @@
   python bench/sampler.py                      # tiny and medium, f32 and bf16 weights
   python bench/sampler.py --configs=medium --weights=bf16 --idle_wait_s=60
   python bench/sampler.py --configs= --compile_1p5b   # compile time, Qwen2.5-1.5B shapes
+  python bench/sampler.py --configs= --live_length=tiny   # decode step at S = 8,192 vs 512
 
 Prints one JSON object. Per config: steady-state tokens/s of both (whole call, and decode
 only), mar's compile time (separately), and the share of the machine's limits measured in
@@ -318,6 +319,52 @@ def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
   return out
 
 
+def live_length_case(name: str, repeats: int, idle_wait_s: float = 0.0, prompt: int = 192,
+                     new: int = 64, lengths=(512, 8192)) -> dict:
+  """Decode step cost vs cache size at a fixed live length (prompt + new <= 256 tokens).
+
+  The same prompts decoded greedily into caches of each of `lengths` slots, with blockwise
+  live-length attention (the default `attn_block`) and with one dense pass over the whole
+  cache (`attn_block` >= S), all timed round-robin in this process. The ratio of the largest
+  to the smallest cache is what reading only live blocks buys; dense shows the old cost.
+  """
+  c = CONFIGS[name]
+  b = c["batch"]
+  cfg = QwenConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
+                   num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv"],
+                   head_dim=c["hidden"] // c["heads"])
+  params = qwen.unstack_layers(init_lib.init_params(cfg, jax.random.key(0)))
+  toks = jnp.asarray(np.random.RandomState(1).randint(0, c["vocab"], (b, prompt)), jnp.int32)
+  mask = np.ones((b, prompt), bool)
+  max_new = jnp.full((b,), new, jnp.int32)
+  greedy = sampling.SamplingParams(temperature=0.0)
+  fns, outs = {}, {}
+  for mode, block in (("live", cfg.attn_block), ("dense", max(lengths))):
+    mcfg = cfg.replace(attn_block=block)
+    for s in lengths:
+      def timed(mcfg=mcfg, s=s, tag=f"{mode}_{s}"):
+        state = jax.block_until_ready(sampling.prefill(mcfg, params, toks, mask, s))
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(sampling.decode(mcfg, params, state, max_new=max_new,
+                                                    sampling=greedy))
+        dt = time.perf_counter() - t0
+        outs[tag] = np.asarray(out.tokens[:, prompt:prompt + new])
+        return dt
+      timed()  # compile
+      fns[f"{mode}_{s}"] = timed
+  t = interleaved_best(fns, repeats, idle_wait_s)
+  lo, hi = min(lengths), max(lengths)
+  same = all((o == outs[f"live_{lo}"]).all() for o in outs.values())
+  return {
+      "config": name, "batch": b, "prompt": prompt, "new": new, "live_tokens_at_end":
+          prompt + new, "attn_block": cfg.attn_block,
+      "step_ms": {k: v / new * 1e3 for k, v in t.items()},
+      f"live_ratio_{hi}_over_{lo}": t[f"live_{hi}"] / t[f"live_{lo}"],
+      f"dense_ratio_{hi}_over_{lo}": t[f"dense_{hi}"] / t[f"dense_{lo}"],
+      "greedy_tokens_equal": bool(same),
+  }
+
+
 def compile_1p5b(batch: int, prompt: int, cache_len: int, unroll: bool | None) -> dict:
   """AOT-compiles prefill and decode for Qwen2.5-1.5B shapes (f32) without allocating weights."""
   cfg = QwenConfig.qwen2_5_math_1_5b()
@@ -353,6 +400,8 @@ def main():
   ap.add_argument("--weights", default="f32,bf16", help="comma list of f32, bf16")
   ap.add_argument("--unroll", default="auto", choices=["auto", "yes", "no"])
   ap.add_argument("--compile_1p5b", action="store_true")
+  ap.add_argument("--live_length", default="",
+                  help="config for the decode-step-vs-cache-size case (S = 8,192 vs 512)")
   ap.add_argument("--idle_wait_s", type=float, default=0.0,
                   help="shared machine: before each timed run wait up to this long for idle CPUs")
   args = ap.parse_args()
@@ -367,6 +416,8 @@ def main():
   for name in filter(None, args.configs.split(",")):
     result[name] = run_config(name, args.repeats, args.weights.split(","), unroll, limits,
                               args.idle_wait_s)
+  if args.live_length:
+    result["live_length"] = live_length_case(args.live_length, args.repeats, args.idle_wait_s)
   if args.compile_1p5b:
     result["compile_qwen2_5_1_5b"] = compile_1p5b(8, 256, 1024, unroll)
   result["machine"]["loadavg_at_end"] = os.getloadavg()[0]

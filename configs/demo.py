@@ -34,9 +34,9 @@ def get_config(arg: str | None = None):
   elif arg == "lte":
     c.method = "lte"
     c.model.demo.style = "lte"
-    # Plain prompts are ~40 tokens, hint prompts up to 128: buckets 32 / 64 / 128.
+    # Plain prompts are ~40 tokens (the 64 bucket), hint prompts up to 128.
     c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed", prompt_len=128,
-                          prompt_buckets=3, stop_at_box=False))  # LTE's rule: run to EOS
+                          stop_at_box=False))  # LTE's rule: run to EOS
     c.eval.stop_at_box = False
     c.grpo.update(dict(group_size=8, lr=3e-4))
     c.eval.update(dict(kinds=("passk",), num_samples=8, ks=(1, 8)))

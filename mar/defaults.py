@@ -38,8 +38,7 @@ def base_config() -> ConfigDict:
   c.rollout = ConfigDict(dict(
       prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
       batch_size=0,  # rows per rollout program; 0 = prompts_per_step
-      prompt_len=256,  # left-padded prompt bucket
-      prompt_buckets=1,  # > 1: also prompt_len / 2, / 4, ...; a call pads to the least that fits
+      prompt_len=256,  # largest left-padded prompt bucket (smaller: powers of two from 64)
       token_budget=512,  # generated tokens shared by all attempts
       max_attempts=5,  # M
       attempts="uniform",  # uniform: N ~ U{1..M} per episode; fixed: N = M
@@ -51,6 +50,9 @@ def base_config() -> ConfigDict:
       stop_at_box=True,
       hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
   ))
+  # The rollout's own layout: rows (and KV cache) over `data`, weights (in the sampling
+  # dtype) replicated or tensor-parallel over `tensor`; -1 = the devices left over.
+  c.rollout.mesh = ConfigDict(dict(data=-1, tensor=1))
 
   c.ppo = ConfigDict(dict(gamma=1.0, lam=0.99, clip=0.2, value_clip=0.2, kl_coef=0.01,
                           kl_name="k3", kl_clamp=10.0, actor_lr=5e-7, critic_lr=1e-5,

@@ -11,7 +11,8 @@ rules table). This module applies that to everything a training step holds:
   put_batch / host_local                 host rows -> global arrays -> this host's rows
   local_rows / is_main_process           which rows and files this host owns (multi-host)
   max_over_hosts / mean_over_hosts       host-side values agreed on / averaged over hosts
-  reshard                                explicit, timed move between two layouts
+  reshard                                explicit, timed move between two layouts (and dtypes)
+  sampling_mesh / sampling_shardings     the rollout's own layout (rows over data, tensor TP)
   per_device_bytes                       what one device holds
 
 Everything runs unchanged on one device: a 1x1x1 mesh is a valid mesh.
@@ -342,21 +343,84 @@ def local_rows(global_rows: int, process_index: int | None = None,
 # ----- layouts: resharding and byte counts ------------------------------------------------------
 
 
-def reshard(tree, shardings) -> tuple[Any, dict]:
-  """Moves `tree` to `shardings` and reports what it cost.
+def reshard(tree, shardings, dtype=None) -> tuple[Any, dict]:
+  """Moves `tree` to `shardings` (floating leaves cast to `dtype` if given); what it cost.
 
-  The sampler and the learner may want different layouts of the same policy (e.g. tensor
-  parallel decode, FSDP training). Returns (tree, {'seconds', 'bytes_moved'}), where
-  bytes_moved counts the arrays whose sharding changed.
+  The sampler and the learner want different layouts of the same policy (replicated or
+  tensor-parallel bf16 decode, FSDP f32 training). With `dtype` the cast runs where the
+  arrays are, before they move, in one program (so an FSDP f32 policy moves as bf16).
+  Returns (tree, {'seconds', 'bytes_moved'}), where bytes_moved counts the arrays whose
+  sharding changed, at the bytes they move.
   """
+  sh_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
   moved = 0
-  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
-      shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))):
+  for x, s in zip(jax.tree.leaves(tree), sh_leaves):
     if not (isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)):
-      moved += x.size * x.dtype.itemsize
+      itemsize = np.dtype(_cast_dtype(x.dtype, dtype)).itemsize
+      moved += x.size * itemsize
   start = time.perf_counter()
-  out = jax.block_until_ready(jax.device_put(tree, shardings))
+  if dtype is None:
+    out = jax.device_put(tree, shardings)
+  else:
+    out = _cast_and_place(tree, shardings, dtype)
+  out = jax.block_until_ready(out)
   return out, {"seconds": time.perf_counter() - start, "bytes_moved": float(moved)}
+
+
+def _cast_dtype(have, want):
+  if want is None or not np.issubdtype(have, np.floating):
+    return have
+  return want
+
+
+_CAST_PROGRAMS: dict = {}
+
+
+def _cast_and_place(tree, shardings, dtype):
+  """One jitted program per (structure, dtype, layout): cast where the arrays are, then place."""
+  leaves = tuple(jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)))
+  key = (jax.tree.structure(tree), np.dtype(dtype).name, leaves)
+  if key not in _CAST_PROGRAMS:
+    _CAST_PROGRAMS[key] = jax.jit(
+        lambda t: jax.tree.map(lambda x: x.astype(_cast_dtype(x.dtype, dtype)), t),
+        out_shardings=shardings)
+  return _CAST_PROGRAMS[key](tree)
+
+
+# ----- the sampling layout ---------------------------------------------------------------------
+
+
+def sampling_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The rollout's mesh, `config.rollout.mesh`: rows over 'data', weights over 'tensor'.
+
+  Separate from the training mesh: no 'fsdp' (size 1), so decode never gathers weights.
+  Default data = -1 (every device not used by 'tensor'), tensor = 1: fully data parallel.
+  The devices are the training mesh's (`config.mesh`) unless given.
+  """
+  m = config.rollout.mesh
+  if devices is None:
+    devices = list(mesh_from_config(config).devices.flat)
+  try:
+    return sharding_lib.make_mesh(int(m.data), 1, int(m.tensor), devices=devices)
+  except ValueError as e:
+    raise ValueError(f"config.rollout.mesh (data={m.data}, tensor={m.tensor}): {e}") from e
+
+
+def sampling_dtype(model_config: QwenConfig):
+  """The weights' dtype while sampling: the compute dtype when it is narrower than f32."""
+  d = jax.numpy.dtype(model_config.dtype)
+  return d if d.itemsize < 4 else None
+
+
+# The embedding and LM head stay whole on every device while sampling: each tensor shard then
+# computes all the logits it samples from, with no gather per token.
+SAMPLING_RULES = tuple((k, None if k == "vocab" else v) for k, v in sharding_lib.DEFAULT_RULES)
+
+
+def sampling_shardings(model_config: QwenConfig, mesh: Mesh, rules: Rules | None = None):
+  """Params on the sampling mesh: replicated over 'data', heads and MLP over 'tensor'."""
+  rules = SAMPLING_RULES if rules is None else rules
+  return sharding_lib.param_shardings(model_config, mesh, rules)
 
 
 def per_device_bytes(tree, device=None) -> int:

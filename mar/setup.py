@@ -20,6 +20,7 @@ from mar import overlap
 from mar import parallel
 from mar.data import prompts, sources
 from mar.data.tokenizer import Tokenizer
+from mar.lte import hints
 from mar.models import model as qwen
 from mar.rl import grpo, optim, ppo
 from mar.rollout.runner import RolloutRunner
@@ -43,6 +44,7 @@ class Run:
   verifier: BatchVerifier
   _eval_runners: dict = dataclasses.field(default_factory=dict)
   mesh: Any = None  # the ('data', 'fsdp', 'tensor') mesh everything is placed on
+  skipped_long_prompts: int = 0  # training examples whose prompt exceeds rollout.prompt_len
   # When the device was busy (the trainer's host critical-path share); fed by the runner.
   timeline: overlap.DeviceTimeline = dataclasses.field(default_factory=overlap.DeviceTimeline)
 
@@ -60,7 +62,8 @@ class Run:
           token_budget=config.rollout.token_budget, sampling=sp,
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
-          mesh=self.mesh, stop_at_box=e.stop_at_box)
+          mesh=self.mesh, stop_at_box=e.stop_at_box, sampling_mesh=self.runner.sampling_mesh,
+          sampling_dtype=self.runner.sampling_dtype)
     return self._eval_runners[kind]
 
   def close(self):
@@ -165,8 +168,31 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline, stop_at_box=r.stop_at_box, prompt_buckets=r.prompt_buckets)
+      timeline=timeline, stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
+      sampling_dtype=parallel.sampling_dtype(cfg))
+  train_data, skipped = drop_long_prompts(config, runner, train_data)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
-             prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline)
+             prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline,
+             skipped_long_prompts=skipped)
+
+
+def training_prompts(config, question: str) -> list[str]:
+  """Every initial prompt text training may build for a question (by N for PPO)."""
+  if config.method == "ppo":
+    fn = prompt_function(config)
+    return [fn(question, n) for n in range(1, config.rollout.max_attempts + 1)]
+  return [hints.chat_prompt(hints.plain_prompt(question))]
+
+
+def drop_long_prompts(config, runner: RolloutRunner, examples: list) -> tuple[list, int]:
+  """Training examples whose prompts fit the largest prompt bucket, and how many did not."""
+  keep = [ex for ex in examples
+          if all(runner.fits(t) for t in training_prompts(config, ex.question))]
+  skipped = len(examples) - len(keep)
+  if skipped:
+    logging.warning("%d of %d training examples have a prompt longer than rollout.prompt_len="
+                    "%d tokens and are skipped (data/skipped_long_prompts)", skipped,
+                    len(examples), runner.prompt_len)
+  return keep, skipped

@@ -203,6 +203,8 @@ def train(config, workdir: str) -> dict:
   for step in range(start, config.train.num_steps):
     idx = batch_indices(config, len(run.train_data), step)
     state, last = iteration(config, run, state, [run.train_data[i] for i in idx], step)
+    last["data/skipped_long_prompts"] = float(run.skipped_long_prompts)
+    last.update({f"rollout/reshard_{k}": v for k, v in run.runner.reshard_stats.items()})
     last = parallel.mean_over_hosts(last)
     done = step + 1
     writer.write(done, last)

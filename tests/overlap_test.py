@@ -41,9 +41,20 @@ class DeferredVerificationTest(absltest.TestCase):
                          sampling=SamplingParams(temperature=1.0), defer_verify=defer,
                          timeline=timeline)
 
+  def _mixed_outcome_key(self):
+    """A sampling key under which some prompts are solved and some not (both reward
+    branches get compared)."""
+    runner = self._runner(True)
+    for seed in range(5, 13):
+      key = jax.random.PRNGKey(seed)
+      correct = runner.run_host(self.mar_run.params, self.prompts, self.answers, key).correct
+      if correct.any() and not correct.all():
+        return key
+    self.fail("no key in 5..12 gives both outcomes")
+
   def test_pipelined_chunks_equal_callback_verification(self):
     """3 chunks (4 + 4 + 2 rows): host verdicts after the program = verdicts inside it."""
-    key = jax.random.PRNGKey(5)
+    key = self._mixed_outcome_key()
     timeline = overlap.DeviceTimeline()
     deferred = self._runner(True, timeline)
     self.assertTrue(deferred.deferred)

@@ -147,29 +147,15 @@ class StopRuleTest(absltest.TestCase):
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
-  def _run(self, text, stop_at_box, budget=40, prompt_len=48, buckets=1, runner_out=None):
+  def _run(self, text, stop_at_box, budget=40):
     tok = self.tok
     runner = RolloutRunner(
-        self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=prompt_len, max_attempts=1,
+        self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=48, max_attempts=1,
         token_budget=budget, sampling=sampling.SamplingParams(temperature=0.0),
         decode_fn=functools.partial(stop_rule_decode, tok.encode(text)),
-        stop_at_box=stop_at_box, prompt_buckets=buckets)
-    if runner_out is not None:
-      runner_out.append(runner)
+        stop_at_box=stop_at_box)
     prompt = hints.chat_prompt(hints.plain_prompt("3+4"))
     return runner.run_host(self.params, [prompt], ["7"], jax.random.PRNGKey(0))
-
-  def test_prompt_bucket_fits_the_longest_prompt(self):
-    """A short prompt is sampled in the smallest bucket that holds it, with the same result."""
-    text = "\\boxed{7}<|im_end|>"
-    prompt_len = len(self.tok.encode(hints.chat_prompt(hints.plain_prompt("3+4"))))
-    runners = []
-    big = 4 * (-(-prompt_len // 8) * 8)
-    one = self._run(text, False, prompt_len=big)
-    three = self._run(text, False, prompt_len=big, buckets=3, runner_out=runners)
-    self.assertEqual(three.responses, one.responses)
-    self.assertTrue(three.correct[0])
-    self.assertEqual(list(runners[0]._programs), [big // 4])  # pylint: disable=protected-access
 
   def test_grpo_response_continues_past_the_first_box_to_eos(self):
     text = "\\boxed{3} no, \\boxed{7}<|im_end|>"

@@ -81,7 +81,7 @@ class TrainerTest(absltest.TestCase):
       self.assertTrue(np.isfinite(m["loss"]))
       self.assertIn("success_at_attempt/1", m)
     run.close()
-    self.assertEqual(sum(map(_cache_size, run.runner._programs.values())), 1)
+    self.assertEqual(sum(map(_cache_size, run.runner._rollouts.values())), 1)
     # Packed learner batches: one program per row-count bucket, never one per step.
     buckets = len(run.learner._packed)
     self.assertLessEqual(_cache_size(run.learner.score_packed), 2)

@@ -43,6 +43,9 @@ class QwenConfig:
   # Compute policy: activations and matmuls run in `dtype`; logits are always f32.
   dtype: Any = jnp.float32
   remat: bool = False
+  # Cached attention reads the KV cache in blocks of this many slots, only up to the live
+  # length (a loop with a traced trip count), when the cache holds more than one block.
+  attn_block: int = 256
 
   @property
   def qkv_bias(self) -> bool:

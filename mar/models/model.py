@@ -185,10 +185,82 @@ def _attend(config: QwenConfig, q, k, v, mask, k_transposed: bool = False) -> ja
   return out.reshape(b, kh, r, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, kh * r * dh)
 
 
+class LiveSlots(NamedTuple):
+  """What cached attention needs to read only the live part of the cache, block by block.
+
+  valid: [B, S] slots holding a token (after this call's writes); q_slots: [B, T] each
+  query's own slot; n_blocks: [] int32, the blocks of `attn_block` slots that hold any slot
+  <= the largest query slot (the batch's live length), the traced trip count.
+  """
+
+  valid: jax.Array
+  q_slots: jax.Array
+  n_blocks: jax.Array
+
+
+def live_slots(config: QwenConfig, valid: jax.Array, q_slots: jax.Array) -> LiveSlots:
+  s, bs = valid.shape[1], config.attn_block
+  live = jnp.minimum(jnp.max(q_slots) + 1, s)
+  return LiveSlots(valid, q_slots, ((live + bs - 1) // bs).astype(jnp.int32))
+
+
+def _read_block(c: jax.Array, start, size: int, layer, slot_last: bool) -> jax.Array:
+  """`size` slots from `start` of one layer's cache (c per-layer, or stacked with `layer`)."""
+  if layer is not None:  # [L, B, K, S, Dh]
+    idx = (layer, 0, 0, start, 0)
+    return jax.lax.dynamic_slice(c, idx, (1,) + c.shape[1:3] + (size,) + c.shape[4:])[0]
+  return jax.lax.dynamic_slice_in_dim(c, start, size, axis=3 if slot_last else 2)
+
+
+def _attend_live(config: QwenConfig, q, kc, vc, live: LiveSlots, layer=None,
+                 k_transposed: bool = False) -> jax.Array:
+  """`_attend` over the cache's first `live.n_blocks` blocks with an online softmax.
+
+  Same operands as `_attend` (kc, vc one layer's cache, or stacked with `layer` its index),
+  but the cost follows the live length instead of S: blocks past the largest query slot are
+  never read. The last block's start is clamped into the cache (S need not be a multiple of
+  the block), and slots an earlier block already covered are masked out.
+  """
+  b, t, kh, r, dh = q.shape
+  s, bs = live.valid.shape[1], config.attn_block
+  scale = config.head_dim**-0.5
+  qg = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, r * t, dh)
+  batch = ((0, 1), (0, 1))
+  k_contract = 2 if k_transposed else 3
+
+  def body(i, carry):
+    m, l, acc = carry
+    first = i * bs
+    start = jnp.minimum(first, s - bs)
+    kb = _read_block(kc, start, bs, layer, k_transposed).astype(q.dtype)
+    vb = _read_block(vc, start, bs, layer, False).astype(q.dtype)
+    scores = jax.lax.dot_general(qg, kb, (((3,), (k_contract,)), batch),
+                                 preferred_element_type=jnp.float32).reshape(b, kh, r, t, bs)
+    slot = start + jnp.arange(bs)
+    ok = (jax.lax.dynamic_slice_in_dim(live.valid, start, bs, axis=1)[:, None, :]
+          & (slot[None, None, :] <= live.q_slots[:, :, None]) & (slot >= first)[None, None])
+    ok = ok[:, None, None]  # [B, 1, 1, T, bs]
+    scores = jnp.where(ok, scores * scale, _MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(-1))
+    p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jax.lax.dot_general(p.astype(vb.dtype).reshape(b, kh, r * t, bs), vb,
+                             (((3,), (2,)), batch), preferred_element_type=jnp.float32)
+    acc = acc * corr[..., None] + pv.reshape(b, kh, r, t, dh)
+    return m_new, l * corr + p.sum(-1), acc
+
+  init = (jnp.full((b, kh, r, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kh, r, t), jnp.float32),
+          jnp.zeros((b, kh, r, t, dh), jnp.float32))
+  _, l, acc = jax.lax.fori_loop(0, live.n_blocks, body, init)
+  out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)  # no valid key: zeros
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * r * dh)
+
+
 def _mlp(lp: dict, x: jax.Array) -> jax.Array:
-  w = lp["gate_up"]  # [D, 2, F]
-  gu = _dot("btd,de->bte", x, w.reshape(w.shape[0], -1))
-  g, u = gu[..., :w.shape[-1]], gu[..., w.shape[-1]:]
+  # One matmul for gate and up; their [2] axis stays its own dimension, so with F split
+  # over devices (tensor parallel) taking gate and up apart moves nothing between them.
+  gu = _dot("btd,dkf->btkf", x, lp["gate_up"])  # gate_up: [D, 2, F]
+  g, u = gu[..., 0, :], gu[..., 1, :]
   return _dot("btf,fd->btd", jax.nn.silu(g) * u, lp["down"])
 
 
@@ -197,24 +269,37 @@ def _write_kv(c: jax.Array, new: jax.Array, slots: jax.Array, layer=None,
   """Scatters new [B, T, K, Dh] into cache c at slots [B, T] in place; slots >= S are dropped.
 
   c is one layer's [B, K, S, Dh] ([B, K, Dh, S] with slot_last), or the stacked
-  [L, B, K, S, Dh] with `layer` given.
+  [L, B, K, S, Dh] with `layer` given. Written per row under vmap, so the scatter carries
+  the rows as a batch dimension and a row-split cache is written without collectives.
   """
-  b = jnp.arange(new.shape[0])[:, None]
+  new = new.astype(c.dtype)
   if layer is not None:
-    idx = (layer, b, slice(None), slots)
-  elif slot_last:
-    idx = (b, slice(None), slice(None), slots)
-  else:
-    idx = (b, slice(None), slots)
-  return c.at[idx].set(new.astype(c.dtype), mode="drop")
+    return jax.vmap(lambda c, n, s: c.at[layer, :, s].set(n, mode="drop"),
+                    in_axes=(1, 0, 0), out_axes=1)(c, new, slots)
+  if slot_last:
+    return jax.vmap(lambda c, n, s: c.at[:, :, s].set(n.transpose(1, 2, 0), mode="drop"))(
+        c, new, slots)
+  return jax.vmap(lambda c, n, s: c.at[:, s].set(n.transpose(1, 0, 2), mode="drop"))(
+      c, new, slots)
+
+
+def set_at_slots(x: jax.Array, slots: jax.Array, values) -> jax.Array:
+  """x [B, S, ...] with x[b, slots[b, t]] = values[b, t] (slots [B] or [B, T]; >= S dropped).
+
+  Per row under vmap (rows are a batch dimension of the scatter: no collectives when the
+  rows are split over devices).
+  """
+  values = jnp.broadcast_to(jnp.asarray(values, x.dtype), slots.shape + x.shape[2:])
+  return jax.vmap(lambda r, s, v: r.at[s].set(v, mode="drop"))(x, slots, values)
 
 
 def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, layer=None):
   """One decoder layer. Without a cache (kv None) attends within x.
 
   With a cache (kv = (k, v), one layer's or stacked with `layer` its index), scatters this
-  call's k/v at `slots` [B, T] and attends to the whole cache (`mask` already covers
-  validity and causality by slot).
+  call's k/v at `slots` [B, T] and attends to the cache: to all of it when `mask` is an
+  array (it already covers validity and causality by slot), or to its live blocks only when
+  `mask` is a `LiveSlots`.
   """
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
   q, k, v = _project_qkv(config, lp, h, rope_cs)
@@ -225,10 +310,14 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
     kv = (_write_kv(kv[0], k, slots, layer, slot_last=per_layer),
           _write_kv(kv[1], v, slots, layer))
     ck, cv = kv
-    if layer is not None:
-      ck, cv = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
-    k_att, v_att = ck.astype(x.dtype), cv.astype(x.dtype)
-  attn = _attend(config, q, k_att, v_att, mask, k_transposed=per_layer)  # [B, T, K*R*Dh]
+  if isinstance(mask, LiveSlots):
+    attn = _attend_live(config, q, ck, cv, mask, layer, k_transposed=per_layer)
+  else:
+    if kv is not None:
+      if layer is not None:
+        ck, cv = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
+      k_att, v_att = ck.astype(x.dtype), cv.astype(x.dtype)
+    attn = _attend(config, q, k_att, v_att, mask, k_transposed=per_layer)  # [B, T, K*R*Dh]
   x = x + _dot("bte,ed->btd", attn, lp["o"].reshape(-1, lp["o"].shape[-1]))
   x = x + _mlp(lp, rms_norm(x, lp["mlp_norm"], config.rms_norm_eps))
   return x, kv
@@ -384,15 +473,21 @@ def forward_cached(
   Writes the valid tokens' k/v at slots start[b] + (0..T-1) in place and marks them valid;
   invalid tokens (padding, finished rows) write nothing, and slots >= S are dropped, so a
   padded or finished row never disturbs its cache. Each query attends to valid slots at or
-  before its own slot. Returns (final-normed hidden [B, T, D], updated cache).
+  before its own slot. When the cache holds more than `config.attn_block` slots and more
+  than T, attention reads it in blocks only up to the batch's largest query slot (the live
+  length, start + T), so a step's cost follows the live tokens, not S.
+  Returns (final-normed hidden [B, T, D], updated cache).
   Works with stacked or per-layer (`unstack_layers`, tuple `KVCache.k/v`) layouts.
   """
   b, t = tokens.shape
   s = cache.valid.shape[1]
   slots = start[:, None] + jnp.arange(t, dtype=start.dtype)[None]  # [B, T]
   write_slots = jnp.where(token_valid.astype(bool), slots, s)
-  valid = cache.valid.at[jnp.arange(b)[:, None], write_slots].set(True, mode="drop")
-  mask = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
+  valid = set_at_slots(cache.valid, write_slots, True)
+  if s > config.attn_block and t < s:  # decode and appends: read the live blocks only
+    mask = live_slots(config, valid, slots)
+  else:  # prefill into a cache of its own length: one dense pass
+    mask = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
   rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x = _embed(config, params, tokens)
   x, (k, v) = _run_layers(config, params, x, rope_cs, mask, (cache.k, cache.v), write_slots)

@@ -1,14 +1,16 @@
 """Host driver of the jitted rollout: texts in, episodes (and host-side results) out.
 
-Tokenizes the prompt texts, left-pads them into a fixed [B, P] bucket (rows beyond the
-real batch get n_attempts = 0 and stay idle, so every call has the same shapes and the
-program compiles once), runs the rollout, and hands back device episodes plus the
+Tokenizes the prompt texts, left-pads them into a [B, P] bucket (P: the smallest of a few
+sizes, powers of two up to prompt_len, that holds the batch's longest prompt, so prefill and
+the KV cache follow real prompt lengths; rows beyond the real batch get n_attempts = 0 and
+stay idle, so the program compiles once per bucket), runs the rollout, and hands back device episodes plus the
 per-row responses the GRPO/LTE and evaluation code need on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Sequence
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
 from mar.rollout import multi_attempt as ma
@@ -38,20 +41,32 @@ class HostEpisodes:
   reward: np.ndarray  # [n] float
 
 
-def bucket_lengths(prompt_len: int, count: int) -> tuple[int, ...]:
-  """`count` prompt buckets up to `prompt_len`, each half the next (multiples of 8)."""
-  out = {prompt_len}
-  for i in range(1, max(count, 1)):
-    out.add(max(8, -(-(prompt_len >> i) // 8) * 8))
-  return tuple(sorted(out))
+_unstack = jax.jit(qwen.unstack_layers)  # no donation: a no-op reshard returns the input
+
+
+def prompt_buckets(prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
+  """Prompt bucket sizes: powers of two from `smallest` below prompt_len, then prompt_len."""
+  sizes, p = [], smallest
+  while p < prompt_len:
+    sizes.append(p)
+    p *= 2
+  return tuple(sizes) + (prompt_len,)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket that holds `length` tokens."""
+  for p in buckets:
+    if length <= p:
+      return p
+  raise ValueError(f"a prompt of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
 class RolloutRunner:
   """Owns the compiled rollout programs for a (batch size, spec): one per prompt bucket.
 
-  With `prompt_buckets` > 1 each call pads its prompts to the smallest of that many
-  buckets (prompt_len, prompt_len / 2, ...) that holds its longest prompt, and the dialogue
-  slots shrink with it, so short prompts are not sampled at the longest one's cost.
+  Each call pads its prompts to the smallest bucket (`prompt_buckets`: powers of two from 64,
+  then prompt_len) that holds its longest prompt, and the dialogue slots shrink with it, so
+  short prompts are not sampled at the longest one's cost.
 
   Single-turn rollouts (M = 1, no hybrid hints) are verified on the host after the program
   instead of in a callback inside it (`deferred`): `run_host` then verifies chunk c while
@@ -66,7 +81,7 @@ class RolloutRunner:
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
                decode_fn=None, defer_verify: bool | None = None, timeline=None,
-               stop_at_box: bool = True, prompt_buckets: int = 1):
+               stop_at_box: bool = True, sampling_mesh=None, sampling_dtype=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -86,12 +101,11 @@ class RolloutRunner:
     fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
     self._feedback_len = max(fb_tokens.shape[1], hint_feedback_len)
-    self.buckets = bucket_lengths(prompt_len, prompt_buckets)
+    self.buckets = prompt_buckets(prompt_len)
     self.spec = ma.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
-        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts,
-                                   self._feedback_len),
+        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts, self._feedback_len),
         sampling=sampling,
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
@@ -104,48 +118,62 @@ class RolloutRunner:
     # An attempt ends at its first closed \boxed{} only under multi-attempt's rule.
     self.stop_predicate = boxed_stop_predicate(strings) if stop_at_box else None
     self.mesh = mesh
+    # The sampling layout: rows over sampling_mesh's 'data', weights in sampling_dtype over
+    # its 'tensor', made from the training layout once per distinct params (`reshard_stats`).
+    self.sampling_mesh, self.sampling_dtype = sampling_mesh, sampling_dtype
+    self._sampling_params_cache: tuple = (None, None)
+    self.reshard_stats: dict = {}
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
-    self._decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
-    self._programs = {}
+    self._decode_fn = decode_fn  # tests pass a scripted policy here
+    self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
+    # Prompt tokens computed by prefill vs real ones, since the runner was built.
+    self.prefill_tokens = {"computed": 0, "real": 0}
 
-  def _rollout(self, params, tokens, *args):
-    """The rollout program of the prompt bucket tokens.shape[1] (one compile per bucket)."""
-    p = tokens.shape[1]
-    if p not in self._programs:
-      spec = dataclasses.replace(self.spec, cache_len=ma.cache_len_for(
-          p, self.spec.token_budget, self.spec.max_attempts, self._feedback_len))
-      pred, vfn, decode = self.stop_predicate, None if self.deferred else self.verify_fn, \
-          self._decode
-      self._programs[p] = jax.jit(lambda params, *args: ma.rollout(
+  def spec_for(self, bucket: int) -> ma.RolloutSpec:
+    """The rollout spec of one prompt bucket: its cache holds that bucket, not the largest."""
+    return dataclasses.replace(self.spec, cache_len=ma.cache_len_for(
+        bucket, self.spec.token_budget, self.spec.max_attempts, self._feedback_len))
+
+  def _rollout_for(self, bucket: int):
+    if bucket not in self._rollouts:
+      spec, pred, decode = self.spec_for(bucket), self.stop_predicate, self._decode_fn
+      if decode is None:  # the sampler, one decode loop per data shard of the layout
+        mesh = self._local_mesh() if self.per_host else self.sampling_mesh
+        decode = functools.partial(sampling_lib.decode, mesh=mesh)
+      vfn = None if self.deferred else self.verify_fn
+      self._rollouts[bucket] = jax.jit(lambda params, *args: ma.rollout(
           self.model_config, params, spec, pred, vfn, *args, decode_fn=decode))
-    return self._programs[p](params, tokens, *args)
+    return self._rollouts[bucket]
 
   def fits(self, prompt: str) -> bool:
-    """Whether a prompt text fits the prompt bucket."""
+    """Whether a prompt text fits the largest prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
   def encode_prompts(self, prompts: Sequence[str]):
     """Left-pads this host's tokenized prompts into [B / hosts, P] (+ mask).
 
-    P is the smallest prompt bucket that holds the longest prompt of the call (of any
-    host's, on several: a collective). Raises if a prompt is too long.
+    P is the smallest bucket that holds the longest prompt (on several hosts running one
+    program, the longest of all hosts'). Raises if a prompt is longer than prompt_len.
     """
     b = self.local_batch
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
-    encoded = [self.tok.encode(text) for text in prompts]
-    longest = max([len(ids) for ids in encoded] + [1])
-    if len(self.buckets) > 1 and self.processes > 1:
+    ids = [self.tok.encode(text) for text in prompts]
+    for i, (text, x) in enumerate(zip(prompts, ids)):
+      if len(x) > self.prompt_len:
+        raise ValueError(f"prompt {i} has {len(x)} tokens > prompt_len {self.prompt_len}: "
+                         f"{text[:80]!r}...")
+    longest = max(map(len, ids), default=1)
+    if self.processes > 1 and not self.per_host:  # one program over every host's rows
       longest = parallel.max_over_hosts(longest)
-    p = next((q for q in self.buckets if q >= longest), self.prompt_len)
+    p = bucket_for(longest, self.buckets)
     tokens = np.full((b, p), self.tok.pad_id, np.int32)
     mask = np.zeros((b, p), bool)
-    for i, (text, ids) in enumerate(zip(prompts, encoded)):
-      if len(ids) > p:
-        raise ValueError(f"prompt {i} has {len(ids)} tokens > prompt_len {p}: "
-                         f"{text[:80]!r}...")
-      tokens[i, p - len(ids):] = ids
-      mask[i, p - len(ids):] = True
+    for i, x in enumerate(ids):
+      tokens[i, p - len(x):] = x
+      mask[i, p - len(x):] = True
+    self.prefill_tokens["computed"] += b * p
+    self.prefill_tokens["real"] += sum(map(len, ids))
     return tokens, mask
 
   def dispatch(self, params, prompts: Sequence[str], n_attempts: Sequence[int],
@@ -158,11 +186,14 @@ class RolloutRunner:
     batch = (tokens, mask, attempts, np.arange(rows, dtype=np.int32))
     if self.per_host:
       params = self._host_params(params)
-    elif self.processes > 1:  # this host's rows -> the global batch
-      batch = parallel.put_batch(batch, self.mesh)
-      key = np.asarray(key)  # replicated: every host passes the same key
+    else:
+      params = self._sampling_params(params)
+      layout = self.sampling_mesh or self.mesh
+      if self.processes > 1 or self.sampling_mesh is not None:  # rows over 'data'
+        batch = parallel.put_batch(batch, layout)
+        key = np.asarray(key)  # replicated: every host passes the same key
     t0 = time.perf_counter()
-    out = self._rollout(params, *batch, *self.feedback, key)
+    out = self._rollout_for(tokens.shape[1])(params, *batch, *self.feedback, key)
     if self.timeline is not None:
       self.timeline.track(out, t0)
     return out
@@ -227,14 +258,26 @@ class RolloutRunner:
     )
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
-               n_attempts: Sequence[int] | None = None) -> HostEpisodes:
+               n_attempts: Sequence[int] | None = None, _sorted: bool = False) -> HostEpisodes:
     """Any number of this host's prompts, in batch-sized chunks; the concatenated host view.
+
+    Prompts are chunked in order of length (results come back in the given order), so
+    each chunk's prompt bucket follows its own longest prompt.
 
     Deferred runs dispatch chunk c + 1 before verifying chunk c, so the host's decoding and
     verification overlap the device's sampling.
     """
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
     step = self.local_batch
+    if len(prompts) > step and not _sorted:  # chunks of similar lengths, so each gets a small prompt bucket
+      order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
+      out = self.run_host(params, [prompts[i] for i in order], [answers[i] for i in order],
+                          key, [n_attempts[i] for i in order], _sorted=True)
+      back = np.argsort(order)
+      return HostEpisodes(*(
+          [v[i] for i in back] if isinstance(v, list) else np.asarray(v)[back]
+          for v in (out.responses, out.texts, out.answers, out.correct, out.truncated,
+                    out.reward)))
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
     for c, (lo, hi) in enumerate(chunks):
@@ -258,19 +301,45 @@ class RolloutRunner:
         reward=np.concatenate([p.reward for p in parts]),
     )
 
+  def _sampling_params(self, params):
+    """The policy in the sampling layout and dtype: one timed reshard per distinct params."""
+    if self.sampling_mesh is None:
+      return params
+    cached_for, out = self._sampling_params_cache
+    if cached_for is params:
+      return out
+    shardings = parallel.sampling_shardings(self.model_config, self.sampling_mesh)
+    out, self.reshard_stats = parallel.reshard(params, shardings, dtype=self.sampling_dtype)
+    out = _unstack(out)  # the decode layout, so the rollout program copies no weights
+    self._sampling_params_cache = (params, out)
+    return out
+
+  def _local_mesh(self):
+    """This host's devices, laid out as the sampling (else the training) mesh asks."""
+    devices = jax.local_devices()
+    mesh_shape = (self.sampling_mesh or self.mesh).shape
+    tensor = mesh_shape["tensor"] if len(devices) % mesh_shape["tensor"] == 0 else 1
+    if self.sampling_mesh is not None:
+      return sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
+    return sharding_lib.make_mesh(1, -1, tensor, devices=devices)
+
   def _host_params(self, params):
-    """The policy gathered onto this host's devices (sharded over them as the rules say).
+    """The policy gathered onto this host's devices, in the sampling layout and dtype.
 
     A collective (every host calls dispatch in step), once per distinct `params`.
     """
     cached_for, local = self._host_params_cache
     if cached_for is params:
       return local
-    devices = jax.local_devices()
-    tensor = self.mesh.shape["tensor"] if len(devices) % self.mesh.shape["tensor"] == 0 else 1
-    mesh = sharding_lib.make_mesh(1, -1, tensor, devices=devices)
-    shardings = sharding_lib.param_shardings(self.model_config, mesh)
-    local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), shardings)
+    if self.sampling_mesh is not None:
+      shardings = parallel.sampling_shardings(self.model_config, self._local_mesh())
+    else:
+      shardings = sharding_lib.param_shardings(self.model_config, self._local_mesh())
+    start = time.perf_counter()
+    gathered = multihost_utils.process_allgather(params, tiled=True)
+    local, stats = parallel.reshard(gathered, shardings, dtype=self.sampling_dtype)
+    local = _unstack(local)
+    self.reshard_stats = dict(stats, seconds=time.perf_counter() - start)
     self._host_params_cache = (params, local)
     return local
 

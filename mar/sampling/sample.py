@@ -179,3 +179,12 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams):
     lse = jax.nn.logsumexp(scaled, axis=-1)
   tok = tok.astype(jnp.int32)
   return tok, jnp.take_along_axis(scaled, tok[:, None], axis=-1)[:, 0] - lse
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, params: SamplingParams):
+  """`sample` with one PRNG key per row (keys [B]): a row's draw depends on its key only,
+  not on which other rows share its batch or device."""
+  if params.greedy:
+    return sample(logits, keys[0], params)
+  tok, lp = jax.vmap(lambda row, k: sample(row[None], k, params))(logits, keys)
+  return tok[:, 0], lp[:, 0]

@@ -29,10 +29,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mar.models import model as qwen
 from mar.models.config import QwenConfig
-from mar.sampling.sample import SamplingParams, sample
+from mar.sampling.sample import SamplingParams, sample_rows
 from mar.sampling.stop import StopPredicate
 
 FINISH_NONE = 0
@@ -152,16 +153,61 @@ def _same_structure(a, b) -> bool:
       x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _row_specs(state: SamplerState, axis: str) -> SamplerState:
+  """PartitionSpecs of a SamplerState with its rows over mesh axis `axis`."""
+  rows, rep = PartitionSpec(axis), PartitionSpec()
+  stacked = PartitionSpec(None, axis)  # [L, B, ...]
+  kv = tuple(rows for _ in state.cache.k) if qwen.is_unstacked(state.cache.k) else stacked
+  return SamplerState(
+      cache=qwen.KVCache(k=kv, v=kv, valid=rows), tokens=rows, logprobs=rows, pos=rows,
+      rope_pos=rows, logits=rows, done=rows, finish=rows, num_new=rows, key=rep,
+      stop_state=jax.tree.map(lambda _: rows, state.stop_state))
+
+
+def _rows_local(mesh) -> bool:
+  """Whether decode runs as one loop per 'data' shard: rows split, weights not over 'fsdp'.
+
+  'tensor' stays an automatic axis inside each shard's loop (its reductions are the only
+  collectives there).
+  """
+  return (mesh is not None and mesh.shape.get("data", 1) > 1
+          and mesh.shape.get("fsdp", 1) == 1)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "sampling", "stop_ids", "check_every", "unroll"),
+    static_argnames=("config", "sampling", "stop_ids", "check_every", "unroll", "mesh"),
     donate_argnames=("state",),
 )
 def _decode(config, params, state, max_new, stop_predicate, *, sampling, stop_ids, check_every,
-            unroll):
-  b, s = state.tokens.shape
-  rows = jnp.arange(b)
+            unroll, mesh=None):
+  b = state.tokens.shape[0]
   max_new = _rows(max_new, b)
+  kw = dict(sampling=sampling, stop_ids=stop_ids, check_every=check_every, unroll=unroll)
+  if not (_rows_local(mesh) and b % mesh.shape["data"] == 0):
+    return _decode_rows(config, params, state, max_new, stop_predicate,
+                        jnp.arange(b, dtype=jnp.int32), **kw)
+  # One while loop per 'data' shard over its own rows: no collective per token step (not
+  # even the loop condition), and a shard stops when its own rows are done.
+  local = b // mesh.shape["data"]
+
+  def per_shard(params, state, max_new):
+    first = jax.lax.axis_index("data") * local
+    rows = first + jnp.arange(local, dtype=jnp.int32)
+    return _decode_rows(config, params, state, max_new, stop_predicate, rows, **kw)
+
+  specs = _row_specs(state, "data")
+  rep = jax.tree.map(lambda _: PartitionSpec(), params)
+  manual = {"data"} if mesh.shape.get("tensor", 1) > 1 else frozenset(mesh.axis_names)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=(rep, specs, PartitionSpec("data")),
+                       out_specs=specs, axis_names=manual, check_vma=False)(
+                           params, state, max_new)
+
+
+def _decode_rows(config, params, state, max_new, stop_predicate, row_ids, *, sampling,
+                 stop_ids, check_every, unroll):
+  """The decode loop over the rows of `state`; row_ids [B]: their rows in the whole batch."""
+  b, s = state.tokens.shape
   begin = max_new > 0
   room = state.pos < s
   done = ~begin | ~room
@@ -186,11 +232,13 @@ def _decode(config, params, state, max_new, stop_predicate, *, sampling, stop_id
   key, loop_key = jax.random.split(state.key)
 
   def body(c: _Loop) -> _Loop:
-    tok, lp = sample(c.logits, jax.random.fold_in(loop_key, c.step), sampling)
+    step_key = jax.random.fold_in(loop_key, c.step)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids)
+    tok, lp = sample_rows(c.logits, row_keys, sampling)
     live = ~c.done
     slot = jnp.where(live, c.pos, s)  # slot s: dropped
-    tokens = c.tokens.at[rows, slot].set(tok, mode="drop")
-    logprobs = c.logprobs.at[rows, slot].set(lp, mode="drop")
+    tokens = qwen.set_at_slots(c.tokens, slot, tok)
+    logprobs = qwen.set_at_slots(c.logprobs, slot, lp)
     h, cache = qwen.forward_cached(config, params, tok[:, None], c.rope_pos[:, None],
                                    live[:, None], c.cache, c.pos)
     logits = jnp.where(live[:, None], qwen.logits_from_hidden(config, params, h[:, 0]),
@@ -234,6 +282,7 @@ def decode(
     stop_predicate: StopPredicate | None = None,
     check_every: int = 1,
     unroll: bool | None = None,
+    mesh=None,
 ) -> SamplerState:
   """Samples until every row is done; one `lax.while_loop`, state donated.
 
@@ -246,6 +295,9 @@ def decode(
   `check_every` generated tokens and on the row's last token; FINISH_PREDICATE), or when
   num_new reaches max_new or pos reaches S (FINISH_LENGTH), in that priority.
   The predicate state restarts at every call (it sees this call's tokens only).
+  Each row draws with its own key (the step's key folded with the row's index), so a row's
+  sample does not depend on how the rows are split. With `mesh` (rows over its 'data' axis,
+  no 'fsdp' or 'tensor' split), each data shard runs its own loop over its own rows.
   """
   if unroll is None:
     unroll = _default_unroll()
@@ -253,7 +305,7 @@ def decode(
     raise ValueError(f"decode: check_every must be >= 1, found {check_every}")
   return _decode(config, params, state, max_new, stop_predicate, sampling=sampling,
                  stop_ids=tuple(int(i) for i in stop_ids), check_every=int(check_every),
-                 unroll=bool(unroll))
+                 unroll=bool(unroll), mesh=mesh)
 
 
 # ----- append / rewind -------------------------------------------------------------------
@@ -270,7 +322,6 @@ def append(config: QwenConfig, params, state: SamplerState, new_tokens: jax.Arra
   """
   b, t = new_tokens.shape
   s = state.tokens.shape[1]
-  rows = jnp.arange(b)[:, None]
   lengths = _rows(lengths, b)
   steps = jnp.arange(t, dtype=jnp.int32)[None]
   token_valid = steps < lengths[:, None]
@@ -284,8 +335,8 @@ def append(config: QwenConfig, params, state: SamplerState, new_tokens: jax.Arra
   slots = jnp.where(token_valid, state.pos[:, None] + steps, s)
   return state._replace(
       cache=cache,
-      tokens=state.tokens.at[rows, slots].set(new_tokens, mode="drop"),
-      logprobs=state.logprobs.at[rows, slots].set(0.0, mode="drop"),
+      tokens=qwen.set_at_slots(state.tokens, slots, new_tokens),
+      logprobs=qwen.set_at_slots(state.logprobs, slots, 0.0),
       pos=state.pos + lengths,
       rope_pos=state.rope_pos + lengths,
       logits=logits,

@@ -2,6 +2,13 @@
 
   python -m mar.tools.plan_memory --config=configs/lte_qwen.py --model=qwen3_8b_base \\
       --devices=8 --config.mesh.fsdp=8 --config.mesh.data=1 --device_memory_gib=80
+  python -m mar.tools.plan_memory --config=configs/multi_attempt_qwen.py \\
+      --model=qwen2_5_math_1_5b --compiled --devices=8 --json   # or --topology=v5p:2x2x2
+
+With --compiled the rollout program itself is compiled from shapes only (no weights; for
+simulated CPU devices, or ahead of time for a TPU topology) and XLA's memory analysis, the
+KV bytes and the collectives inside the decode loop are reported next to the planner's own
+figures for that program (`mar.tools.compiled_memory`).
 
 Exact figures (from `jax.eval_shape` and the sharding rules on an abstract mesh of the
 requested size, no devices needed): params, optimizer state, gradients, reference model,
@@ -285,6 +292,14 @@ _MODEL = flags.DEFINE_string("model", None, f"Preset instead of config.model.pat
 _DEVICES = flags.DEFINE_integer("devices", None, "Devices in the mesh (default: jax.device_count()).")
 _MEMORY = flags.DEFINE_float("device_memory_gib", 80.0, "Memory of one device, GiB.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+_COMPILED = flags.DEFINE_bool(
+    "compiled", False, "Also compile the rollout program (no weights) and report XLA's own "
+    "per-device figures: memory analysis, KV bytes, collectives in the decode loop.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compiled: compile for this TPU topology ahead of time (e.g. "
+    "v5p:2x2x2; needs libtpu, jax[tpu]) instead of --devices simulated CPU devices.")
+_DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "With --compiled: write the optimized HLO "
+                                "of each program here (rollout.txt).")
 
 
 def model_config(config, preset: str | None) -> QwenConfig:
@@ -304,15 +319,146 @@ def model_config(config, preset: str | None) -> QwenConfig:
                    f"(one of {sorted(PRESETS)})")
 
 
+# ----- the planner's figures for the rollout program, and XLA's ----------------------------------
+
+
+def rollout_program_plan(config, model: QwenConfig, sampling_shape: dict[str, int]) -> dict:
+  """The planner's per-device bytes of the rollout program on the sampling layout.
+
+  Arguments: the weights in the sampling dtype (replicated over 'data'; heads and MLP split
+  over 'tensor'). The program then peaks either in prefill (the prompt-length cache plus one
+  layer's activations over the prompt: dense f32 scores and their probabilities, q/k/v, the
+  MLP's gate, up and product) or in decode (the full cache, plus the prompt-length cache it
+  was padded from), on top of the episodes' per-slot buffers (tokens, log-probs, masks,
+  attempt ids) and a few [rows, V] f32 logit buffers of the sampler.
+  """
+  from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
+
+  mesh = abstract_mesh(sampling_shape)
+  rules = parallel.SAMPLING_RULES
+  dtype = dtype_from_name(config.model.dtype)
+  b = np.dtype(dtype).itemsize
+  rs = cm.rollout_shape(config)
+  weights = param_bytes(model, mesh, rules, dtype)
+  kv = kv_cache_bytes(model, mesh, rs.rows, rs.slots, rules, dtype)
+  kv_prompt = kv_cache_bytes(model, mesh, rs.rows, rs.prompt_len, rules, dtype)
+  local = math.ceil(rs.rows / _split(rs.rows, mesh, rules, "batch"))
+  tp_heads = _split(model.num_kv_heads, mesh, rules, "kv_heads")
+  tp_mlp = _split(model.intermediate_size, mesh, rules, "mlp")
+  heads, kv_heads = model.num_heads / tp_heads, model.num_kv_heads / tp_heads
+  p, dh, d = rs.prompt_len, model.head_dim, model.hidden_size
+  per_token = (heads * p * (4 + b)  # scores (f32) and probabilities
+               + 2 * (heads + 2 * kv_heads) * dh * b  # q/k/v before and after RoPE
+               + 3 * model.intermediate_size / tp_mlp * b + 4 * d * b)
+  prefill_act = int(local * p * per_token)
+  per_slot = 4 + 4 + 1 + 1 + 4 + 4  # tokens, log-probs, action / feedback masks, attempt id, copy
+  episodes = local * rs.slots * per_slot
+  logits = 4 * local * model.vocab_size * 4
+  phases = {"prefill": kv_prompt + prefill_act, "decode": kv + kv_prompt}
+  return {"weights_bytes_per_device": weights, "kv_bytes_per_device": kv,
+          "kv_prompt_bytes_per_device": kv_prompt,
+          "prefill_activation_bytes_per_device": prefill_act,
+          "episode_buffers_bytes_per_device": episodes, "logits_bytes_per_device": logits,
+          "peak_phase": max(phases, key=phases.get),
+          "peak_bytes_per_device": weights + episodes + logits + max(phases.values()),
+          "rows": rs.rows, "slots": rs.slots}
+
+
+def compiled_report(config, model: QwenConfig, num_devices: int | None, topology: str | None,
+                    dump_hlo: str | None = None) -> dict:
+  """Compiles the rollout program and reports XLA's figures next to the planner's."""
+  from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
+
+  if topology:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    devices = list(topologies.get_topology_desc(topology, "tpu").devices)
+  else:
+    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+  mesh = parallel.sampling_mesh(config, devices=devices)
+  cr = cm.compile_rollout(config, model, mesh)
+  loop = cm.decode_loop_collectives(cr.hlo, model.num_layers)
+  if dump_hlo:
+    os.makedirs(dump_hlo, exist_ok=True)
+    with open(os.path.join(dump_hlo, "rollout.txt"), "w") as f:
+      f.write(cr.hlo)
+  m = cr.memory
+  summed = (m["argument_size_in_bytes"] + m["output_size_in_bytes"] + m["temp_size_in_bytes"]
+            - m["alias_size_in_bytes"])
+  # TPU/GPU compilers report the peak of their buffer assignment; XLA:CPU's figure is not
+  # one (it tracks the arguments), so there the sum of all buffers stands in.
+  on_cpu = devices[0].platform == "cpu"
+  peak = summed if on_cpu else m["peak_memory_in_bytes"]
+  planned = rollout_program_plan(config, model, dict(mesh.shape))
+  kv_loop = cm.loop_kv_bytes(loop["carried"], model, cr.shape.slots)
+  return {
+      "target": topology or f"{len(devices)} x {devices[0].platform}",
+      "sampling_mesh": dict(mesh.shape),
+      "rollout": {
+          "rows": cr.shape.rows, "slots": cr.shape.slots,
+          "arguments_bytes_per_device": m["argument_size_in_bytes"],
+          "outputs_bytes_per_device": m["output_size_in_bytes"],
+          "temporaries_bytes_per_device": m["temp_size_in_bytes"],
+          "xla_peak_memory_in_bytes": m["peak_memory_in_bytes"],
+          "peak_bytes_per_device": peak,
+          "kv_bytes_per_device": kv_loop,
+          "kv_bytes_per_device_expected": cr.kv_bytes_per_device,
+          "kv_bytes_all_rows": cr.kv_bytes_all_rows,
+          "decode_loop_found": loop["found"],
+          "decode_loop_collectives": loop["count"],
+          "decode_loop_collective_bytes": loop["bytes"],
+          "decode_loop_collective_ops": loop["ops"],
+          "decode_loop_collective_dtypes": loop["dtypes"],
+      },
+      "plan": planned,
+      "plan_over_compiled": {
+          "kv": planned["kv_bytes_per_device"] / max(kv_loop, 1),
+          "peak": planned["peak_bytes_per_device"] / max(peak, 1),
+      },
+  }
+
+
+def _use_simulated_devices(n: int | None) -> None:
+  """Asks XLA:CPU for n devices (before the backend starts; a no-op once it has)."""
+  if n:
+    flag = f"--xla_force_host_platform_device_count={n}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   config = _CONFIG.value
   model = model_config(config, _MODEL.value)
+  if _COMPILED.value and not _TOPOLOGY.value:
+    _use_simulated_devices(_DEVICES.value)
   devices = _DEVICES.value or jax.device_count()
+  if _TOPOLOGY.value:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    devices = len(topologies.get_topology_desc(_TOPOLOGY.value, "tpu").devices)
   name = _MODEL.value or config.model.path or "demo model"
   title = f"{flags.FLAGS['config'].config_filename} ({config.method}), {name}"
   pl = plan(config, model, devices, _MEMORY.value, title=title)
-  print(json.dumps(pl.as_dict(), indent=1) if _JSON.value else format_plan(pl))
+  if not _COMPILED.value:
+    print(json.dumps(pl.as_dict(), indent=1) if _JSON.value else format_plan(pl))
+    return
+  report = compiled_report(config, model, _DEVICES.value, _TOPOLOGY.value, _DUMP_HLO.value)
+  report["plan"]["training_plan"] = pl.as_dict()
+  if _JSON.value:
+    print(json.dumps(report, indent=1))
+    return
+  print(format_plan(pl))
+  r, p = report["rollout"], report["plan"]
+  print(f"\ncompiled rollout on {report['target']}, sampling mesh {report['sampling_mesh']}:")
+  for k in ("arguments_bytes_per_device", "temporaries_bytes_per_device",
+            "peak_bytes_per_device", "kv_bytes_per_device"):
+    print(f"  {k}: {r[k] / GiB:.2f} GiB")
+  print(f"  planned peak {p['peak_bytes_per_device'] / GiB:.2f} GiB, KV "
+        f"{p['kv_bytes_per_device'] / GiB:.2f} GiB")
+  print(f"  decode loop: {r['decode_loop_collectives']} collectives, "
+        f"{r['decode_loop_collective_bytes']} bytes per token step {r['decode_loop_collective_ops']}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,24 @@ def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop
   return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
 
 
+def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3):
+  """Sampled multi-attempt episodes of a random model: many stop ids end attempts early."""
+  texts = [prompts.multi_attempt_prompt(f"{i}*{i}", 3) for i in range(n)]
+  ids = [tok.encode(t) for t in texts]
+  p = max(map(len, ids))
+  toks, mask = sampling.pad_prompts(ids, p, n, tok.pad_id)
+  fb_t, fb_l = feedback_table(tok, 3)
+  stop_ids = (tok.im_end_id, tok.eos_id) + tuple(range(40, tok.vocab_size, 23))
+  spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
+                        sampling.SamplingParams(temperature=1.0), stop_ids)
+  espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
+  verifier = AttemptVerifier(tok, rollout_test._ListVerifier(), ["1"] * n)
+  n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
+  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
+      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k))
+  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
+
+
 def responses(ep):
   return [ep.tokens[q][ep.action_mask[q]].tolist() for q in range(len(ep.tokens))]
 
@@ -120,6 +138,7 @@ class MultiAttemptTest(absltest.TestCase):
 
   def _both(self, attempts_text, n_attempts, golds, rows, budget=64, max_attempts=3,
             hint_len=0, verify_every=2):
+    """(old episodes, [(new episodes, stats) per entry of `rows`], texts, new verifier)."""
     tok = self.tok
     script, lengths, texts, ptoks, pmask = self._inputs(attempts_text, n_attempts, max_attempts)
     b, p = ptoks.shape
@@ -145,12 +164,26 @@ class MultiAttemptTest(absltest.TestCase):
       return tok_, jnp.full(tok_.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
 
     new_v = AttemptVerifier(tok, rollout_test._ListVerifier(), golds)
-    espec = continuous.EngineSpec(spec, rows=rows, refill_rows=1, refill_wait=1,
-                                  verify_every=verify_every)
-    new, stats = jax.jit(lambda: continuous.rollout(
-        self.cfg, self.params, espec, None, new_v, *args, fb_t, fb_l, jax.random.key(0),
-        choose_fn=choose))()
-    return jax.device_get(old), jax.device_get(new), jax.device_get(stats), texts, new_v
+    news = []
+    for r in rows:  # scanned layers: the engine compiles faster, computes the same
+      espec = continuous.EngineSpec(spec, rows=r, refill_rows=1, refill_wait=1,
+                                    verify_every=verify_every, unroll=False)
+      news.append(jax.device_get(jax.jit(lambda: continuous.rollout(  # pylint: disable=cell-var-from-loop
+          self.cfg, self.params, espec, None, new_v, *args, fb_t, fb_l, jax.random.key(0),
+          choose_fn=choose))()))
+    return jax.device_get(old), news, texts, new_v
+
+  def test_sampled_results_do_not_depend_on_rows(self):
+    (a, sa), (b, sb) = (multi_attempt_sampled(self.cfg, self.params, self.tok, rows=r)
+                        for r in (6, 2))
+    self.assertEqual(int(sa["prefill_calls"]), 1)
+    self.assertGreater(int(sb["prefill_calls"]), 2)
+    self.assertGreater(int(a.attempts_used.sum()), 8)  # feedback turns happened
+    self.assertTrue(a.feedback_mask.any())
+    for name in ("tokens", "valid", "action_mask", "feedback_mask", "attempt_id", "reward",
+                 "attempts_used", "attempted_turn", "truncated"):
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
 
   def _assert_same(self, old, new):
     for q in range(len(old.reward)):
@@ -173,8 +206,8 @@ class MultiAttemptTest(absltest.TestCase):
     ]
     n_attempts = [3, 2, 1, 2, 3]
     golds = ["7", "1", "4", "9", "4"]
-    for rows in (5, 2):
-      old, new, stats, texts, _ = self._both(scripts, n_attempts, golds, rows)
+    old, news, texts, _ = self._both(scripts, n_attempts, golds, rows=(5, 2))
+    for rows, (new, stats) in zip((5, 2), news):
       self._assert_same(old, new)
       self.assertEqual(dialogue_text(self.tok, new, 0),
                        texts[0] + "\\boxed{5}" + prompts.feedback_text(2) + "I am not sure"
@@ -185,7 +218,7 @@ class MultiAttemptTest(absltest.TestCase):
 
   def test_shared_budget_truncates(self):
     scripts = [["aaaa bbbb cccc dddd eeee", "x"], ["\\boxed{1}", "y"]]
-    old, new, _, _, _ = self._both(scripts, [2, 2], ["1", "1"], rows=1, budget=3)
+    old, [(new, _)], _, _ = self._both(scripts, [2, 2], ["1", "1"], rows=(1,), budget=3)
     self._assert_same(old, new)
     self.assertTrue(new.truncated[0])
 
@@ -193,8 +226,8 @@ class MultiAttemptTest(absltest.TestCase):
     end = "<|im_end|>"
     scripts = [["\\boxed{5}" + end, "\\boxed{6}", "nothing", "\\boxed{7}"],
                ["\\boxed{1}", "\\boxed{2}", "\\boxed{7}", "z"]]
-    old, new, _, texts, verifier = self._both(scripts, [4, 4], ["7", "7"], rows=1,
-                                              max_attempts=4, hint_len=96)
+    old, [(new, _)], texts, verifier = self._both(scripts, [4, 4], ["7", "7"], rows=(1,),
+                                                  max_attempts=4, hint_len=96)
     self._assert_same(old, new)
     want = (texts[0] + "\\boxed{5}" + hints.hint_feedback_text(3, ["5"]) + "\\boxed{6}"
             + hints.hint_feedback_text(2, ["5", "6"]) + "nothing"

@@ -15,13 +15,13 @@ def get_config(arg: str | None = None):
   # The warm start teaches a careless habit: most first attempts are off by one, and after
   # the feedback turn the retry is right. RL has to teach getting it right the first time.
   c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=64, sft_len=112,
-                      sft_lr=3e-3, p_wrong=0.6, wrong_deltas=[1], style="multi_attempt")
+                      sft_lr=3e-3, p_wrong=0.6, wrong_deltas=(1,), style="multi_attempt")
   c.data.synthetic = dict(enabled=True, num_examples=4096, seed=0, min_digits=1, max_digits=1)
   c.rollout.update(dict(prompts_per_step=64, prompt_len=64, token_budget=24, max_attempts=2,
                         attempts="uniform", prompt="multi_attempt", temperature=1.0))
   c.ppo.update(dict(actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.01, mini_batches=2))
-  c.optim.update(dict(updates_per_step=2, warmup_ratio=0.05))
-  c.eval.update(dict(benchmarks=["synthetic"], kinds=["attempts"], max_attempts=2,
+  c.optim.update(dict(warmup_ratio=0.05))
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("attempts",), max_attempts=2,
                      batch_size=128, every_steps=0))
   c.eval.synthetic = dict(num_examples=256, seed=12345, min_digits=1, max_digits=1)
   c.checkpoint.update(dict(every_steps=10, keep=2))
@@ -34,7 +34,9 @@ def get_config(arg: str | None = None):
   elif arg == "lte":
     c.method = "lte"
     c.model.demo.style = "lte"
-    c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed", prompt_len=128))
+    c.rollout.update(dict(prompts_per_step=16, max_attempts=1, attempts="fixed", prompt_len=128,
+                          stop_at_box=False))  # LTE's rule: run to EOS
+    c.eval.stop_at_box = False
     c.grpo.update(dict(group_size=8, lr=3e-4))
-    c.eval.update(dict(kinds=["passk"], num_samples=8, ks=[1, 8]))
+    c.eval.update(dict(kinds=("passk",), num_samples=8, ks=(1, 8)))
   return c

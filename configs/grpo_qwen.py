@@ -2,8 +2,18 @@
 
   python -m mar.main --config=configs/grpo_qwen.py --config.model.path=/ckpt/Qwen3-8B-Base \
       --config.data.train=../shared/data/train/math_lvl3to5_8k.jsonl --workdir=/runs/grpo
-Variants: `:drgrpo` (no std, constant normaliser), `:dapo` (clip-higher 0.28),
+Variants: `:drgrpo` (no std, constant normaliser), `:clip_higher` (DAPO's clip-higher,
+eps_high = 0.28, alone: DAPO's dynamic sampling and overlong shaping are not implemented),
 `:extra` (GRPO + extra un-hinted rollouts for none-pass groups), `:eval`.
+
+Where each value comes from (METHODS.md §2; "verl" = verl's defaults the paper ran on):
+  G = 8, T = 1.0, 128 prompts per step, mini-batch 64 prompts (2 updates), 1 epoch      paper
+  max response 8192, responses run to EOS (rollout.stop_at_box False), EOS trained       paper/verl
+  500 steps, LR 1e-6 constant (no warm-up), grad clip 1.0                               paper
+  GRPO advantages (R - mean)/(std + 1e-6), token-mean loss, clip 0.2, no KL               paper/verl
+  AdamW betas (0.9, 0.999), weight decay 0.01                                           verl
+  eval: 16 samples, T = 0.6, top-p 0.95, Pass@1 and Pass@16, six benchmarks, to EOS       paper
+Ours: batch_size (rows per rollout program), micro-batches, prompt bucket, bf16 + remat, mesh.
 """
 
 from mar.defaults import base_config
@@ -15,25 +25,29 @@ def get_config(arg: str | None = None):
   c.train.num_steps = 500
   c.rollout.update(dict(prompts_per_step=128, batch_size=256, prompt_len=1024,
                         token_budget=8192, max_attempts=1, attempts="fixed",
-                        temperature=1.0))
+                        temperature=1.0, stop_at_box=False))
   c.grpo.update(dict(group_size=8, estimator="grpo", agg="token_mean", clip_low=0.2,
                      clip_high=0.2, kl_coef=0.0, lr=1e-6, mini_batches=2, micro_batches=64))
-  c.optim.update(dict(updates_per_step=2, warmup_ratio=0.0, min_lr_ratio=1.0))
+  c.optim.update(dict(warmup_ratio=0.0, min_lr_ratio=1.0, b1=0.9, b2=0.999, weight_decay=0.01,
+                      grad_clip=1.0))
   c.model.dtype = "bfloat16"
   c.model.remat = True
   c.data.train = "../shared/data/train/math_lvl3to5_8k.jsonl"
-  c.eval.update(dict(benchmarks=["math500", "minerva_math", "olympiadbench", "amc23",
-                                 "aime24", "aime25"],
-                     kinds=["passk"], num_samples=16, temperature=0.6, top_p=0.95,
-                     ks=[1, 16], every_steps=50, batch_size=256))
+  c.eval.update(dict(benchmarks=("math500", "minerva_math", "olympiadbench", "amc23",
+                                 "aime24", "aime25"),
+                     kinds=("passk",), num_samples=16, temperature=0.6, top_p=0.95,
+                     ks=(1, 16), every_steps=50, batch_size=256, stop_at_box=False))
   c.checkpoint.every_steps = 10
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   if arg == "drgrpo":
     c.grpo.update(dict(estimator="grpo_no_std", agg="seq_mean_token_sum_norm"))
-  elif arg == "dapo":
+  elif arg == "clip_higher":
     c.grpo.update(dict(clip_high=0.28))
   elif arg == "extra":
     c.method = "grpo_extra"
   elif arg == "eval":
     c.mode = "eval"
+  elif arg:
+    raise ValueError(f"configs/grpo_qwen.py: unknown variant {arg!r} "
+                     "(expected 'drgrpo', 'clip_higher', 'extra' or 'eval')")
   return c

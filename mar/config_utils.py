@@ -36,8 +36,7 @@ def common_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3
     c.checkpoint.async_save = True
-    c.metrics = ml_collections.ConfigDict()
-    c.metrics.log_every = 1
+    c.metrics = ml_collections.ConfigDict()  # every step's scalars go to JSONL + TensorBoard
     return c
 
 
@@ -95,6 +94,16 @@ def check_paths(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
             problems.append(f"config.{key}: path {path!r} does not exist")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def split_comma_strings(config: ml_collections.ConfigDict) -> None:
+    """Tuple fields given as `--config.x=a,b` arrive as ('a,b',): split them into ('a', 'b')."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            split_comma_strings(value)
+        elif isinstance(value, tuple) and any(isinstance(v, str) and "," in v for v in value):
+            config[key] = tuple(p.strip() for v in value
+                                for p in (v.split(",") if isinstance(v, str) else [v]) if p != "")
 
 
 def _plain(value: Any) -> Any:

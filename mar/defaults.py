@@ -35,6 +35,9 @@ def base_config() -> ConfigDict:
       prompt="multi_attempt",  # multi_attempt | single_turn (PPO prompt style)
       temperature=1.0, top_p=1.0, top_k=0,
       check_every=1,  # boxed-stop check period (the reference checks every 64 tokens)
+      # True: an attempt ends at its first closed \boxed{} (multi-attempt's rule). False: run
+      # to EOS or the budget, the EOS kept as a trained action (verl / LTE).
+      stop_at_box=True,
       hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
   ))
 
@@ -47,12 +50,20 @@ def base_config() -> ConfigDict:
                            cap=-1,  # -1: G - 1
                            mini_batches=1, micro_batches=1))
   c.optim = ConfigDict(dict(warmup_ratio=0.03, min_lr_ratio=0.1, b1=0.9, b2=0.95,
-                            weight_decay=0.0, grad_clip=1.0, updates_per_step=1))
+                            weight_decay=0.0, grad_clip=1.0))
+  # The LR schedule spans train.num_steps x (mini-batches per step) optimizer updates.
 
   c.eval = ConfigDict(dict(
-      benchmarks=["math500"], kinds=["attempts"], every_steps=0, at_start=True, at_end=True,
-      max_attempts=4, num_samples=16, temperature=0.6, top_p=0.95, ks=[1, 16],
-      max_problems=0, batch_size=16, checkpoint_step=-1))
+      # Sequence keys are tuples so the command line can set them:
+      # --config.eval.benchmarks=aime24,math500  --config.eval.ks='(1,8)'
+      benchmarks=("math500",), kinds=("attempts",), every_steps=0, at_start=True, at_end=True,
+      max_attempts=4, num_samples=16, temperature=0.6, top_p=0.95, ks=(1, 16),
+      max_problems=0, batch_size=16,
+      checkpoint_step=-1,  # eval mode: -1 = the latest checkpoint, else exactly this step
+      stop_at_box=True))  # as rollout.stop_at_box, for evaluation runs
   c.eval.synthetic = ConfigDict(dict(num_examples=0, seed=1, min_digits=1, max_digits=2))
+  # LTE hints (METHODS.md §2): answers are quoted whole unless hint_max_chars > 0; answers are
+  # dropped from the end only when the hinted prompt does not fit rollout.prompt_len.
+  c.lte = ConfigDict(dict(hint_max_chars=0, hint_sep=", "))
   c.verify = ConfigDict(dict(workers=2, timeout=3.0))
   return c

@@ -54,7 +54,9 @@ def sft_dialogue(tok: Tokenizer, ex, n_attempts: int, first_wrong: bool, rng, st
       user, answer = hints.hint_prompt(ex.question, [str(wrong)], [False]), ex.answer
     else:
       user, answer = hints.plain_prompt(ex.question), wrong if first_wrong else ex.answer
-    return [(tok.encode(hints.chat_prompt(user)), False), (tok.encode(_attempt(answer)), True)]
+    # The response ends with a trained EOS: LTE rollouts run to it (rollout.stop_at_box=False).
+    return [(tok.encode(hints.chat_prompt(user)), False),
+            (tok.encode(_attempt(answer) + prompts.IM_END), True)]
   prompt = (prompts.multi_attempt_prompt(ex.question, n_attempts) if style == "multi_attempt"
             else prompts.single_turn_prompt(ex.question))
   pieces = [(tok.encode(prompt), False)]

@@ -2,7 +2,8 @@
 
 Protocols (METHODS.md):
 * attempts: for k = 1..K a SEPARATE greedy run whose prompt states k attempts (not a
-  cumulative pass@k, so not monotone in k); accuracy = share of problems solved.
+  cumulative pass@k, so not monotone in k); accuracy = share of problems solved. Every
+  model, the single-turn baseline included, is evaluated with the multi-attempt prompt.
 * passk: n samples per problem (LTE: n = 16, T = 0.6, top-p 0.95) with the single-turn
   user prompt; Pass@1 = mean accuracy, Pass@k by the unbiased estimator.
 Rows go to `<workdir>/eval.jsonl`; a per-benchmark table is logged and plots are redrawn.
@@ -14,7 +15,7 @@ from absl import logging
 import jax
 
 from mar import plots
-from mar.data import datasets
+from mar.data import datasets, prompts
 from mar.evaluation import passk, report
 from mar.lte import hints
 
@@ -58,17 +59,22 @@ def _fitting(runner, examples, prompt_of, benchmark: str):
 
 
 def attempt_curve(config, run, params, examples, benchmark: str, step: int) -> list[dict]:
-  """Greedy accuracy with k attempts for k = 1..K (one run per k)."""
+  """Greedy accuracy with k attempts for k = 1..K (one run per k, the prompt stating k).
+
+  The prompt is the multi-attempt one whatever the model was trained with (METHODS.md §1:
+  the single-turn baseline's curve uses it too).
+  """
   runner = run.eval_runner(config, "attempts")
-  examples = _fitting(runner, examples, lambda q: run.prompt_fn(q, config.eval.max_attempts),
+  examples = _fitting(runner, examples,
+                      lambda q: prompts.multi_attempt_prompt(q, config.eval.max_attempts),
                       benchmark)
   rows = []
   questions = [ex.question for ex in examples]
   answers = [ex.answer for ex in examples]
   for k in range(1, config.eval.max_attempts + 1):
-    prompts = [run.prompt_fn(q, k) for q in questions]
-    out = runner.run_host(params, prompts, answers, jax.random.PRNGKey(0),
-                          n_attempts=[k] * len(prompts))
+    texts = [prompts.multi_attempt_prompt(q, k) for q in questions]
+    out = runner.run_host(params, texts, answers, jax.random.PRNGKey(0),
+                          n_attempts=[k] * len(texts))
     rows.append(report.attempt_row(step, benchmark, k, float(out.correct.mean()), len(examples)))
   return rows
 

@@ -12,6 +12,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mar import config_utils
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -30,6 +32,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
+  config_utils.split_comma_strings(config)
   if config.get("distributed"):
     jax.distributed.initialize()
   logging.info("config:\n%s", config)

@@ -60,7 +60,7 @@ class Run:
           token_budget=config.rollout.token_budget, sampling=sp,
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
-          mesh=self.mesh)
+          mesh=self.mesh, stop_at_box=e.stop_at_box)
     return self._eval_runners[kind]
 
   def close(self):
@@ -109,9 +109,14 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                           rules=rules)
 
 
+def updates_per_step(config) -> int:
+  """Optimizer updates one training step makes: one per mini-batch (PPO: actor and critic)."""
+  return config.ppo.mini_batches if config.method == "ppo" else config.grpo.mini_batches
+
+
 def _optimizer(config, lr: float):
   o = config.optim
-  return optim.make_optimizer(lr, config.train.num_steps * o.updates_per_step,
+  return optim.make_optimizer(lr, config.train.num_steps * updates_per_step(config),
                               warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
                               b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                               grad_clip=o.grad_clip)
@@ -159,7 +164,7 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline)
+      timeline=timeline, stop_at_box=r.stop_at_box)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,

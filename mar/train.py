@@ -11,14 +11,11 @@ metrics of an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mar import checkpoint as ckpt_lib
@@ -29,9 +26,8 @@ from mar import overlap
 from mar import parallel
 from mar import plots
 from mar import setup
-from mar.lte import hints, refine
-from mar.rl import grpo
-from mar.rollout.runner import HostEpisodes
+from mar.lte import hints
+from mar.lte import step as lte_step
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -125,24 +121,25 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   rows = np.flatnonzero(none_pass) if config.method in ("lte", "grpo_extra") else []
   # Sampling programs span all hosts: each samples as many extra groups as the busiest one.
   width = parallel.max_over_hosts(len(rows))
-  extra, logp_hinted = None, None
+  extra, logp_hinted, hint_metrics = None, None, {}
+  if config.method == "lte":
+    extra_user, hint_metrics = lte_step.fitting_hints(config, run.runner, questions, first,
+                                                      rows, g)
+  else:
+    extra_user = [plain[p] for p in rows]
   if width:
-    if config.method == "lte":
-      extra_user = [_fitting_hint(run, questions[p], first.answers[p * g:(p + 1) * g],
-                                  first.truncated[p * g:(p + 1) * g].tolist()) for p in rows]
-    else:
-      extra_user = [plain[p] for p in rows]
     pad = width - len(rows)  # idle groups, results dropped
     with timer("sample_extra"):
       extra = _sample_groups(run, state["policy"], [answers[p] for p in rows] + [""] * pad,
                              extra_user + [plain[0]] * pad, g, key_b)
     if config.method == "lte":
       texts = [hints.chat_prompt(u) for u in extra_user + [plain[0]] * pad for _ in range(g)]
-      logp_hinted = _hinted_logprobs(run, state["policy"], texts, extra.responses)[:len(rows) * g]
-    extra = _first_rows(extra, len(rows) * g) if len(rows) else None
+      logp_hinted = lte_step.hinted_logprobs(run, state["policy"], texts,
+                                             extra.responses)[:len(rows) * g]
+    extra = lte_step.first_rows(extra, len(rows) * g) if len(rows) else None
   rng = np.random.default_rng([config.seed, step, 2, jax.process_index()])
-  batch, plan_metrics = _refined_batch(config, run, state, first, extra, logp_hinted,
-                                       plain, rewards, none_pass, rng)
+  batch, plan_metrics = lte_step.refined_batch(config, run, state["policy"], first, extra,
+                                               logp_hinted, plain, rewards, none_pass, rng)
   with timer("update"):
     policy, opt_state, learn = run.timeline.call(
         run.learner.step, state["policy"], state["actor_opt"], batch, ref=run.ref,
@@ -156,7 +153,7 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
       "all_pass": float((rewards.sum(1) == g).sum()),
       "response_length": float(np.mean([len(r) for r in first.responses])),
       "truncated_frac": float(first.truncated.mean()),
-      **plan_metrics, **learn, **timer.metrics(), **_host_share(run, started),
+      **plan_metrics, **hint_metrics, **learn, **timer.metrics(), **_host_share(run, started),
   }
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
@@ -170,81 +167,6 @@ def _host_share(run, started: float) -> dict:
   run.timeline.forget_before(time.perf_counter())
   return {"time/verify": verify_s,
           **overlap.host_critical(time.perf_counter() - started, busy, stalled)}
-
-
-def _fitting_hint(run, question, answers, truncated, max_chars: int = 64) -> str:
-  """The LTE hint prompt, shortened until it fits the prompt bucket.
-
-  Long quoted answers are cut to `max_chars`, then answers are dropped from the end; if
-  none fits, the hint falls back to its no-answer case (Concise or plain).
-  """
-  answers = [a if a is None or len(a) <= max_chars else a[:max_chars] for a in answers]
-  while True:
-    user = hints.hint_prompt(question, answers, truncated)
-    if run.runner.fits(hints.chat_prompt(user)) or not any(a for a in answers):
-      return user
-    last = max(i for i, a in enumerate(answers) if a)
-    answers = answers[:last] + [None] + answers[last + 1:]
-
-
-def _first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
-  return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
-
-
-def _logprobs(run, params, tokens, valid) -> np.ndarray:
-  """The learner's log-probs of this host's rows (a program over all hosts' rows)."""
-  batch = parallel.put_batch((tokens, valid), run.mesh)
-  return parallel.host_local(run.timeline.call(run.learner.logprobs, params, *batch))
-
-
-def _hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
-  """log-probs of hinted responses after their hinted prompts (LTE's old_logp_hinted).
-
-  Rows are padded to a multiple of the runner's batch, so the program compiles for a few
-  shapes, not once per count of none-pass groups.
-  """
-  pl, rl, tok = run.runner.prompt_len, run.runner.spec.token_budget, run.tokenizer
-  n, per = len(hinted_texts), run.runner.local_batch
-  pad = -n % per
-  texts, responses = hinted_texts + hinted_texts[:1] * pad, responses + responses[:1] * pad
-  tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in texts], responses, pl, rl,
-                                         tok.pad_id)
-  return _logprobs(run, params, tokens, valid)[:n]
-
-
-def _refined_batch(config, run, state, first, extra, logp_hinted, plain, rewards, none_pass,
-                   rng):
-  """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
-  g, pl, rl = config.grpo.group_size, run.runner.prompt_len, config.rollout.token_budget
-  tok = run.tokenizer
-  prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
-  tokens, valid, action = grpo.pack_sequences(prompt_ids, first.responses, pl, rl, tok.pad_id)
-  original = {"tokens": tokens, "valid": valid, "action_mask": action}
-  hinted: dict[str, Any] = {}
-  metrics = {"lte/num_none_pass": float(none_pass.sum())}
-  if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
-    metrics.update({"lte/num_rescued": 0.0, "lte/num_cap_bound": 0.0, "lte/num_replaced": 0.0,
-                    "lte/rescue_rate": 0.0})
-  if extra is not None:
-    hint_rewards = extra.correct.reshape(-1, g).astype(np.float32)
-    plan = refine.refine_groups(rewards, hint_rewards, none_pass, rng, cap=config.grpo.cap if config.grpo.cap >= 0 else None)
-    metrics.update(plan.metrics())
-    metrics["lte/rescue_rate"] = plan.num_rescued / max(plan.num_none_pass, 1)
-    rows = np.flatnonzero(none_pass)
-    un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
-    h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
-    hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
-    if logp_hinted is not None:
-      hinted["logp_hinted"] = logp_hinted
-    out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
-                            as_hinted=config.method == "lte")
-    rewards = plan.rewards
-  else:
-    out = dict(original, hinted=np.zeros(len(tokens), bool))
-  out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
-  out["old_logp"] = _logprobs(run, state["policy"], out["tokens"], out["valid"])
-  out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
-  return {k: jnp.asarray(v) for k, v in out.items()}, metrics
 
 
 # ----- the loop ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from mar.rl import advantages as adv_lib
 
 
 def gae_reference(rewards, values, action, feedback, gamma, lam):
-  """Python-loop GAE: next action token bootstraps, gamma = lam = 1 across feedback."""
+  """Python-loop GAE over the action tokens with the feedback spans removed (reference)."""
   b, t = rewards.shape
   adv = np.zeros((b, t))
   for i in range(b):
@@ -20,11 +20,9 @@ def gae_reference(rewards, values, action, feedback, gamma, lam):
       if k + 1 < len(acts):
         nxt = acts[k + 1]
         next_value = values[i, nxt]
-        crossed = feedback[i, j + 1 : nxt].any()
       else:
-        next_value, running, crossed = 0.0, 0.0, feedback[i, j + 1 :].any()
-      g, l = (1.0, 1.0) if crossed else (gamma, lam)
-      running = rewards[i, j] + g * next_value - values[i, j] + g * l * running
+        next_value, running = 0.0, 0.0
+      running = rewards[i, j] + gamma * next_value - values[i, j] + gamma * lam * running
       adv[i, j] = running
   returns = np.where(action, adv + values, 0.0)
   return adv, returns
@@ -74,8 +72,15 @@ class GaeTest(parameterized.TestCase):
       self.assertTrue(np.all(np.asarray(adv)[~action] == 0))
       self.assertTrue(np.all(np.asarray(ret)[~action] == 0))
 
-  def test_feedback_bootstraps_without_discount(self):
-    # a a F F a : last token of attempt 1 bootstraps from the first of attempt 2 with g=l=1.
+  def test_issue_repro_lambda_applies_across_feedback(self):
+    # The audit's repro: the reference gives 0.99 at t=0 (lambda applies once per crossing).
+    adv, _ = adv_lib.gae(np.array([[0.0, 0, 0, 1]]), np.zeros((1, 4)),
+                         np.array([[1, 0, 0, 1]], bool), np.array([[0, 1, 1, 0]], bool),
+                         1.0, 0.99)
+    np.testing.assert_allclose(adv, [[0.99, 0, 0, 1.0]], rtol=1e-6)
+
+  def test_feedback_crossing_uses_gamma_and_lambda(self):
+    # a a F F a : A_1 = r_1 + g V_4 - V_1 + g l A_4 (the span's own values are never read).
     action = np.array([[1, 1, 0, 0, 1]], bool)
     feedback = np.array([[0, 0, 1, 1, 0]], bool)
     rewards = np.array([[0.0, 0.0, 0.0, 0.0, 1.0]])
@@ -83,7 +88,7 @@ class GaeTest(parameterized.TestCase):
     gamma, lam = 0.5, 0.5
     adv, _ = adv_lib.gae(rewards, values, action, feedback, gamma, lam)
     a4 = 1.0 - 0.5
-    a1 = 0.0 + 1.0 * 0.5 - 0.2 + 1.0 * 1.0 * a4
+    a1 = 0.0 + gamma * 0.5 - 0.2 + gamma * lam * a4
     a0 = 0.0 + gamma * 0.2 - 0.1 + gamma * lam * a1
     np.testing.assert_allclose(adv, [[a0, a1, 0, 0, a4]], rtol=1e-6)
 
@@ -103,6 +108,12 @@ class NormalizeTest(absltest.TestCase):
     adv = np.full((2, 3), 5.0)
     out = adv_lib.normalize_advantages(adv, np.ones((2, 3)), eps=1e-8)
     np.testing.assert_array_equal(out, np.zeros((2, 3)))
+
+  def test_variance_not_std_is_clamped(self):
+    # The audit's repro: equal advantages whose float32 variance is tiny but nonzero must map
+    # to ~0 (the reference clamps the variance at 1e-8), not to +-1 as a std clamp gives.
+    out = np.asarray(adv_lib.normalize_advantages(np.full((1, 1000), 0.1), np.ones((1, 1000))))
+    self.assertLess(np.abs(out).max(), 1e-2)
 
 
 class GroupEstimatorTest(parameterized.TestCase):

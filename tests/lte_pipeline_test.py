@@ -4,11 +4,14 @@ import functools
 import tempfile
 
 from absl.testing import absltest
+import jax
 import numpy as np
 
-from mar import setup, train
+from mar import models, setup, train
 from mar.data.datasets import Example
 from mar.lte import hints
+from mar.lte import step as lte_step
+from mar.rl import grpo
 from mar.rollout.runner import RolloutRunner
 from scripted import hint_aware_decode
 from train_test import tiny_config
@@ -78,25 +81,77 @@ class LTEPipelineTest(absltest.TestCase):
     self.assertEqual(metrics[0]["hinted_token_frac"], 0.0)
 
 
+class HintedLogprobsTest(absltest.TestCase):
+
+  def test_old_logp_hinted_is_a_forward_over_the_hinted_prompt(self):
+    config = tiny_config("lte")
+    run = setup.build_run(config, tempfile.mkdtemp())
+    tok, q = run.tokenizer, "What is 3+4?"
+    response = tok.encode("\\boxed{7}")
+    hinted = hints.chat_prompt(hints.hint_prompt(q, ["-1", "12"], [False, False]))
+    plain = hints.chat_prompt(hints.plain_prompt(q))
+    got = lte_step.hinted_logprobs(run, run.params, [hinted], [response])
+    _, _, action = grpo.pack_sequences([tok.encode(plain)], [response], run.runner.prompt_len,
+                                       config.rollout.token_budget, tok.pad_id)
+    got = got[0][action[0]]
+
+    def reference(prompt: str) -> np.ndarray:  # plain forward, no padding, no packing
+      ids = tok.encode(prompt) + response
+      logits = models.forward(run.model_config, run.params, np.asarray([ids], np.int32))
+      logp = jax.nn.log_softmax(np.asarray(logits, np.float64)[0, :-1], axis=-1)
+      return np.take_along_axis(logp, np.asarray(ids[1:])[:, None], -1)[-len(response):, 0]
+
+    run.close()
+    np.testing.assert_allclose(got, reference(hinted), atol=2e-4, rtol=1e-4)
+    self.assertGreater(np.abs(reference(hinted) - reference(plain)).max(), 1e-3)
+    self.assertGreater(np.abs(got - reference(plain)).max(), 1e-3)
+
+
 class FittingHintTest(absltest.TestCase):
 
-  def _run_with_limit(self, chars):
-    runner = type("R", (), {"fits": staticmethod(lambda text: len(text) <= chars)})()
-    return type("Run", (), {"runner": runner})()
+  @staticmethod
+  def _fits(chars):
+    return lambda text: len(text) <= chars
 
-  def test_hint_shrinks_to_fit_the_prompt_bucket(self):
+  def test_long_answers_are_quoted_whole_when_they_fit(self):
+    q = "Solve x^2 > 1."
+    answers = ["(-\\infty, -1) \\cup (1, \\infty) \\text{ for all real } x" + "0" * 48,
+               "(-\\infty, -1) \\cup (1, \\infty) \\text{ for all real } x" + "1" * 48]
+    self.assertGreaterEqual(len(answers[0]), 100)
+    user, kind, shortened = lte_step.fitting_hint(self._fits(10_000), q, answers, [False] * 2)
+    self.assertEqual(user, hints.hint_prompt(q, answers, [False] * 2))
+    self.assertIn(answers[0], user)
+    self.assertIn(answers[1], user)
+    self.assertEqual((kind, shortened), ("hint", False))
+
+  def test_hint_drops_answers_from_the_end_to_fit(self):
     q = "What is 1+1?"
     answers = ["3", "x" * 500, "4"]
-    full = hints.chat_prompt(hints.hint_prompt(q, ["3", "x" * 64, "4"], [False] * 3))
-    run = self._run_with_limit(len(full))
-    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3),
-                     hints.hint_prompt(q, ["3", "x" * 64, "4"], [False] * 3))
-    short = hints.chat_prompt(hints.hint_prompt(q, ["3"], [False]))
-    run = self._run_with_limit(len(short))
-    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3),
-                     hints.hint_prompt(q, ["3"], [False]))
-    run = self._run_with_limit(10)
-    self.assertEqual(train._fitting_hint(run, q, answers, [False] * 3), hints.plain_prompt(q))
+    full = hints.hint_prompt(q, answers, [False] * 3)
+    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(full))), q,
+                                           answers, [False] * 3), (full, "hint", False))
+    two = hints.hint_prompt(q, ["3", "x" * 500], [False, False])
+    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(two))), q, answers,
+                                           [False] * 3), (two, "hint", True))
+    one = hints.hint_prompt(q, ["3"], [False])
+    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(one)) + 100), q,
+                                           answers, [False] * 3), (one, "hint", True))
+    self.assertEqual(lte_step.fitting_hint(self._fits(10), q, answers, [False] * 3),
+                     (hints.plain_prompt(q), "plain", True))
+    concise = lte_step.fitting_hint(self._fits(10), q, answers, [False, True, False])
+    self.assertEqual(concise[1:], ("concise", True))
+
+  def test_max_chars_and_separator(self):
+    q = "What is 1+1?"
+    user, _, shortened = lte_step.fitting_hint(self._fits(10_000), q, ["12345", "3"],
+                                               [False] * 2, max_chars=3, sep=" ; ")
+    self.assertEqual(user, hints.hint_prompt(q, ["123", "3"], [False] * 2, sep=" ; "))
+    self.assertTrue(shortened)
+
+  def test_public_entry_point(self):
+    import mar.lte
+
+    self.assertIs(mar.lte.hint_prompt, hints.hint_prompt)
 
 
 if __name__ == "__main__":

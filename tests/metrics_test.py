@@ -202,7 +202,7 @@ class ConfigUtilsTest(absltest.TestCase):
         self.assertEqual(
             config_utils.config_to_dict(c),
             {"seed": 0, "train": {"num_steps": 100}, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-             "checkpoint": {"every_steps": 50, "keep": 3, "async_save": True}, "metrics": {"log_every": 1}},
+             "checkpoint": {"every_steps": 50, "keep": 3, "async_save": True}, "metrics": {}},
         )
 
     def test_overrides_and_locked_config_rejects_unknown_keys(self):

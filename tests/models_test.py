@@ -140,14 +140,19 @@ class ModelTest(parameterized.TestCase):
     backbone = models.init_params(config, jax.random.key(0), std=0.2)
     head = models.init_value_head(config, jax.random.key(1))
     self.assertEqual(head.shape, (config.hidden_size,))
-    np.testing.assert_allclose(float(jnp.std(head)), (1 / (config.hidden_size + 1)) ** 0.5,
-                               rtol=0.35)
+    np.testing.assert_allclose(float(jnp.std(head)), 1 / (config.hidden_size + 1), rtol=0.35)
     tokens, mask = _batch(config)
     values = models.value_forward(config, {"backbone": backbone, "value_head": head}, tokens,
                                   attention_mask=mask)
     h = np.asarray(models.hidden_states(config, backbone, tokens, attention_mask=mask))
     self.assertEqual(values.shape, tokens.shape)
     np.testing.assert_allclose(np.asarray(values), h @ np.asarray(head), atol=1e-5, rtol=1e-5)
+
+  def test_value_head_std_at_paper_width(self):
+    # OpenRLHF: normal_(std=1/(H+1)); at H = 1536 (Qwen2.5-Math-1.5B) within 5 %.
+    config = _tiny("qwen2").replace(hidden_size=1536)
+    head = models.init_value_head(config, jax.random.key(3))
+    np.testing.assert_allclose(float(jnp.std(head)), 1 / 1537, rtol=0.05)
 
   @parameterized.parameters("qwen2", "qwen3")
   def test_remat_same_logits_and_grads(self, model_type):

@@ -16,7 +16,8 @@ from mar.lte import hints
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text, render_episode
-from scripted import counting_predicate, scripted_decode
+from mar.rollout.runner import RolloutRunner
+from scripted import counting_predicate, scripted_decode, stop_rule_decode
 
 
 class _ListVerifier:
@@ -132,6 +133,49 @@ class RolloutTest(absltest.TestCase):
     self.assertTrue(ep.truncated[0])
     self.assertEqual(ep.attempts_used[0], 1)  # budget gone: no second attempt
     self.assertEqual(ep.reward[0], -1.0)
+
+
+class StopRuleTest(absltest.TestCase):
+  """rollout.stop_at_box: multi-attempt's first-box rule vs LTE's run-to-EOS rule."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _run(self, text, stop_at_box, budget=40):
+    tok = self.tok
+    runner = RolloutRunner(
+        self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=48, max_attempts=1,
+        token_budget=budget, sampling=sampling.SamplingParams(temperature=0.0),
+        decode_fn=functools.partial(stop_rule_decode, tok.encode(text)),
+        stop_at_box=stop_at_box)
+    prompt = hints.chat_prompt(hints.plain_prompt("3+4"))
+    return runner.run_host(self.params, [prompt], ["7"], jax.random.PRNGKey(0))
+
+  def test_grpo_response_continues_past_the_first_box_to_eos(self):
+    text = "\\boxed{3} no, \\boxed{7}<|im_end|>"
+    out = self._run(text, stop_at_box=False)
+    self.assertEqual(out.responses[0], self.tok.encode(text))  # EOS kept as an action
+    self.assertEqual(out.responses[0][-1], self.tok.im_end_id)
+    self.assertEqual(out.answers[0], "7")  # graded on the last box
+    self.assertTrue(out.correct[0])
+    self.assertFalse(out.truncated[0])
+
+  def test_multi_attempt_rule_stops_at_the_first_box(self):
+    out = self._run("\\boxed{3} no, \\boxed{7}<|im_end|>", stop_at_box=True)
+    self.assertEqual(out.responses[0], self.tok.encode("\\boxed{3}"))
+    self.assertFalse(out.correct[0])
+
+  def test_truncated_response_is_wrong_under_the_eos_rule(self):
+    text = "\\boxed{7} and more"
+    out = self._run(text, stop_at_box=False, budget=len(self.tok.encode(text)))
+    self.assertTrue(out.truncated[0])
+    self.assertFalse(out.correct[0])
 
 
 if __name__ == "__main__":

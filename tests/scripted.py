@@ -4,6 +4,7 @@ They write through the real `sampling.append`, so the KV cache, slots and masks 
 ones; only the choice of tokens is scripted. Used to drive the real rollout deterministically.
 """
 
+import jax
 import jax.numpy as jnp
 
 from mar import sampling
@@ -59,4 +60,27 @@ def hint_aware_decode(hint_id, wrong, right, config, params, state, *, max_new, 
   toks = jnp.where(hinted[:, None], pad(right)[None], pad(wrong)[None])
   full = jnp.where(hinted, len(right), len(wrong)).astype(jnp.int32)
   state, _ = _emit(config, params, state, toks, full, max_new, stop_ids)
+  return state
+
+
+def stop_rule_decode(script, config, params, state, *, max_new, sampling, stop_ids,
+                     stop_predicate, check_every):
+  """Emits the id list `script` for every live row, cut where the real decode stops.
+
+  The cut follows the sampler's rules: after the first stop id (kept, as decode writes it)
+  or, with a stop predicate, after the token where it first fires (check_every = 1).
+  """
+  del sampling, check_every
+  b = state.pos.shape[0]
+  ids = jnp.asarray(script, jnp.int32)
+  full = jnp.full((b,), ids.shape[0], jnp.int32)
+  cut = jnp.isin(ids, jnp.asarray(stop_ids))[:, None] & jnp.ones((1, b), bool)  # [L, B]
+  if stop_predicate is not None:
+    live = jnp.ones((b,), bool)
+    step = lambda st, tok: stop_predicate.update(st, jnp.full((b,), tok), live)
+    _, fired = jax.lax.scan(step, stop_predicate.init(b), ids)
+    cut = cut | fired
+  full = jnp.where(cut.any(0), jnp.argmax(cut, axis=0) + 1, full)
+  state, _ = _emit(config, params, state, jnp.broadcast_to(ids, (b, ids.shape[0])), full,
+                   max_new, stop_ids)
   return state

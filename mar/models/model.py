@@ -377,8 +377,8 @@ def forward_cached(
 
 
 def init_value_head(config: QwenConfig, key: jax.Array) -> jax.Array:
-  """Linear(hidden, 1, bias=False) head, init N(0, 1/(hidden+1)) as in the reference."""
-  std = (1.0 / (config.hidden_size + 1)) ** 0.5
+  """Linear(hidden, 1, bias=False) head, init normal with STD 1/(hidden+1) (OpenRLHF)."""
+  std = 1.0 / (config.hidden_size + 1)
   return std * jax.random.normal(key, (config.hidden_size,), jnp.float32)
 
 

@@ -1,9 +1,11 @@
 """Advantage estimators: token-level GAE for PPO and group-relative ones for GRPO.
 
 GAE runs over action tokens only. Multi-attempt episodes interleave model tokens with
-feedback spans inserted by the environment; the value of the state after attempt i is the
-critic value at the first token of attempt i+1, reached with gamma = lam = 1 (the feedback
-is not a decision, so it is neither discounted nor traced). See METHODS.md §1.
+feedback spans inserted by the environment; GAE runs as if those spans were removed: the
+last token t of attempt i, followed by feedback t+1..t+k, bootstraps from the first token of
+attempt i+1 with the usual gamma and lam,
+  A_t = r_t + gamma * V_{t+k+1} - V_t + gamma * lam * A_{t+k+1}
+(the multi-attempt reference's OpenRLHF fork; METHODS.md §1).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def gae(
     values: [B, T] critic value of the state before action t.
     action_mask: [B, T] True on tokens the policy generated and is trained on.
     feedback_mask: [B, T] True on environment-inserted feedback tokens. Must not overlap
-      the action mask (an overlapping token counts as an action).
-    gamma, lam: discount and trace parameters; replaced by 1 across a feedback span.
+      the action mask (an overlapping token counts as an action). Feedback tokens, like
+      every non-action token, are skipped: the recursion links consecutive action tokens.
+    gamma, lam: discount and trace parameters.
 
   Returns:
     (advantages, returns), both [B, T] float32, zero outside action tokens;
@@ -43,30 +46,20 @@ def gae(
   rewards = jnp.asarray(rewards, jnp.float32)
   values = jnp.asarray(values, jnp.float32)
   act = jnp.asarray(action_mask).astype(bool)
-  fb = jnp.asarray(feedback_mask).astype(bool)
+  del feedback_mask  # kept in the signature: callers state the spans they skip
   gamma = jnp.asarray(gamma, jnp.float32)
   lam = jnp.asarray(lam, jnp.float32)
   batch = rewards.shape[0]
 
   def step(carry, x):
-    next_value, next_adv, crossed = carry  # [B] each; "next" = next action token
-    r, v, a, f = x
-    g = jnp.where(crossed, 1.0, gamma)
-    l = jnp.where(crossed, 1.0, lam)
-    adv = r + g * next_value - v + g * l * next_adv
-    carry = (
-        jnp.where(a, v, next_value),
-        jnp.where(a, adv, next_adv),
-        jnp.where(a, False, crossed | f),
-    )
+    next_value, next_adv = carry  # [B] each; "next" = next action token
+    r, v, a = x
+    adv = r + gamma * next_value - v + gamma * lam * next_adv
+    carry = (jnp.where(a, v, next_value), jnp.where(a, adv, next_adv))
     return carry, jnp.where(a, adv, 0.0)
 
-  init = (
-      jnp.zeros([batch], jnp.float32),
-      jnp.zeros([batch], jnp.float32),
-      jnp.zeros([batch], bool),
-  )
-  xs = (rewards.T, values.T, act.T, fb.T)  # scan over T
+  init = (jnp.zeros([batch], jnp.float32), jnp.zeros([batch], jnp.float32))
+  xs = (rewards.T, values.T, act.T)  # scan over T
   _, adv_tb = jax.lax.scan(step, init, xs, reverse=True)
   advantages = adv_tb.T
   returns = jnp.where(act, advantages + values, 0.0)
@@ -74,15 +67,18 @@ def gae(
 
 
 def normalize_advantages(adv: Array, mask: Array, eps: float = 1e-8) -> Array:
-  """Whitens advantages over the mask tokens of the whole batch (population std >= eps)."""
+  """Whitens advantages over the mask tokens of the whole batch.
+
+  (A - mean) * rsqrt(max(var, eps)) with the population variance, as OpenRLHF: the
+  VARIANCE is clamped, so a batch of equal advantages maps to ~0 rather than +-1.
+  """
   adv = jnp.asarray(adv, jnp.float32)
   m = jnp.asarray(mask).astype(bool)
   mf = m.astype(jnp.float32)
   n = jnp.maximum(mf.sum(), 1.0)
   mean = (adv * mf).sum() / n
   var = (jnp.square(adv - mean) * mf).sum() / n
-  std = jnp.maximum(jnp.sqrt(var), eps)
-  return jnp.where(m, (adv - mean) / std, 0.0)
+  return jnp.where(m, (adv - mean) * jax.lax.rsqrt(jnp.maximum(var, eps)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class RolloutSpec:
   # > 0: hybrid mode, the feedback turn also lists the episode's wrong answers (LTE's hint),
   # built on the host and appended with at most this many tokens.
   hint_feedback_len: int = 0
+  # True: a model-emitted stop token stays in the transcript as an action (verl's single-turn
+  # rule: the EOS is trained). False: it is rewound (multi-attempt: the feedback supplies it).
+  keep_stop_token: bool = False
 
 
 def cache_len_for(prompt_len: int, token_budget: int, max_attempts: int, feedback_len: int) -> int:
@@ -131,8 +134,9 @@ def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_id
   )
   stopped = live & (state.finish == sampling.FINISH_STOP_TOKEN)
   budget_left = carry.budget_left - jnp.where(live, state.num_new, 0)
-  # The stop token is dropped: the feedback's leading <|im_end|> (or nothing) replaces it.
-  state = sampling.rewind(state, stopped.astype(jnp.int32))
+  if not spec.keep_stop_token:
+    # The stop token is dropped: the feedback's leading <|im_end|> (or nothing) replaces it.
+    state = sampling.rewind(state, stopped.astype(jnp.int32))
   end = state.pos
   span = _span_mask(state.tokens.shape, start, end) & live[:, None]
   action_mask = carry.action_mask | span
@@ -157,6 +161,8 @@ def _turn(config, params, spec, stop_predicate, verify_fn, decode_fn, example_id
 
   new = _Carry(state, go_on, attempts_left, budget_left, action_mask, feedback_mask, attempt_id)
   truncated_now = live & ~correct & (budget_left <= 0)
+  if spec.keep_stop_token:  # a response whose last budgeted token is its EOS is complete
+    truncated_now &= ~stopped
   return new, (correct, live, boxed, truncated_now)
 
 
@@ -226,6 +232,21 @@ def rollout(
       boxed_turn=boxed_t,
       truncated=trunc_t.any(0),
   )
+
+
+def concat_episodes(parts: list[Episodes]) -> Episodes:
+  """Episodes of several rollout programs (same cache length) as one batch, in order."""
+  if len(parts) == 1:
+    return parts[0]
+  return Episodes(**{
+      f: jnp.concatenate([getattr(p, f) for p in parts], axis=1 if f in TURN_FIELDS else 0)
+      for f in Episodes._fields})
+
+
+def first_rows(episodes: Episodes, n: int) -> Episodes:
+  """The first n rows of a batch of episodes."""
+  return Episodes(**{f: v[:, :n] if f in TURN_FIELDS else v[:n]
+                     for f, v in episodes._asdict().items()})
 
 
 def with_verdicts(episodes: Episodes, correct: np.ndarray, boxed: np.ndarray) -> Episodes:

@@ -53,7 +53,8 @@ class RolloutRunner:
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
-               decode_fn=None, defer_verify: bool | None = None, timeline=None):
+               decode_fn=None, defer_verify: bool | None = None, timeline=None,
+               stop_at_box: bool = True):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -81,10 +82,13 @@ class RolloutRunner:
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
         hint_feedback_len=hint_feedback_len,
+        # Run to EOS (verl, LTE): the single-turn response keeps its EOS as a trained action.
+        keep_stop_token=single_turn and not stop_at_box,
     )
     self.verify_fn = AttemptVerifier(tokenizer, verifier)
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-    self.stop_predicate = boxed_stop_predicate(strings)
+    # An attempt ends at its first closed \boxed{} only under multi-attempt's rule.
+    self.stop_predicate = boxed_stop_predicate(strings) if stop_at_box else None
     self.mesh = mesh
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
     spec, pred = self.spec, self.stop_predicate
@@ -139,8 +143,17 @@ class RolloutRunner:
           n_attempts: Sequence[int], key) -> ma.Episodes:
     """Runs one batch; rows past len(prompts) are idle padding.
 
+    More prompts than rows run in runner-sized chunks (chunk c with key fold_in(key, c))
+    and come back as one batch of exactly len(prompts) rows.
     Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
     """
+    if len(prompts) > self.local_batch:
+      step = self.local_batch
+      return ma.concat_episodes([
+          ma.first_rows(self.run(params, prompts[lo:lo + step], answers[lo:lo + step],
+                                 n_attempts[lo:lo + step], jax.random.fold_in(key, c)),
+                        min(step, len(prompts) - lo))
+          for c, lo in enumerate(range(0, len(prompts), step))])
     if self.deferred:
       episodes = self._local_rows(self.dispatch(params, prompts, n_attempts, key))
       return self._with_host_verdicts(episodes, answers)
@@ -157,7 +170,10 @@ class RolloutRunner:
                for b in range(len(live))]
     texts = list(texts) + [""] * (len(live) - len(texts))
     golds = list(answers) + [""] * (len(live) - len(answers))
-    return ma.with_verdicts(episodes, *self.verify_fn.verdicts(texts, golds, live))
+    correct, boxed = self.verify_fn.verdicts(texts, golds, live)
+    if self.spec.keep_stop_token:  # run-to-EOS rule (verl, LTE): a truncated response is wrong
+      correct = np.asarray(correct, bool) & ~np.asarray(episodes.truncated, bool)
+    return ma.with_verdicts(episodes, correct, boxed)
 
   def to_host(self, episodes: ma.Episodes, n: int) -> HostEpisodes:
     """Responses, answers and outcomes of the first n rows, as numpy / Python objects."""

@@ -1,0 +1,124 @@
+"""LTE's per-step logic around the rollout: hints that fit, hinted log-probs, refined batch.
+
+`train.group_iteration` samples G responses per prompt; for the none-pass groups this
+module builds the hinted prompts (`fitting_hints`), scores the hinted samples under their
+hinted prompts (`hinted_logprobs`: LTE's old_logp_hinted) and packs the refined groups
+into the learner's batch, every member under its UN-hinted prompt (`refined_batch`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Sequence
+
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+
+from mar import parallel
+from mar.lte import hints, refine
+from mar.rl import grpo
+from mar.rollout.runner import HostEpisodes
+
+
+def fitting_hint(fits, question: str, answers: Sequence[str | None],
+                 truncated: Sequence[bool], max_chars: int = 0,
+                 sep: str = ", ") -> tuple[str, str, bool]:
+  """The LTE hint prompt of one all-fail group, made to fit the prompt bucket.
+
+  Answers are quoted as extracted (cut to `max_chars` only when that is > 0). When the
+  hinted prompt does not fit (`fits(chat text) -> bool`), answers are dropped from the end
+  until it does; with none left the hint falls back to its no-answer case (Concise or
+  plain). Returns (user text, hint kind, whether answers were dropped or cut).
+  """
+  cut = [a[:max_chars] if max_chars and a is not None and len(a) > max_chars else a
+         for a in answers]
+  shortened = cut != list(answers)
+  while True:
+    user = hints.hint_prompt(question, cut, truncated, sep=sep)
+    if fits(hints.chat_prompt(user)) or not any(a for a in cut):
+      return user, hints.hint_kind(cut, truncated), shortened
+    last = max(i for i, a in enumerate(cut) if a)
+    cut = cut[:last] + [None] + cut[last + 1:]
+    shortened = True
+
+
+def fitting_hints(config, runner, questions, first: HostEpisodes, rows, g: int):
+  """Hinted user texts of the none-pass prompts `rows`, and their lte/hint_* metrics."""
+  texts, kinds, shortened = [], collections.Counter(), 0
+  for p in rows:
+    user, kind, short = fitting_hint(
+        runner.fits, questions[p], first.answers[p * g:(p + 1) * g],
+        first.truncated[p * g:(p + 1) * g].tolist(), config.lte.hint_max_chars,
+        config.lte.hint_sep)
+    texts.append(user)
+    kinds[kind] += 1
+    shortened += short
+  if shortened:
+    logging.info("LTE: %d of %d hints dropped or cut answers to fit rollout.prompt_len=%d",
+               shortened, len(rows), runner.prompt_len)
+  metrics = {f"lte/hint_kind/{k}": float(kinds[k]) for k in hints.HINT_KINDS}
+  metrics["lte/hint_shortened"] = float(shortened)
+  return texts, metrics
+
+
+def first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
+  return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
+
+
+def logprobs(run, params, tokens, valid) -> np.ndarray:
+  """The learner's log-probs of this host's rows (a program over all hosts' rows)."""
+  batch = parallel.put_batch((tokens, valid), run.mesh)
+  return parallel.host_local(run.timeline.call(run.learner.logprobs, params, *batch))
+
+
+def hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
+  """log-probs of hinted responses after their hinted prompts (LTE's old_logp_hinted).
+
+  Rows are padded to a multiple of the runner's batch, so the program compiles for a few
+  shapes, not once per count of none-pass groups.
+  """
+  pl, rl, tok = run.runner.prompt_len, run.runner.spec.token_budget, run.tokenizer
+  n, per = len(hinted_texts), run.runner.local_batch
+  pad = -n % per
+  texts, responses = hinted_texts + hinted_texts[:1] * pad, responses + responses[:1] * pad
+  tokens, valid, _ = grpo.pack_sequences([tok.encode(t) for t in texts], responses, pl, rl,
+                                         tok.pad_id)
+  return logprobs(run, params, tokens, valid)[:n]
+
+
+def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards, none_pass,
+                  rng):
+  """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
+  g, pl, rl = config.grpo.group_size, run.runner.prompt_len, config.rollout.token_budget
+  tok = run.tokenizer
+  prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
+  tokens, valid, action = grpo.pack_sequences(prompt_ids, first.responses, pl, rl, tok.pad_id)
+  original = {"tokens": tokens, "valid": valid, "action_mask": action}
+  hinted: dict[str, Any] = {}
+  metrics = {"lte/num_none_pass": float(none_pass.sum())}
+  if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
+    metrics.update({"lte/num_rescued": 0.0, "lte/num_cap_bound": 0.0, "lte/num_replaced": 0.0,
+                    "lte/rescue_rate": 0.0})
+  if extra is not None:
+    hint_rewards = extra.correct.reshape(-1, g).astype(np.float32)
+    cap = config.grpo.cap if config.grpo.cap >= 0 else None
+    plan = refine.refine_groups(rewards, hint_rewards, none_pass, rng, cap=cap)
+    metrics.update(plan.metrics())
+    metrics["lte/rescue_rate"] = plan.num_rescued / max(plan.num_none_pass, 1)
+    rows = np.flatnonzero(none_pass)
+    un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
+    h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
+    hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
+    if logp_hinted is not None:
+      hinted["logp_hinted"] = logp_hinted
+    out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
+                            as_hinted=config.method == "lte")
+    rewards = plan.rewards
+  else:
+    out = dict(original, hinted=np.zeros(len(tokens), bool))
+  out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
+  out["old_logp"] = logprobs(run, policy, out["tokens"], out["valid"])
+  out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
+  return {k: jnp.asarray(v) for k, v in out.items()}, metrics

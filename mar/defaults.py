@@ -39,6 +39,14 @@ def base_config() -> ConfigDict:
       # to EOS or the budget, the EOS kept as a trained action (verl / LTE).
       stop_at_box=True,
       hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
+      # continuous: one program runs all of a step's prompts as a queue over batch_size rows,
+      # a freed row takes the next prompt and multi-attempt rows take their turns alone
+      # (mar/rollout/continuous.py); static: chunks of batch_size, each turn waits for its
+      # longest row (mar/rollout/multi_attempt.py).
+      engine="continuous",
+      refill_rows=0,  # rows one in-program refill prefills; 0 = batch_size // 16 (>= 1)
+      refill_wait=16,  # decode steps a freed row may wait for others before a refill
+      verify_every=8,  # decode steps between the continuous engine's verification checks
   ))
 
   c.ppo = ConfigDict(dict(gamma=1.0, lam=0.99, clip=0.2, value_clip=0.2, kl_coef=0.01,

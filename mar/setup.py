@@ -60,11 +60,18 @@ class Run:
           token_budget=config.rollout.token_budget, sampling=sp,
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
-          mesh=self.mesh, stop_at_box=e.stop_at_box)
+          mesh=self.mesh, stop_at_box=e.stop_at_box, **engine_args(config))
     return self._eval_runners[kind]
 
   def close(self):
     self.verifier.close()
+
+
+def engine_args(config) -> dict:
+  """The rollout engine keys of the config, as RolloutRunner arguments."""
+  r = config.rollout
+  return dict(engine=r.engine, refill_rows=r.refill_rows, refill_wait=r.refill_wait,
+              verify_every=r.verify_every)
 
 
 def prompt_function(config) -> Callable[[str, int], str]:
@@ -164,7 +171,7 @@ def build_run(config, workdir: str) -> Run:
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline, stop_at_box=r.stop_at_box)
+      timeline=timeline, stop_at_box=r.stop_at_box, **engine_args(config))
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,

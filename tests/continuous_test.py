@@ -236,5 +236,82 @@ class MultiAttemptTest(absltest.TestCase):
     self.assertGreater(verifier.stalled, 0.0)
 
 
+def script_chooser(script, lengths):
+  """choose_fn emitting script[q, t, :lengths[q, t]] as attempt t of episode q (log-prob -0.25)."""
+  sc, ln = jnp.asarray(script), jnp.asarray(lengths)
+
+  def choose(logits, keys, ctl):
+    del logits, keys
+    q = jnp.minimum(ctl.seq, sc.shape[0] - 1)
+    t = jnp.minimum(ctl.attempt, sc.shape[1] - 1)
+    tok = sc[q, t, jnp.minimum(ctl.num_new, sc.shape[2] - 1)]
+    return tok, jnp.full(tok.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
+
+  return choose
+
+
+class RunnerTest(absltest.TestCase):
+  """RolloutRunner(engine="continuous"): any number of prompts in one queue, both stop rules."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _runner(self, texts, max_attempts, stop_at_box):
+    from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+    enc = [[self.tok.encode(t) for t in row] for row in texts]
+    width = max(len(x) for row in enc for x in row)
+    script = np.zeros((len(enc), max_attempts, width), np.int32)
+    lengths = np.ones((len(enc), max_attempts), np.int32)
+    for q, row in enumerate(enc):
+      for t, ids in enumerate(row):
+        script[q, t, :len(ids)], lengths[q, t] = ids, len(ids)
+    return RolloutRunner(
+        self.cfg, self.tok, rollout_test._ListVerifier(), batch_size=2, prompt_len=64,
+        max_attempts=max_attempts, token_budget=40,
+        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
+        engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
+        choose_fn=script_chooser(script, lengths))
+
+  def test_single_turn_queue_and_stop_rules(self):
+    n = 5
+    texts = [[f"\\boxed{{{q}}} no, \\boxed{{{q + 1}}}<|im_end|>"] for q in range(n)]
+    golds = [str(q + 1) if q % 2 == 0 else str(q) for q in range(n)]
+    prompt = [hints.chat_prompt(hints.plain_prompt(f"{q}+1")) for q in range(n)]
+    for stop_at_box in (False, True):
+      runner = self._runner(texts, 1, stop_at_box)
+      out = runner.run_host(self.params, prompt, golds, jax.random.PRNGKey(0))
+      self.assertLen(out.responses, n)
+      for q in range(n):
+        want = texts[q][0] if not stop_at_box else f"\\boxed{{{q}}}"
+        self.assertEqual(out.responses[q], self.tok.encode(want))
+        self.assertEqual(bool(out.correct[q]), (q % 2 == 0) != stop_at_box)
+      self.assertFalse(out.truncated.any())
+      stats = runner.take_stats()
+      self.assertEqual(stats["rollout/prefill_rows"], n)
+      self.assertGreater(stats["rollout/slot_utilization"], 0.3)
+      self.assertEqual(runner.take_stats(), {})
+
+  def test_multi_attempt_queue(self):
+    n = 5
+    texts = [[f"\\boxed{{{q}}}<|im_end|>", f"\\boxed{{{q + 10}}}"] for q in range(n)]
+    golds = [str(q) if q < 2 else str(q + 10) for q in range(n)]
+    runner = self._runner(texts, 2, True)
+    prompt = [prompts.multi_attempt_prompt(f"{q}+q", 2) for q in range(n)]
+    ep = jax.device_get(runner.run(self.params, prompt, golds, [2, 2, 2, 1, 2],
+                                   jax.random.PRNGKey(0)))
+    self.assertLen(ep.reward, n)
+    np.testing.assert_array_equal(ep.attempts_used, [1, 1, 2, 1, 2])
+    np.testing.assert_allclose(ep.reward, [1.0, 1.0, 1.0, -0.5, 1.0])
+    self.assertEqual(dialogue_text(self.tok, ep, 2),
+                     prompt[2] + "\\boxed{2}" + prompts.feedback_text(1) + "\\boxed{12}")
+    self.assertEqual(runner.take_stats()["rollout/prefill_rows"], n)
+
+
 if __name__ == "__main__":
   absltest.main()

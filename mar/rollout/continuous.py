@@ -15,7 +15,8 @@ or step it ran in: the same queue gives the same episodes with any B.
 
 Masks and rewards follow METHODS.md §1 as in `multi_attempt.rollout`: a stop token the model
 samples counts against the budget but is never written (the feedback brings its own
-`<|im_end|>`, and the final attempt ends without one); `action_mask` marks sampled tokens,
+`<|im_end|>`, and the final attempt ends without one) unless `keep_stop_token` (single-turn
+run-to-EOS: the EOS is a trained action); `action_mask` marks sampled tokens,
 `feedback_mask` the fed feedback turns.
 """
 
@@ -52,7 +53,7 @@ class EngineSpec:
         max_attempts=r.max_attempts, token_budget=r.token_budget,
         refill_rows=min(self.refill_rows or max(1, self.rows // 16), self.rows),
         refill_wait=self.refill_wait, verify_every=self.verify_every,
-        check_every=r.check_every, deferred=deferred)
+        check_every=r.check_every, deferred=deferred, keep_stop_token=r.keep_stop_token)
 
 
 class Outputs(NamedTuple):
@@ -162,7 +163,8 @@ class ModelPolicy(schedule.Policy):
     tok = jnp.where(feeding, fed, tok).astype(jnp.int32)
     lp = jnp.where(sampling_, lp, 0.0)
     stop_hit = sampling_ & sampling.sampler._is_stop(tok, r.stop_ids)  # pylint: disable=protected-access
-    write = (sampling_ | feeding) & ~stop_hit
+    # A sampled stop token is dropped (the feedback brings its own) unless the spec keeps it.
+    write = (sampling_ | feeding) & (~stop_hit | r.keep_stop_token)
 
     h, cache = qwen.forward_cached(self.config, self.params, tok[:, None], p.rope_pos[:, None],
                                    write[:, None], p.cache, p.pos)
@@ -188,7 +190,7 @@ class ModelPolicy(schedule.Policy):
       pred_stop |= sampling_ & fired & at_check & ~stop_hit
     ended = stop_hit | pred_stop | out_of_room
     return p._replace(cache=cache, pos=pos, rope_pos=p.rope_pos + inc, logits=logits,
-                      pred=pred, attempt_start=attempt_start, out=out), ended
+                      pred=pred, attempt_start=attempt_start, out=out), ended, stop_hit
 
   # -- verification and feedback ---------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
+from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar import sampling as sampling_lib
@@ -54,7 +55,8 @@ class RolloutRunner:
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
                decode_fn=None, defer_verify: bool | None = None, timeline=None,
-               stop_at_box: bool = True):
+               stop_at_box: bool = True, engine: str = "static", refill_rows: int = 0,
+               refill_wait: int = 16, verify_every: int = 8, choose_fn=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -96,6 +98,19 @@ class RolloutRunner:
     decode = decode_fn or sampling_lib.decode  # tests pass a scripted policy here
     self._rollout = jax.jit(lambda params, *args: ma.rollout(
         model_config, params, spec, pred, vfn, *args, decode_fn=decode))
+    if engine not in ("static", "continuous"):
+      raise ValueError(f"rollout engine: expected 'static' or 'continuous', found {engine!r}")
+    self.continuous = engine == "continuous"
+    # The continuous engine runs any number of prompts as one queue (padded to a multiple of
+    # the rows, so it compiles for a few queue lengths); one program over the global rows
+    # when deferred on several hosts, else over this host's rows.
+    self.engine_spec = continuous.EngineSpec(
+        spec, rows=self.local_batch if (self.per_host or self.processes == 1) else batch_size,
+        refill_rows=refill_rows, refill_wait=refill_wait, verify_every=verify_every)
+    espec = self.engine_spec
+    self._continuous = jax.jit(lambda params, *args: continuous.rollout(
+        model_config, params, espec, pred, vfn, *args, choose_fn=choose_fn))
+    self._stats: list = []  # the engine's counters of each program since take_stats
 
   def fits(self, prompt: str) -> bool:
     """Whether a prompt text fits the prompt bucket."""
@@ -147,6 +162,8 @@ class RolloutRunner:
     and come back as one batch of exactly len(prompts) rows.
     Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
     """
+    if self.continuous:
+      return self._run_queue(params, prompts, answers, n_attempts, key)
     if len(prompts) > self.local_batch:
       step = self.local_batch
       return ma.concat_episodes([
@@ -206,6 +223,8 @@ class RolloutRunner:
     verification overlap the device's sampling.
     """
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
+    if self.continuous:
+      return self._run_queue(params, prompts, answers, n_attempts, key, host=True)
     step = self.local_batch
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
@@ -230,6 +249,66 @@ class RolloutRunner:
         reward=np.concatenate([p.reward for p in parts]),
     )
 
+  # ----- the continuous engine ---------------------------------------------------------------
+
+  def _run_queue(self, params, prompts, answers, n_attempts, key, host: bool = False):
+    """All of this host's prompts as one queue of the continuous engine.
+
+    Returns Episodes of exactly len(prompts) rows (deferred: numpy, verdicts filled in), or
+    with `host` their HostEpisodes.
+    """
+    n, rows = len(prompts), self.local_batch
+    q = rows * max(1, -(-n // rows))
+    parts = [self.encode_prompts(prompts[lo:lo + rows]) for lo in range(0, q, rows)]
+    tokens = np.concatenate([t for t, _ in parts])
+    mask = np.concatenate([m for _, m in parts])
+    attempts = np.zeros(q, np.int32)
+    attempts[:n] = n_attempts
+    batch = (tokens, mask, attempts)
+    if not self.deferred:
+      self.verify_fn.set_answers(list(answers) + [""] * (q - n))
+    if self.per_host:
+      params = self._host_params(params)
+    elif self.processes > 1:  # this host's queue -> the global queue
+      batch = parallel.put_batch(batch, self.mesh)
+      key = np.asarray(key)
+    t0 = time.perf_counter()
+    episodes, stats = self._continuous(params, *batch, *self.feedback, key)
+    if self.timeline is not None:
+      self.timeline.track(episodes, t0)
+    self._stats.append(stats)
+    if not self.deferred:
+      episodes = ma.first_rows(episodes, n)
+      return self.to_host(episodes, n) if host else episodes
+    local = self._local_queue(episodes, q * self.processes)
+    if host:
+      return self._finish(local, answers, local_already=True)
+    return ma.first_rows(self._with_host_verdicts(local, answers), n)
+
+  def _local_queue(self, episodes: ma.Episodes, total: int) -> ma.Episodes:
+    """This host's episodes of a (global) queue of `total`, in numpy."""
+    if self.processes == 1:
+      return jax.device_get(episodes)
+    full = multihost_utils.process_allgather(episodes, tiled=True)
+    rows = parallel.local_rows(total)
+    return ma.Episodes(**{
+        f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
+        for f, v in full._asdict().items()})
+
+  def take_stats(self) -> dict:
+    """rollout/* metrics of the continuous programs run since the last call ({} if none)."""
+    stats, self._stats = jax.device_get(self._stats), []
+    if not stats:
+      return {}
+    total = {k: sum(int(s[k]) for s in stats) for k in stats[0]}
+    rows = self.engine_spec.rows
+    return {
+        "rollout/decode_steps": float(total["decode_steps"]),
+        "rollout/prefill_rows": float(total["prefill_rows"]),
+        "rollout/slot_utilization": total["sampled"] / max(rows * total["decode_steps"], 1),
+        "rollout/verify_checks": float(total["checks"]),
+    }
+
   def _host_params(self, params):
     """The policy gathered onto this host's devices (sharded over them as the rules say).
 
@@ -246,9 +325,11 @@ class RolloutRunner:
     self._host_params_cache = (params, local)
     return local
 
-  def _finish(self, episodes: ma.Episodes, answers: Sequence[str]) -> HostEpisodes:
+  def _finish(self, episodes: ma.Episodes, answers: Sequence[str],
+              local_already: bool = False) -> HostEpisodes:
     """Host view of a deferred chunk: this host's rows, verified here."""
-    n, local = len(answers), self._local_rows(episodes)
+    n = len(answers)
+    local = episodes if local_already else self._local_rows(episodes)
     host = self.to_host(local, n)
     done = self._with_host_verdicts(local, answers, host.texts)  # texts decoded once
     return dataclasses.replace(host, correct=done.correct_turn[0, :n],

@@ -49,6 +49,9 @@ class ScheduleSpec:
   verify_every: int = 8  # decode steps between verification checks (k)
   check_every: int = 1  # stop-predicate check interval, in tokens of an attempt
   deferred: bool = False  # no in-program verification (single-turn, verdicts on the host)
+  # Single turn, run to EOS: a response whose last budgeted token is its stop token is
+  # complete, not truncated (`multi_attempt.RolloutSpec.keep_stop_token`).
+  keep_stop_token: bool = False
 
   def __post_init__(self):
     for name in ("max_attempts", "token_budget", "refill_rows", "refill_wait", "verify_every",
@@ -93,8 +96,9 @@ class Policy:
   """The model half of the engine (an interface; methods are traced inside the loop).
 
   fill(p, ctl, rows [R], seqs [R]) -> p: start episodes seqs in rows (rows == B: none).
-  step(p, ctl) -> (p, ended [B]): one decode step of the live rows; `ended` marks SAMPLE rows
-    whose attempt ended with this step (stop token, predicate, or budget / room).
+  step(p, ctl) -> (p, ended [B], stopped [B]): one decode step of the live rows; `ended` marks
+    SAMPLE rows whose attempt ended with this step (stop token, predicate, or budget / room),
+    `stopped` those that ended on a stop token.
   verify(p, ctl, waiting [B]) -> (correct [B], boxed [B]) for the WAIT rows' attempts.
   feedback(p, ctl, go_on [B]) -> (tokens [B, Lf], lengths [B]) of the feedback turns.
   """
@@ -143,8 +147,12 @@ def _bump(stats: dict, **inc) -> dict:
   return {k: v + inc[k].astype(jnp.int32) if k in inc else v for k, v in stats.items()}
 
 
-def _verdicts(spec: ScheduleSpec, policy, p, ctl: Control, waiting, correct, boxed):
-  """Records the verdicts of the `waiting` rows; feedback turn or retirement for each."""
+def _verdicts(spec: ScheduleSpec, policy, p, ctl: Control, waiting, correct, boxed,
+              complete=None):
+  """Records the verdicts of the `waiting` rows; feedback turn or retirement for each.
+
+  `complete` [B]: rows never marked truncated (a single-turn response ended by its EOS).
+  """
   q = ctl.truncated.shape[0]
   seq_w = jnp.where(waiting, ctl.seq, q)  # q: dropped
   turn = jnp.minimum(ctl.attempt, spec.max_attempts - 1)
@@ -155,6 +163,8 @@ def _verdicts(spec: ScheduleSpec, policy, p, ctl: Control, waiting, correct, box
   attempts_left = ctl.attempts_left - waiting.astype(jnp.int32)
   go_on = waiting & ~correct & (attempts_left > 0) & (ctl.budget_left > 0)
   trunc_now = waiting & ~correct & (ctl.budget_left <= 0)
+  if complete is not None:
+    trunc_now &= ~complete
   truncated = ctl.truncated.at[jnp.where(trunc_now, ctl.seq, q)].set(True, mode="drop")
   ctl = ctl._replace(attempts_left=attempts_left, attempted=attempted, correct=correct_t,
                      boxed=boxed_t, truncated=truncated)
@@ -219,7 +229,7 @@ def _decode(spec, policy, carry):
   p, ctl = carry
   sampling = ctl.mode == SAMPLE
   feeding = ctl.mode == FEED
-  p, ended = policy.step(p, ctl)
+  p, ended, stopped = policy.step(p, ctl)
   ended = ended & sampling
   num_new = ctl.num_new + sampling.astype(jnp.int32)
   budget_left = ctl.budget_left - sampling.astype(jnp.int32)
@@ -234,7 +244,8 @@ def _decode(spec, policy, carry):
                   verify_waits=(ctl.mode == WAIT).sum()))
   if spec.deferred:  # single turn: the attempt's verdict comes later, the row retires now
     zero = jnp.zeros_like(ended)
-    ctl = _verdicts(spec, policy, p, ctl, ended, zero, zero)
+    ctl = _verdicts(spec, policy, p, ctl, ended, zero, zero,
+                    complete=stopped if spec.keep_stop_token else None)
   return p, ctl
 
 
@@ -290,7 +301,7 @@ class ScriptedLengths(Policy):
   def step(self, p, ctl):
     n = ctl.num_new + 1
     ended = (n >= self._at(self.lengths, ctl)) | (ctl.budget_left - 1 <= 0)
-    return p, ended
+    return p, ended, jnp.zeros_like(ended)
 
   def verify(self, p, ctl, waiting):
     return self._at(self.verdicts, ctl) & waiting, waiting

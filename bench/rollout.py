@@ -262,17 +262,36 @@ def timed(rows: int, n: int, scale: float, seed: int = 0, feedback_len: int = 8)
   return out
 
 
+def verify_every_sweep(rows: int = ROWS, seed: int = 0, ks=(1, 2, 4, 8, 16, 32)) -> dict:
+  """Multi-attempt: decode steps and verification callbacks against the check interval k."""
+  w = multi_attempt_workload(seed)
+  out = {}
+  for k in ks:
+    spec = schedule.ScheduleSpec(max_attempts=w["max_attempts"], token_budget=w["budget"],
+                                 refill_rows=max(1, rows // 16), verify_every=k)
+    c = schedule.scripted_counts(spec, rows, w["lengths"], w["verdicts"], w["n_attempts"],
+                                 feedback_len=FEEDBACK_LEN)
+    out[str(k)] = {"decode_steps": c["decode_steps"], "checks": c["checks"],
+                   "waiting_row_steps": c["verify_waits"]}
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--scripted", action="store_true", help="counts only (no model, no timing)")
   parser.add_argument("--rows", type=int, default=ROWS)
+  parser.add_argument("--k_sweep", action="store_true",
+                      help="with --scripted: multi-attempt counts against verify_every")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--sequences", type=int, default=64, help="timed run: queue length")
   parser.add_argument("--timed_rows", type=int, default=16, help="timed run: rows B")
   parser.add_argument("--scale", type=float, default=30.0, help="timed run: lengths / scale")
   args = parser.parse_args(argv)
   if args.scripted:
-    print(json.dumps(scripted(args.rows, args.seed)))
+    out = scripted(args.rows, args.seed)
+    if args.k_sweep:
+      out["multi_attempt"]["verify_every_sweep"] = verify_every_sweep(args.rows, args.seed)
+    print(json.dumps(out))
     return
   print(json.dumps(timed(args.timed_rows, args.sequences, args.scale, args.seed)))
 

@@ -7,6 +7,12 @@ callback for every row that ended an attempt since the last one) and, if wrong w
 and budget left, its feedback turn is fed through the decode step and it goes on alone. The
 schedule is `mar.rollout.schedule`; this module is its model half (`ModelPolicy`).
 
+Why two ways in: a prompt (P ~ 100-1,000 tokens) enters by a batched prefill of the rows that
+freed up (R x P tokens in one forward; fed one token per decode step it would hold its row for P
+steps), while a feedback turn (~25 tokens) is fed through the decode step one token per step:
+about 5 % of a 400-token attempt, no extra forward over the rows' live caches, and no branch.
+(Chosen on these counts; not timed against the alternatives on an accelerator.)
+
 Outputs are indexed by episode, not by row: `Episodes` [Q, S] in the dialogue slot layout of
 `multi_attempt.rollout` (slot s of episode q holds its s-th token, prompt left-padded in slots
 0..P-1), written token by token at (episode, slot). Each token's PRNG key comes from (episode,

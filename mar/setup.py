@@ -63,11 +63,18 @@ class Run:
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
           mesh=self.mesh, stop_at_box=e.stop_at_box, sampling_mesh=self.runner.sampling_mesh,
-          sampling_dtype=self.runner.sampling_dtype)
+          sampling_dtype=self.runner.sampling_dtype, **engine_args(config))
     return self._eval_runners[kind]
 
   def close(self):
     self.verifier.close()
+
+
+def engine_args(config) -> dict:
+  """The rollout engine keys of the config, as RolloutRunner arguments."""
+  r = config.rollout
+  return dict(engine=r.engine, refill_rows=r.refill_rows, refill_wait=r.refill_wait,
+              verify_every=r.verify_every)
 
 
 def prompt_function(config) -> Callable[[str, int], str]:
@@ -169,7 +176,7 @@ def build_run(config, workdir: str) -> Run:
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
       timeline=timeline, stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
-      sampling_dtype=parallel.sampling_dtype(cfg))
+      sampling_dtype=parallel.sampling_dtype(cfg), **engine_args(config))
   train_data, skipped = drop_long_prompts(config, runner, train_data)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))

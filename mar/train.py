@@ -168,7 +168,8 @@ def _host_share(run, started: float) -> dict:
   verify_s, stalled = run.runner.verify_fn.take_seconds()
   busy = run.timeline.busy_seconds(since=started)
   run.timeline.forget_before(time.perf_counter())
-  return {"time/verify": verify_s,
+  return {"time/verify": verify_s, "rollout/verify_stall_s": stalled,
+          **run.runner.take_stats(),
           **overlap.host_critical(time.perf_counter() - started, busy, stalled)}
 
 

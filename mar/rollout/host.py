@@ -33,6 +33,7 @@ class AttemptVerifier:
     self.stalled = 0.0  # the part of it spent inside callbacks, with the device blocked
     self.last_texts: list[str] = []
     self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
+    self.episode_wrong: dict[int, list[str]] = {}  # the same per episode (continuous engine)
 
   def set_answers(self, answers: Sequence[str]) -> None:
     self.answers = list(answers)
@@ -82,15 +83,51 @@ class AttemptVerifier:
       self.wrong_answers[b].append(verify.extract_boxed(texts[b]))
     return correct, boxed
 
+  def verify_rows(self, seq_ids, tokens, start, end, live, turns):
+    """The continuous engine's check: rows of any turn, wrong answers kept per episode.
+
+    seq_ids [B] index `answers`; turns [B] is each row's 0-based attempt.
+    """
+    t0 = time.perf_counter()
+    try:
+      self.calls += 1
+      texts = self.attempt_texts(tokens, start, end, live)
+      self.last_texts = texts
+      golds = [self.answers[int(i)] if live[b] else "" for b, i in enumerate(seq_ids)]
+      correct, boxed = self.verdicts(texts, golds, live)
+      for b in np.flatnonzero(live):
+        wrong = self.episode_wrong.setdefault(int(seq_ids[b]), [])
+        if int(turns[b]) == 0:
+          wrong.clear()
+        if boxed[b] and not correct[b]:
+          wrong.append(verify.extract_boxed(texts[b]))
+      return correct, boxed
+    finally:
+      self.stalled += time.perf_counter() - t0
+
   def hint_feedback(self, attempts_left, go_on, width: int):
     """Hybrid feedback turns (multi-attempt feedback + LTE hint) as [B, width] ids + lengths.
 
     Drops the oldest answers until the text fits `width` tokens.
     """
+    return self._hint_turns([self.wrong_answers[b] if go_on[b] else [] for b in range(len(go_on))],
+                            attempts_left, go_on, width)
+
+  def hint_feedback_rows(self, seq_ids, attempts_left, go_on, width: int):
+    """`hint_feedback` for the continuous engine: wrong answers looked up by episode."""
+    t0 = time.perf_counter()
+    try:
+      answers = [self.episode_wrong.get(int(seq_ids[b]), []) if go_on[b] else []
+                 for b in range(len(go_on))]
+      return self._hint_turns(answers, attempts_left, go_on, width)
+    finally:
+      self.stalled += time.perf_counter() - t0
+
+  def _hint_turns(self, wrong_answers, attempts_left, go_on, width: int):
     tokens = np.full((len(go_on), width), self.tokenizer.pad_id, np.int32)
     lengths = np.zeros(len(go_on), np.int32)
     for b in np.flatnonzero(go_on):
-      answers = list(self.wrong_answers[b])
+      answers = list(wrong_answers[b])
       while True:
         ids = self.tokenizer.encode(hints.hint_feedback_text(int(attempts_left[b]), answers))
         if len(ids) <= width or not answers:

@@ -23,6 +23,7 @@ from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
+from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar import sampling as sampling_lib
@@ -81,7 +82,9 @@ class RolloutRunner:
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
                decode_fn=None, defer_verify: bool | None = None, timeline=None,
-               stop_at_box: bool = True, sampling_mesh=None, sampling_dtype=None):
+               stop_at_box: bool = True, sampling_mesh=None, sampling_dtype=None,
+               engine: str = "static", refill_rows: int = 0, refill_wait: int = 16,
+               verify_every: int = 8, choose_fn=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -128,6 +131,18 @@ class RolloutRunner:
     self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
     # Prompt tokens computed by prefill vs real ones, since the runner was built.
     self.prefill_tokens = {"computed": 0, "real": 0}
+    if engine not in ("static", "continuous"):
+      raise ValueError(f"rollout engine: expected 'static' or 'continuous', found {engine!r}")
+    self.continuous = engine == "continuous"
+    # The continuous engine runs any number of prompts as one queue (padded to a multiple of
+    # the rows, so it compiles for a few queue lengths and one program per prompt bucket);
+    # one program over the global rows when deferred on several hosts, else this host's rows.
+    self._engine_rows = self.local_batch if (self.per_host or self.processes == 1) else batch_size
+    self._engine_args = dict(refill_rows=refill_rows, refill_wait=refill_wait,
+                             verify_every=verify_every)
+    self._choose_fn = choose_fn
+    self._continuous: dict[int, object] = {}  # prompt bucket -> its jitted engine
+    self._stats: list = []  # the engine's counters of each program since take_stats
 
   def spec_for(self, bucket: int) -> ma.RolloutSpec:
     """The rollout spec of one prompt bucket: its cache holds that bucket, not the largest."""
@@ -149,13 +164,13 @@ class RolloutRunner:
     """Whether a prompt text fits the largest prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
-  def encode_prompts(self, prompts: Sequence[str]):
-    """Left-pads this host's tokenized prompts into [B / hosts, P] (+ mask).
+  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None):
+    """Left-pads this host's tokenized prompts into [rows, P] (+ mask); rows = B / hosts.
 
     P is the smallest bucket that holds the longest prompt (on several hosts running one
     program, the longest of all hosts'). Raises if a prompt is longer than prompt_len.
     """
-    b = self.local_batch
+    b = self.local_batch if rows is None else rows
     if len(prompts) > b:
       raise ValueError(f"{len(prompts)} prompts for a rollout batch of {b}")
     ids = [self.tok.encode(text) for text in prompts]
@@ -206,6 +221,8 @@ class RolloutRunner:
     and come back as one batch of exactly len(prompts) rows.
     Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
     """
+    if self.continuous:
+      return self._run_queue(params, prompts, answers, n_attempts, key)
     if len(prompts) > self.local_batch:
       step = self.local_batch
       return ma.concat_episodes([
@@ -268,6 +285,8 @@ class RolloutRunner:
     verification overlap the device's sampling.
     """
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
+    if self.continuous:
+      return self._run_queue(params, prompts, answers, n_attempts, key, host=True)
     step = self.local_batch
     if len(prompts) > step and not _sorted:  # chunks of similar lengths, so each gets a small prompt bucket
       order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
@@ -323,6 +342,77 @@ class RolloutRunner:
       return sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
     return sharding_lib.make_mesh(1, -1, tensor, devices=devices)
 
+  # ----- the continuous engine ---------------------------------------------------------------
+
+  def _run_queue(self, params, prompts, answers, n_attempts, key, host: bool = False):
+    """All of this host's prompts as one queue of the continuous engine.
+
+    Returns Episodes of exactly len(prompts) rows (deferred: numpy, verdicts filled in), or
+    with `host` their HostEpisodes.
+    """
+    n, rows = len(prompts), self.local_batch
+    q = rows * max(1, -(-n // rows))
+    tokens, mask = self.encode_prompts(prompts, rows=q)  # one prompt bucket for the queue
+    attempts = np.zeros(q, np.int32)
+    attempts[:n] = n_attempts
+    batch = (tokens, mask, attempts)
+    if not self.deferred:
+      self.verify_fn.set_answers(list(answers) + [""] * (q - n))
+    if self.per_host:
+      params = self._host_params(params)
+    else:
+      params = self._sampling_params(params)
+      if self.processes > 1:  # this host's queue -> the global queue
+        batch = parallel.put_batch(batch, self.mesh)
+        key = np.asarray(key)
+    t0 = time.perf_counter()
+    episodes, stats = self._engine_for(tokens.shape[1])(params, *batch, *self.feedback, key)
+    if self.timeline is not None:
+      self.timeline.track(episodes, t0)
+    self._stats.append(stats)
+    if not self.deferred:
+      episodes = ma.first_rows(episodes, n)
+      return self.to_host(episodes, n) if host else episodes
+    local = self._local_queue(episodes, q * self.processes)
+    if host:
+      return self._finish(local, answers, local_already=True)
+    return ma.first_rows(self._with_host_verdicts(local, answers), n)
+
+  def _engine_for(self, bucket: int):
+    """The continuous engine's program for one prompt bucket (one compile each)."""
+    if bucket not in self._continuous:
+      espec = continuous.EngineSpec(self.spec_for(bucket), rows=self._engine_rows,
+                                    **self._engine_args)
+      pred, vfn, choose = self.stop_predicate, None if self.deferred else self.verify_fn, \
+          self._choose_fn
+      self._continuous[bucket] = jax.jit(lambda params, *args: continuous.rollout(
+          self.model_config, params, espec, pred, vfn, *args, choose_fn=choose))
+    return self._continuous[bucket]
+
+  def _local_queue(self, episodes: ma.Episodes, total: int) -> ma.Episodes:
+    """This host's episodes of a (global) queue of `total`, in numpy."""
+    if self.processes == 1:
+      return jax.device_get(episodes)
+    full = multihost_utils.process_allgather(episodes, tiled=True)
+    rows = parallel.local_rows(total)
+    return ma.Episodes(**{
+        f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
+        for f, v in full._asdict().items()})
+
+  def take_stats(self) -> dict:
+    """rollout/* metrics of the continuous programs run since the last call ({} if none)."""
+    stats, self._stats = jax.device_get(self._stats), []
+    if not stats:
+      return {}
+    total = {k: sum(int(s[k]) for s in stats) for k in stats[0]}
+    rows = self._engine_rows
+    return {
+        "rollout/decode_steps": float(total["decode_steps"]),
+        "rollout/prefill_rows": float(total["prefill_rows"]),
+        "rollout/slot_utilization": total["sampled"] / max(rows * total["decode_steps"], 1),
+        "rollout/verify_checks": float(total["checks"]),
+    }
+
   def _host_params(self, params):
     """The policy gathered onto this host's devices, in the sampling layout and dtype.
 
@@ -343,9 +433,11 @@ class RolloutRunner:
     self._host_params_cache = (params, local)
     return local
 
-  def _finish(self, episodes: ma.Episodes, answers: Sequence[str]) -> HostEpisodes:
+  def _finish(self, episodes: ma.Episodes, answers: Sequence[str],
+              local_already: bool = False) -> HostEpisodes:
     """Host view of a deferred chunk: this host's rows, verified here."""
-    n, local = len(answers), self._local_rows(episodes)
+    n = len(answers)
+    local = episodes if local_already else self._local_rows(episodes)
     host = self.to_host(local, n)
     done = self._with_host_verdicts(local, answers, host.texts)  # texts decoded once
     return dataclasses.replace(host, correct=done.correct_turn[0, :n],

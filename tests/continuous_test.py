@@ -1,0 +1,317 @@
+"""The continuous rollout engine: schedule-independent results, HF parity, multi-attempt semantics."""
+
+import functools
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mar import models, sampling
+from mar.data import prompts
+from mar.data.tiny_tokenizer import build_tiny_tokenizer
+from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.lte import hints
+from mar.rollout import continuous
+from mar.rollout import multi_attempt as ma
+from mar.rollout.host import AttemptVerifier
+from mar.rollout.render import dialogue_text
+import rollout_test
+import sampling_test as st
+from scripted import counting_predicate, scripted_decode
+
+PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
+
+
+def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop_ids=(),
+                refill_rows=2, refill_wait=3, key=0):
+  """Runs prompts (token lists) as one queue of single-turn episodes; numpy results."""
+  p = max(map(len, prompts_))
+  toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
+  spec = continuous.EngineSpec(
+      rollout=ma.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
+                             sampling=sampling.SamplingParams(temperature=temperature),
+                             stop_ids=tuple(stop_ids)),
+      rows=rows, refill_rows=refill_rows, refill_wait=refill_wait)
+  fb = np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)
+  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
+      config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k))
+  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
+
+
+def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3):
+  """Sampled multi-attempt episodes of a random model: many stop ids end attempts early."""
+  texts = [prompts.multi_attempt_prompt(f"{i}*{i}", 3) for i in range(n)]
+  ids = [tok.encode(t) for t in texts]
+  p = max(map(len, ids))
+  toks, mask = sampling.pad_prompts(ids, p, n, tok.pad_id)
+  fb_t, fb_l = feedback_table(tok, 3)
+  stop_ids = (tok.im_end_id, tok.eos_id) + tuple(range(40, tok.vocab_size, 23))
+  spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
+                        sampling.SamplingParams(temperature=1.0), stop_ids)
+  espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
+  verifier = AttemptVerifier(tok, rollout_test._ListVerifier(), ["1"] * n)
+  n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
+  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
+      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k))
+  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
+
+
+def responses(ep):
+  return [ep.tokens[q][ep.action_mask[q]].tolist() for q in range(len(ep.tokens))]
+
+
+class SingleTurnTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.hf, cls.config, cls.params = st.hf_tiny("qwen2")
+    cls.prompts = st.prompts_for(lens=PROMPT_LENS)
+
+  def test_greedy_equals_hf_with_refills(self):
+    ref = st.hf_greedy(self.hf, self.prompts, 20)
+    ep, stats = single_turn(self.config, self.params, self.prompts, rows=3, budget=20)
+    self.assertEqual(responses(ep), ref)
+    self.assertEqual(int(stats["prefill_rows"]), len(self.prompts))
+    self.assertGreater(int(stats["prefill_calls"]), 1)
+    np.testing.assert_array_equal(ep.attempts_used, 1)
+    np.testing.assert_array_equal(ep.truncated, True)  # all ran out of budget
+
+  @parameterized.parameters(0.0, 1.0)
+  def test_same_results_with_any_number_of_rows(self, temperature):
+    # Many stop ids: episodes end at different lengths, so rows free up at different steps.
+    stop_ids = tuple(range(1, 300, 9))
+    runs = [single_turn(self.config, self.params, self.prompts, rows=rows, budget=24,
+                        temperature=temperature, stop_ids=stop_ids, key=5)
+            for rows in (len(self.prompts), 3)]
+    (a, sa), (b, sb) = runs
+    self.assertEqual(int(sa["prefill_calls"]), 1)  # B = Q: no refills
+    self.assertGreater(int(sb["prefill_calls"]), 2)
+    lengths = a.action_mask.sum(1)
+    self.assertGreater(len(set(lengths.tolist())), 2)  # the schedule really differed
+    for name in ("tokens", "valid", "action_mask", "feedback_mask", "attempt_id", "truncated"):
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    self.assertTrue((a.logprobs[a.action_mask] < 0).all())
+    # No sampled stop token is kept, and tokens sit right after their prompt slots.
+    p = max(PROMPT_LENS)
+    for q in range(len(self.prompts)):
+      self.assertTrue(a.action_mask[q, p:p + lengths[q]].all())
+      self.assertFalse(set(a.tokens[q][a.action_mask[q]].tolist()) & set(stop_ids))
+    self.assertEqual(int(sb["sampled"]), int(sa["sampled"]))
+
+
+class MultiAttemptTest(absltest.TestCase):
+  """Scripted attempts: the continuous engine against `multi_attempt.rollout`."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _inputs(self, attempts_text, n_attempts, max_attempts):
+    tok = self.tok
+    b = len(attempts_text)
+    enc = [[tok.encode(a) for a in row] for row in attempts_text]
+    width = max(len(t) for row in enc for t in row)
+    script = np.full((b, max_attempts, width), tok.pad_id, np.int32)
+    lengths = np.zeros((b, max_attempts), np.int32)
+    for i, row in enumerate(enc):
+      for t, ids in enumerate(row):
+        script[i, t, :len(ids)] = ids
+        lengths[i, t] = len(ids)
+    texts = [prompts.multi_attempt_prompt(f"{i}+{i}", n) for i, n in enumerate(n_attempts)]
+    ids = [tok.encode(t) for t in texts]
+    p = max(map(len, ids))
+    ptoks = np.full((b, p), tok.pad_id, np.int32)
+    pmask = np.zeros((b, p), bool)
+    for i, x in enumerate(ids):
+      ptoks[i, p - len(x):], pmask[i, p - len(x):] = x, True
+    return script, lengths, texts, ptoks, pmask
+
+  def _both(self, attempts_text, n_attempts, golds, rows, budget=64, max_attempts=3,
+            hint_len=0, verify_every=2):
+    """(old episodes, [(new episodes, stats) per entry of `rows`], texts, new verifier)."""
+    tok = self.tok
+    script, lengths, texts, ptoks, pmask = self._inputs(attempts_text, n_attempts, max_attempts)
+    b, p = ptoks.shape
+    fb_t, fb_l = feedback_table(tok, max_attempts)
+    spec = ma.RolloutSpec(max_attempts, budget,
+                          ma.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
+                          sampling.SamplingParams(temperature=0.0),
+                          (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
+    args = (ptoks, pmask, jnp.asarray(n_attempts, jnp.int32))
+    old_v = AttemptVerifier(tok, rollout_test._ListVerifier(), golds)
+    decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
+    old = jax.jit(lambda: ma.rollout(
+        self.cfg, self.params, spec, counting_predicate(), old_v, *args,
+        jnp.arange(b, dtype=jnp.int32), fb_t, fb_l, jax.random.PRNGKey(0), decode_fn=decode))()
+
+    sc, ln = jnp.asarray(script), jnp.asarray(lengths)
+
+    def choose(logits, keys, ctl):
+      q = jnp.minimum(ctl.seq, b - 1)
+      t = jnp.minimum(ctl.attempt, max_attempts - 1)
+      i = jnp.minimum(ctl.num_new, sc.shape[2] - 1)
+      tok_ = sc[q, t, i]
+      return tok_, jnp.full(tok_.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
+
+    new_v = AttemptVerifier(tok, rollout_test._ListVerifier(), golds)
+    news = []
+    for r in rows:  # scanned layers: the engine compiles faster, computes the same
+      espec = continuous.EngineSpec(spec, rows=r, refill_rows=1, refill_wait=1,
+                                    verify_every=verify_every, unroll=False)
+      news.append(jax.device_get(jax.jit(lambda: continuous.rollout(  # pylint: disable=cell-var-from-loop
+          self.cfg, self.params, espec, None, new_v, *args, fb_t, fb_l, jax.random.key(0),
+          choose_fn=choose))()))
+    return jax.device_get(old), news, texts, new_v
+
+  def test_sampled_results_do_not_depend_on_rows(self):
+    (a, sa), (b, sb) = (multi_attempt_sampled(self.cfg, self.params, self.tok, rows=r)
+                        for r in (6, 2))
+    self.assertEqual(int(sa["prefill_calls"]), 1)
+    self.assertGreater(int(sb["prefill_calls"]), 2)
+    self.assertGreater(int(a.attempts_used.sum()), 8)  # feedback turns happened
+    self.assertTrue(a.feedback_mask.any())
+    for name in ("tokens", "valid", "action_mask", "feedback_mask", "attempt_id", "reward",
+                 "attempts_used", "attempted_turn", "truncated"):
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+
+  def _assert_same(self, old, new):
+    for q in range(len(old.reward)):
+      valid = old.valid[q]
+      np.testing.assert_array_equal(new.valid[q], valid)
+      np.testing.assert_array_equal(new.tokens[q][valid], old.tokens[q][valid])
+    for name in ("action_mask", "feedback_mask", "attempt_id", "logprobs", "reward",
+                 "last_action", "attempts_used", "correct_turn", "attempted_turn",
+                 "boxed_turn", "truncated"):
+      np.testing.assert_array_equal(getattr(new, name), getattr(old, name), name)
+
+  def test_matches_scan_over_turns(self):
+    end = "<|im_end|>"
+    scripts = [
+        ["\\boxed{5}" + end, "I am not sure" + end, "so \\boxed{7}"],
+        ["no box here" + end, "still none"],
+        ["\\boxed{3}"],
+        ["\\boxed{9}" + end, "unused"],
+        ["a much longer first attempt that ends \\boxed{2}", "then \\boxed{4}", "x"],
+    ]
+    n_attempts = [3, 2, 1, 2, 3]
+    golds = ["7", "1", "4", "9", "4"]
+    old, news, texts, _ = self._both(scripts, n_attempts, golds, rows=(5, 2))
+    for rows, (new, stats) in zip((5, 2), news):
+      self._assert_same(old, new)
+      self.assertEqual(dialogue_text(self.tok, new, 0),
+                       texts[0] + "\\boxed{5}" + prompts.feedback_text(2) + "I am not sure"
+                       + prompts.feedback_text(1) + "so \\boxed{7}")
+      np.testing.assert_allclose(new.reward, [1.0, -1.0, -0.5, 1.0, 1.0])
+      self.assertEqual(int(stats["prefill_rows"]), 5)
+      self.assertEqual(int(stats["prefill_calls"]) > 1, rows < 5)
+
+  def test_shared_budget_truncates(self):
+    scripts = [["aaaa bbbb cccc dddd eeee", "x"], ["\\boxed{1}", "y"]]
+    old, [(new, _)], _, _ = self._both(scripts, [2, 2], ["1", "1"], rows=(1,), budget=3)
+    self._assert_same(old, new)
+    self.assertTrue(new.truncated[0])
+
+  def test_hybrid_feedback_lists_wrong_answers(self):
+    end = "<|im_end|>"
+    scripts = [["\\boxed{5}" + end, "\\boxed{6}", "nothing", "\\boxed{7}"],
+               ["\\boxed{1}", "\\boxed{2}", "\\boxed{7}", "z"]]
+    old, [(new, _)], texts, verifier = self._both(scripts, [4, 4], ["7", "7"], rows=(1,),
+                                                  max_attempts=4, hint_len=96)
+    self._assert_same(old, new)
+    want = (texts[0] + "\\boxed{5}" + hints.hint_feedback_text(3, ["5"]) + "\\boxed{6}"
+            + hints.hint_feedback_text(2, ["5", "6"]) + "nothing"
+            + hints.hint_feedback_text(1, ["5", "6"]) + "\\boxed{7}")
+    self.assertEqual(dialogue_text(self.tok, new, 0), want)
+    self.assertGreater(verifier.stalled, 0.0)
+
+
+def script_chooser(script, lengths):
+  """choose_fn emitting script[q, t, :lengths[q, t]] as attempt t of episode q (log-prob -0.25)."""
+  sc, ln = jnp.asarray(script), jnp.asarray(lengths)
+
+  def choose(logits, keys, ctl):
+    del logits, keys
+    q = jnp.minimum(ctl.seq, sc.shape[0] - 1)
+    t = jnp.minimum(ctl.attempt, sc.shape[1] - 1)
+    tok = sc[q, t, jnp.minimum(ctl.num_new, sc.shape[2] - 1)]
+    return tok, jnp.full(tok.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
+
+  return choose
+
+
+class RunnerTest(absltest.TestCase):
+  """RolloutRunner(engine="continuous"): any number of prompts in one queue, both stop rules."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _runner(self, texts, max_attempts, stop_at_box):
+    from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+    enc = [[self.tok.encode(t) for t in row] for row in texts]
+    width = max(len(x) for row in enc for x in row)
+    script = np.zeros((len(enc), max_attempts, width), np.int32)
+    lengths = np.ones((len(enc), max_attempts), np.int32)
+    for q, row in enumerate(enc):
+      for t, ids in enumerate(row):
+        script[q, t, :len(ids)], lengths[q, t] = ids, len(ids)
+    return RolloutRunner(
+        self.cfg, self.tok, rollout_test._ListVerifier(), batch_size=2, prompt_len=64,
+        max_attempts=max_attempts, token_budget=40,
+        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
+        engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
+        choose_fn=script_chooser(script, lengths))
+
+  def test_single_turn_queue_and_stop_rules(self):
+    n = 5
+    texts = [[f"\\boxed{{{q}}} no, \\boxed{{{q + 1}}}<|im_end|>"] for q in range(n)]
+    golds = [str(q + 1) if q % 2 == 0 else str(q) for q in range(n)]
+    prompt = [hints.chat_prompt(hints.plain_prompt(f"{q}+1")) for q in range(n)]
+    for stop_at_box in (False, True):
+      runner = self._runner(texts, 1, stop_at_box)
+      out = runner.run_host(self.params, prompt, golds, jax.random.PRNGKey(0))
+      self.assertLen(out.responses, n)
+      for q in range(n):
+        want = texts[q][0] if not stop_at_box else f"\\boxed{{{q}}}"
+        self.assertEqual(out.responses[q], self.tok.encode(want))
+        self.assertEqual(bool(out.correct[q]), (q % 2 == 0) != stop_at_box)
+      self.assertFalse(out.truncated.any())
+      stats = runner.take_stats()
+      self.assertEqual(stats["rollout/prefill_rows"], n)
+      self.assertGreater(stats["rollout/slot_utilization"], 0.3)
+      self.assertEqual(runner.take_stats(), {})
+
+  def test_multi_attempt_queue(self):
+    n = 5
+    texts = [[f"\\boxed{{{q}}}<|im_end|>", f"\\boxed{{{q + 10}}}"] for q in range(n)]
+    golds = [str(q) if q < 2 else str(q + 10) for q in range(n)]
+    runner = self._runner(texts, 2, True)
+    prompt = [prompts.multi_attempt_prompt(f"{q}+q", 2) for q in range(n)]
+    ep = jax.device_get(runner.run(self.params, prompt, golds, [2, 2, 2, 1, 2],
+                                   jax.random.PRNGKey(0)))
+    self.assertLen(ep.reward, n)
+    np.testing.assert_array_equal(ep.attempts_used, [1, 1, 2, 1, 2])
+    np.testing.assert_allclose(ep.reward, [1.0, 1.0, 1.0, -0.5, 1.0])
+    self.assertEqual(dialogue_text(self.tok, ep, 2),
+                     prompt[2] + "\\boxed{2}" + prompts.feedback_text(1) + "\\boxed{12}")
+    self.assertEqual(runner.take_stats()["rollout/prefill_rows"], n)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -74,10 +74,10 @@ class TrainingSetTest(absltest.TestCase):
     self.assertLess(ratio, 3.0)  # a single 1,024 bucket computes ~10x
 
   def test_multi_attempt_steps(self):
-    # PPO steps run their batches as given (runner.run), so the buckets follow random batches.
-    ratio = self._check(multi_attempt_qwen.get_config(), 1, False)
+    # PPO steps are chunked by prompt length too (runner.run).
+    ratio = self._check(multi_attempt_qwen.get_config(), 1, True)
     print(f"multi-attempt prefill tokens computed / real: {ratio:.2f}")
-    self.assertLess(ratio, 9.0)  # a single 1,024 bucket computes ~8x
+    self.assertLess(ratio, 3.5)  # a single 1,024 bucket computes ~8x (issue 16 asks <= 2)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,22 @@ class StopRuleTest(absltest.TestCase):
     prompt = hints.chat_prompt(hints.plain_prompt("3+4"))
     return runner.run_host(self.params, [prompt], ["7"], jax.random.PRNGKey(0))
 
+  def test_more_prompts_than_rows_come_back_in_the_given_order(self):
+    # Chunks are formed by prompt length; the episodes must still line up with the prompts.
+    tok = self.tok
+    golds = ["7", "0", "7", "0", "7"]
+    for m in (1, 2):
+      runner = RolloutRunner(
+          self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=96, max_attempts=m,
+          token_budget=16, sampling=sampling.SamplingParams(temperature=0.0),
+          decode_fn=functools.partial(stop_rule_decode, tok.encode("\\boxed{7}")))
+      texts = [prompts.multi_attempt_prompt("1+" * k + "1", m) for k in (6, 1, 4, 2, 3)]
+      ep = jax.device_get(runner.run(self.params, texts, golds, [m] * 5, jax.random.PRNGKey(0)))
+      self.assertEqual(ep.correct_turn.any(0).tolist(), [g == "7" for g in golds])
+      for i, text in enumerate(texts):
+        prompt = ep.valid[i] & ~ep.action_mask[i] & ~ep.feedback_mask[i]
+        self.assertEqual(ep.tokens[i][prompt].tolist(), tok.encode(text))
+
   def test_grpo_response_continues_past_the_first_box_to_eos(self):
     text = "\\boxed{3} no, \\boxed{7}<|im_end|>"
     out = self._run(text, stop_at_box=False)

@@ -249,6 +249,12 @@ def first_rows(episodes: Episodes, n: int) -> Episodes:
                      for f, v in episodes._asdict().items()})
 
 
+def take_rows(episodes: Episodes, rows) -> Episodes:
+  """The episodes of `rows` (indices into the batch), in that order."""
+  return Episodes(**{f: jnp.take(v, rows, axis=1 if f in TURN_FIELDS else 0)
+                     for f, v in episodes._asdict().items()})
+
+
 def with_verdicts(episodes: Episodes, correct: np.ndarray, boxed: np.ndarray) -> Episodes:
   """A deferred single-turn rollout completed by host verdicts ([B] bool each)."""
   live = np.asarray(episodes.attempted_turn)[0]

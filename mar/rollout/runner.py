@@ -217,19 +217,23 @@ class RolloutRunner:
           n_attempts: Sequence[int], key) -> ma.Episodes:
     """Runs one batch; rows past len(prompts) are idle padding.
 
-    More prompts than rows run in runner-sized chunks (chunk c with key fold_in(key, c))
-    and come back as one batch of exactly len(prompts) rows.
+    More prompts than rows run in runner-sized chunks of similar prompt lengths (so each
+    chunk's prompt bucket follows its own longest prompt; chunk c with key fold_in(key, c))
+    and come back as one batch of exactly len(prompts) rows, in the given order.
     Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
     """
     if self.continuous:
       return self._run_queue(params, prompts, answers, n_attempts, key)
     if len(prompts) > self.local_batch:
       step = self.local_batch
-      return ma.concat_episodes([
-          ma.first_rows(self.run(params, prompts[lo:lo + step], answers[lo:lo + step],
-                                 n_attempts[lo:lo + step], jax.random.fold_in(key, c)),
+      order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
+      pick = lambda xs, lo: [xs[i] for i in order[lo:lo + step]]
+      chunks = ma.concat_episodes([
+          ma.first_rows(self.run(params, pick(prompts, lo), pick(answers, lo),
+                                 pick(n_attempts, lo), jax.random.fold_in(key, c)),
                         min(step, len(prompts) - lo))
           for c, lo in enumerate(range(0, len(prompts), step))])
+      return ma.take_rows(chunks, np.argsort(order))
     if self.deferred:
       episodes = self._local_rows(self.dispatch(params, prompts, n_attempts, key))
       return self._with_host_verdicts(episodes, answers)

@@ -29,7 +29,8 @@ class _ListVerifier:
     return [verify.extract_boxed(r) == g for r, g in zip(responses, golds)]
 
 
-class RolloutTest(absltest.TestCase):
+class _TinyModel(absltest.TestCase):
+  """A tiny tokenizer and a random tiny Qwen3, built once per test class."""
 
   @classmethod
   def setUpClass(cls):
@@ -39,6 +40,9 @@ class RolloutTest(absltest.TestCase):
     cls.tok = Tokenizer.from_dir(d)
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+
+class RolloutTest(_TinyModel):
 
   def _run(self, attempts_text, n_attempts, golds, budget=64, max_attempts=3, hint_len=0):
     tok = self.tok
@@ -135,17 +139,8 @@ class RolloutTest(absltest.TestCase):
     self.assertEqual(ep.reward[0], -1.0)
 
 
-class StopRuleTest(absltest.TestCase):
+class StopRuleTest(_TinyModel):
   """rollout.stop_at_box: multi-attempt's first-box rule vs LTE's run-to-EOS rule."""
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
-    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
-    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
   def _run(self, text, stop_at_box, budget=40):
     tok = self.tok

@@ -39,13 +39,18 @@ def tiny_config(method="ppo", **over):
   if method != "ppo":
     c.rollout.prompts_per_step = 2
     c.grpo.group_size = 4
-  for k, v in over.items():
-    node = c
-    *head, last = k.split(".")
+  return apply_overrides(c, over)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys ("rollout.batch_size") of a config, as --config.* flags do."""
+  for key, value in overrides.items():
+    node = config
+    *head, last = key.split(".")
     for h in head:
       node = node[h]
-    node[last] = v
-  return c
+    node[last] = value
+  return config
 
 
 def shared_model() -> str:

@@ -224,9 +224,15 @@ class DataSplitTest(absltest.TestCase):
           self.cfg, params, espec, None, verifier, t, mk, jnp.full((q,), m, jnp.int32),  # pylint: disable=cell-var-from-loop
           fb_t, fb_l, k, mesh=self.mesh))
       compiled = fn.lower(self.params, toks, mask, jax.random.key(0)).compile()
-      loop = cm.decode_loop_collectives(compiled.as_text(), self.cfg.num_layers)
+      hlo = compiled.as_text()
+      loop = cm.decode_loop_collectives(hlo, self.cfg.num_layers)
       self.assertTrue(loop["found"], m)
       self.assertEqual(loop["count"], 0, (m, loop["ops"]))
+      # In the whole program, only the stats' reductions (the pmax and the psums, fused).
+      ops = [i.opcode for instrs in cm.parse_hlo(hlo).values() for i in instrs
+             if i.opcode in cm.COLLECTIVES]
+      self.assertEqual(set(ops), {"all-reduce"}, m)
+      self.assertLessEqual(len(ops), 2, m)
       out, _ = compiled(self.params, toks, mask, jax.random.key(0))
       self.assertEqual(out.tokens.sharding.shard_shape(out.tokens.shape)[0], q // 8)
 

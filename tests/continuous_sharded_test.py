@@ -1,9 +1,13 @@
-"""The continuous engine on a ('data', 'fsdp', 'tensor') = (2, 2, 2) mesh of 8 CPU devices.
+"""The continuous engine on 8 CPU devices: sharded weights, and one engine per data shard.
 
-Same queue, same key: the sharded program with B = Q rows and with B < Q rows (refills) gives
-the episodes of the one-device program, single-turn (greedy and sampled) and multi-attempt.
-Runs in a child process that sets the device count before importing jax (see
-sampling_sharded_test.py).
+`ShardedContinuousTest`: on a ('data', 'fsdp', 'tensor') = (2, 2, 2) mesh (one engine over
+all rows), the program with B = Q rows and with B < Q rows (refills) gives the episodes of the
+one-device program, single-turn (greedy and sampled) and multi-attempt. Runs in a child
+process that sets the device count before importing jax (see sampling_sharded_test.py).
+
+`DataSplitTest`: on the default sampling layout (data = 8; the suite's 8 devices, in process)
+each data shard runs its own engine over B / 8 rows and Q / 8 queued episodes; the episodes
+equal the one-device run's, and the engine loop of the compiled program has no collectives.
 """
 
 import json
@@ -87,6 +91,150 @@ class ShardedContinuousTest(absltest.TestCase):
       same, diff = got[k]
       self.assertTrue(same, k)
       self.assertLess(diff, 1e-4, k)
+
+
+class DataSplitTest(absltest.TestCase):
+  """Rows and queue split over 'data' = 8 (in process: tests/conftest.py gives 8 devices)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # pylint: disable=g-import-not-at-top
+    import tempfile
+    import jax
+    from mar import models
+    from mar.data.tiny_tokenizer import build_tiny_tokenizer
+    from mar.data.tokenizer import Tokenizer
+    from mar.models import sharding
+    # pylint: enable=g-import-not-at-top
+    cls.mesh = sharding.make_mesh(8, 1, 1)
+    d = tempfile.mkdtemp()
+    build_tiny_tokenizer(d)
+    cls.tok = Tokenizer.from_dir(d)
+    cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
+    cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
+
+  def _assert_same(self, ref, got, fields=_FIELDS + ("attempted_turn", "correct_turn")):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    for f in fields:
+      np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), f)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+  def test_split_needs_manual_axes_for_callbacks(self):
+    from mar.models import sharding  # pylint: disable=g-import-not-at-top
+    from mar.rollout import continuous  # pylint: disable=g-import-not-at-top
+    split = continuous.split_over_data
+    self.assertTrue(split(self.mesh, 8, 16, callbacks=True))
+    self.assertFalse(split(self.mesh, 4, 16, callbacks=False))  # rows not a multiple of D
+    self.assertFalse(split(None, 8, 16, callbacks=False))
+    tp = sharding.make_mesh(4, 1, 2)
+    self.assertTrue(split(tp, 8, 16, callbacks=False))
+    # JAX runs host callbacks in shard_map only with every axis manual: one engine instead.
+    self.assertFalse(split(tp, 8, 16, callbacks=True))
+    self.assertFalse(split(sharding.make_mesh(2, 2, 2), 8, 16, callbacks=False))
+
+  def test_single_turn_sampled_equals_one_device(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    import continuous_test as ct  # pylint: disable=g-import-not-at-top
+    import sampling_test as st  # pylint: disable=g-import-not-at-top
+    self.assertEqual(jax.device_count(), 8)
+    _, config, params = st.hf_tiny("qwen2")
+    prompts = st.prompts_for(lens=ct.PROMPT_LENS * 2)  # Q = 16 over B = 8 rows: refills
+    run = lambda mesh: ct.single_turn(config, params, prompts, rows=8, budget=16,
+                                      temperature=1.0, stop_ids=tuple(range(1, 300, 9)),
+                                      key=5, mesh=mesh)
+    (ref, ref_stats), (got, stats) = run(None), run(self.mesh)
+    self._assert_same(ref, got, _FIELDS)
+    self.assertEqual(int(stats["sampled"]), int(ref_stats["sampled"]))
+    self.assertEqual(int(stats["prefill_rows"]), 16)
+    self.assertGreater(int(stats["prefill_calls"]), 8)  # each shard refilled its one row
+
+  def test_multi_attempt_sampled_equals_one_device(self):
+    """Verification callbacks per shard, with global episode ids for keys and gold answers."""
+    import continuous_test as ct  # pylint: disable=g-import-not-at-top
+    run = lambda mesh: ct.multi_attempt_sampled(self.cfg, self.params, self.tok, rows=8, n=16,
+                                                mesh=mesh)
+    (ref, ref_stats), (got, stats) = run(None), run(self.mesh)
+    self.assertTrue(ref.feedback_mask.any())
+    self.assertGreater(int(ref.attempts_used.sum()), 20)
+    self._assert_same(ref, got)
+    self.assertEqual(int(stats["sampled"]), int(ref_stats["sampled"]))
+
+  def test_runner_multi_attempt_greedy_equals_one_device(self):
+    """RolloutRunner(engine='continuous') on the data = 8 layout, a scripted policy."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from mar import sampling  # pylint: disable=g-import-not-at-top
+    from mar.data import prompts  # pylint: disable=g-import-not-at-top
+    from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+    import continuous_test as ct  # pylint: disable=g-import-not-at-top
+    import rollout_test  # pylint: disable=g-import-not-at-top
+    n = 16
+    texts = [[f"\\boxed{{{q}}}<|im_end|>", f"\\boxed{{{q + 10}}}"] for q in range(n)]
+    enc = [[self.tok.encode(t) for t in row] for row in texts]
+    width = max(len(x) for row in enc for x in row)
+    script = np.zeros((n, 2, width), np.int32)
+    lengths = np.ones((n, 2), np.int32)
+    for q, row in enumerate(enc):
+      for t, ids in enumerate(row):
+        script[q, t, :len(ids)], lengths[q, t] = ids, len(ids)
+    # Episode q is right at once if q % 3 == 0, at its second attempt otherwise: a gold
+    # looked up by a shard-local id would give other rewards.
+    golds = [str(q) if q % 3 == 0 else str(q + 10) for q in range(n)]
+    n_attempts = [1 if q % 5 == 4 else 2 for q in range(n)]
+    question = [prompts.multi_attempt_prompt(f"{q}+q", 2) for q in range(n)]
+
+    def run(mesh):
+      runner = RolloutRunner(
+          self.cfg, self.tok, rollout_test._ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
+          max_attempts=2, token_budget=40, sampling=sampling.SamplingParams(temperature=0.0),
+          engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
+          choose_fn=ct.script_chooser(script, lengths), sampling_mesh=mesh)
+      ep = jax.device_get(runner.run(self.params, question, golds, n_attempts,
+                                     jax.random.PRNGKey(0)))
+      return ep, runner.take_stats()
+
+    (ref, ref_stats), (got, stats) = run(None), run(self.mesh)
+    want = [1.0 if q % 3 == 0 else (-0.5 if q % 5 == 4 else 1.0) for q in range(n)]
+    np.testing.assert_allclose(ref.reward, want)
+    self._assert_same(ref, got)
+    self.assertEqual(stats["rollout/prefill_rows"], ref_stats["rollout/prefill_rows"])
+
+  def test_engine_loop_has_no_collectives(self):
+    """The compiled engine (single-turn and with verification callbacks): rows split, no
+    collective inside its while loop (the stats' psum / pmax run once, after it)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from mar import sampling  # pylint: disable=g-import-not-at-top
+    from mar.data.tokenizer import feedback_table  # pylint: disable=g-import-not-at-top
+    from mar.rollout import continuous  # pylint: disable=g-import-not-at-top
+    from mar.rollout import multi_attempt as ma  # pylint: disable=g-import-not-at-top
+    from mar.rollout.host import AttemptVerifier  # pylint: disable=g-import-not-at-top
+    from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
+    import rollout_test  # pylint: disable=g-import-not-at-top
+    q, p, budget = 32, 16, 24
+    fb_t, fb_l = feedback_table(self.tok, 2)
+    toks, mask = jnp.zeros((q, p), jnp.int32), jnp.ones((q, p), bool)
+    checked = AttemptVerifier(self.tok, rollout_test._ListVerifier(), ["1"] * q)  # pylint: disable=protected-access
+    for m, verifier in ((1, None), (2, checked)):
+      spec = ma.RolloutSpec(m, budget, ma.cache_len_for(p, budget, m, fb_t.shape[1]),
+                            sampling.SamplingParams(temperature=1.0), (1, 2))
+      espec = continuous.EngineSpec(spec, rows=16)
+      fn = jax.jit(lambda params, t, mk, k: continuous.rollout(  # pylint: disable=cell-var-from-loop
+          self.cfg, params, espec, None, verifier, t, mk, jnp.full((q,), m, jnp.int32),  # pylint: disable=cell-var-from-loop
+          fb_t, fb_l, k, mesh=self.mesh))
+      compiled = fn.lower(self.params, toks, mask, jax.random.key(0)).compile()
+      hlo = compiled.as_text()
+      loop = cm.decode_loop_collectives(hlo, self.cfg.num_layers)
+      self.assertTrue(loop["found"], m)
+      self.assertEqual(loop["count"], 0, (m, loop["ops"]))
+      # In the whole program, only the stats' reductions (the pmax and the psums, fused).
+      ops = [i.opcode for instrs in cm.parse_hlo(hlo).values() for i in instrs
+             if i.opcode in cm.COLLECTIVES]
+      self.assertEqual(set(ops), {"all-reduce"}, m)
+      self.assertLessEqual(len(ops), 2, m)
+      out, _ = compiled(self.params, toks, mask, jax.random.key(0))
+      self.assertEqual(out.tokens.sharding.shard_shape(out.tokens.shape)[0], q // 8)
 
 
 if __name__ == "__main__":

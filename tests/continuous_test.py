@@ -26,7 +26,7 @@ PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
 
 
 def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop_ids=(),
-                refill_rows=2, refill_wait=3, key=0):
+                refill_rows=2, refill_wait=3, key=0, mesh=None):
   """Runs prompts (token lists) as one queue of single-turn episodes; numpy results."""
   p = max(map(len, prompts_))
   toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
@@ -37,11 +37,12 @@ def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop
       rows=rows, refill_rows=refill_rows, refill_wait=refill_wait)
   fb = np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)
   fn = jax.jit(lambda params, t, m, k: continuous.rollout(
-      config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k))
+      config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k,
+      mesh=mesh))
   return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
 
 
-def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3):
+def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3, mesh=None):
   """Sampled multi-attempt episodes of a random model: many stop ids end attempts early."""
   texts = [prompts.multi_attempt_prompt(f"{i}*{i}", 3) for i in range(n)]
   ids = [tok.encode(t) for t in texts]
@@ -55,7 +56,7 @@ def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3):
   verifier = AttemptVerifier(tok, rollout_test._ListVerifier(), ["1"] * n)
   n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
   fn = jax.jit(lambda params, t, m, k: continuous.rollout(
-      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k))
+      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k, mesh=mesh))
   return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from mar import sampling
@@ -94,13 +95,20 @@ class ModelPolicy(schedule.Policy):
   """Real model steps for `schedule.run_from` (all arrays traced; the object is rebuilt per trace)."""
 
   def __init__(self, config, params, spec: EngineSpec, stop_predicate, verify_fn, prompts,
-               prompt_mask, feedback, key, choose_fn: ChooseFn | None = None):
+               prompt_mask, feedback, key, choose_fn: ChooseFn | None = None, first=0,
+               total: int | None = None):
     self.config, self.params, self.spec = config, params, spec
     self.pred, self.verify_fn = stop_predicate, verify_fn
     self.prompts, self.prompt_mask = prompts, prompt_mask
     self.fb_tokens, self.fb_lengths = feedback
     self.key, self.choose_fn = key, choose_fn
     self.q = prompts.shape[0]
+    # This queue is episodes first..first+q-1 of a queue of `total` split over data shards.
+    self.first, self.total = first, self.q if total is None else total
+
+  def _global(self, seqs):
+    """Episode ids in the whole queue (keys, verifier answers): `total` for no episode."""
+    return jnp.where(seqs < self.q, seqs + self.first, self.total).astype(jnp.int32)
 
   # -- filling rows --------------------------------------------------------------------------
 
@@ -144,9 +152,10 @@ class ModelPolicy(schedule.Policy):
   def _choose(self, p: RowState, ctl):
     r = self.spec.rollout
     index = r.token_budget - ctl.budget_left  # tokens this episode sampled so far
-    keys = refill.token_keys(self.key, ctl.seq, index)
+    seq = self._global(ctl.seq)
+    keys = refill.token_keys(self.key, seq, index)
     if self.choose_fn is not None:
-      return self.choose_fn(p.logits, keys, ctl)
+      return self.choose_fn(p.logits, keys, ctl._replace(seq=seq))
     tok, lp = refill.sample_rows(p.logits, keys, r.sampling)
     return tok, lp, jnp.zeros(tok.shape, bool)
 
@@ -213,8 +222,8 @@ class ModelPolicy(schedule.Policy):
                                       np.asarray(en), np.asarray(lv), np.asarray(turn))
       return np.asarray(correct, bool), np.asarray(boxed, bool)
 
-    correct, boxed = jax.pure_callback(host, out_shape, seq, tokens, p.attempt_start, p.pos,
-                                       waiting, ctl.attempt)
+    correct, boxed = jax.pure_callback(host, out_shape, self._global(seq), tokens,
+                                       p.attempt_start, p.pos, waiting, ctl.attempt)
     return correct & waiting, boxed & waiting
 
   def feedback(self, p: RowState, ctl, go_on):
@@ -226,7 +235,8 @@ class ModelPolicy(schedule.Policy):
       fn = self.verify_fn
       host = lambda sq, a, g: fn.hint_feedback_rows(np.asarray(sq), np.asarray(a),
                                                     np.asarray(g), width)
-      return jax.pure_callback(host, out_shape, ctl.seq, ctl.attempts_left, go_on)
+      return jax.pure_callback(host, out_shape, self._global(ctl.seq), ctl.attempts_left,
+                               go_on)
     toks = jnp.pad(self.fb_tokens, ((0, 0), (0, width - self.fb_tokens.shape[1])))
     left = jnp.clip(ctl.attempts_left, 0, toks.shape[0] - 1)
     return toks[left], self.fb_lengths[left]
@@ -238,30 +248,79 @@ def feed_width(spec: EngineSpec, feedback_tokens) -> int:
 
 def rollout(config, params, spec: EngineSpec, stop_predicate, verify_fn, prompt_tokens,
             prompt_mask, n_attempts, feedback_tokens, feedback_lengths, key,
-            choose_fn: ChooseFn | None = None):
+            choose_fn: ChooseFn | None = None, mesh=None):
   """Runs Q episodes (prompts [Q, P] left-padded, n_attempts [Q], 0 = skip) over B rows.
 
-  Trace it inside a jit with config / spec / predicate / verify_fn / choose_fn static.
+  Trace it inside a jit with config / spec / predicate / verify_fn / choose_fn / mesh static.
   verify_fn None: single-turn, verified on the host afterwards (`ma.with_verdicts`), needs
   max_attempts == 1. Otherwise an `AttemptVerifier` (its `verify_rows`, `hint_feedback_rows`).
+  With `mesh` (the sampling layout: D = its 'data' size > 1, no 'fsdp' split) and B, Q
+  multiples of D, each data shard runs its own engine over B / D rows and a contiguous
+  sub-queue of Q / D episodes (`split_over_data`), keys and verifier lookups by global
+  episode id, so the episodes are those of one engine; stats: decode_steps is the longest
+  shard's, the other counters are summed over shards.
   Returns (Episodes [Q, ...], stats: dict of int32 counters, see `schedule._zero_stats`).
   """
   r = spec.rollout
-  deferred = verify_fn is None
-  if deferred and (r.max_attempts != 1 or r.hint_feedback_len):
+  if verify_fn is None and (r.max_attempts != 1 or r.hint_feedback_len):
     raise ValueError("continuous.rollout: verify_fn=None needs a single-turn spec "
                      f"(max_attempts=1, no hints), found {r}")
-  sspec = spec.schedule(deferred)
-  n_attempts = jnp.asarray(n_attempts, jnp.int32)
   if spec.unroll:
     params = qwen.unstack_layers(params)
   key = sampling.sampler._as_key(key)  # pylint: disable=protected-access
-  policy = ModelPolicy(config, params, spec, stop_predicate, verify_fn,
-                       jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool),
-                       (jnp.asarray(feedback_tokens, jnp.int32),
-                        jnp.asarray(feedback_lengths, jnp.int32)), key, choose_fn)
+  args = (jnp.asarray(prompt_tokens, jnp.int32), jnp.asarray(prompt_mask, bool),
+          jnp.asarray(n_attempts, jnp.int32))
+  q = args[0].shape[0]
+  feedback = (jnp.asarray(feedback_tokens, jnp.int32), jnp.asarray(feedback_lengths, jnp.int32))
+  run = lambda spec_, first, params_, *args_: _run_queue(  # pylint: disable=g-long-lambda
+      config, params_, spec_, stop_predicate, verify_fn, *args_, feedback, key, choose_fn,
+      first, q)
+  if not split_over_data(mesh, spec.rows, q, callbacks=verify_fn is not None):
+    return run(spec, 0, params, *args)
+  d = mesh.shape["data"]
+  local = dataclasses.replace(spec, rows=spec.rows // d)
+
+  def per_shard(params_, *args_):
+    episodes_, stats = run(local, jax.lax.axis_index("data") * (q // d), params_, *args_)
+    # The program lasts as long as its longest shard; the other counters add up.
+    stats = {k: jax.lax.pmax(v, "data") if k == "decode_steps" else jax.lax.psum(v, "data")
+             for k, v in stats.items()}
+    return episodes_, stats
+
+  rows, rep = PartitionSpec("data"), PartitionSpec()
+  out_specs = (ma.Episodes(**{f: PartitionSpec(None, "data") if f in ma.TURN_FIELDS else rows
+                              for f in ma.Episodes._fields}), rep)
+  # 'tensor' (if > 1) stays automatic inside each shard, as in `sampling.sampler._decode`.
+  manual = {"data"} if mesh.shape.get("tensor", 1) > 1 else frozenset(mesh.axis_names)
+  return jax.shard_map(per_shard, mesh=mesh,
+                       in_specs=(jax.tree.map(lambda _: rep, params), rows, rows, rows),
+                       out_specs=out_specs, axis_names=manual, check_vma=False)(params, *args)
+
+
+def split_over_data(mesh, rows: int, queue: int, callbacks: bool) -> bool:
+  """Whether the engine runs one sub-queue per 'data' shard of `mesh` (see `rollout`).
+
+  Not with host callbacks (in-program verification) and 'tensor' > 1: JAX runs a callback
+  inside `shard_map` only when every mesh axis is manual, and 'tensor' stays automatic. That
+  case runs one engine over all rows (each data shard computes every row).
+  """
+  if not sampling.sampler._rows_local(mesh):  # pylint: disable=protected-access
+    return False
+  if callbacks and mesh.shape.get("tensor", 1) > 1:
+    return False
+  d = mesh.shape["data"]
+  return rows % d == 0 and queue % d == 0
+
+
+def _run_queue(config, params, spec: EngineSpec, stop_predicate, verify_fn, prompt_tokens,
+               prompt_mask, n_attempts, feedback, key, choose_fn, first, total):
+  """One engine over spec.rows rows; its queue is episodes first.. of a queue of `total`."""
+  deferred = verify_fn is None
+  sspec = spec.schedule(deferred)
+  policy = ModelPolicy(config, params, spec, stop_predicate, verify_fn, prompt_tokens,
+                       prompt_mask, feedback, key, choose_fn, first=first, total=total)
   ctl, order, n = schedule.init_control(sspec, spec.rows, n_attempts,
-                                        feed_width(spec, feedback_tokens))
+                                        feed_width(spec, feedback[0]))
   p = policy.start(ctl)
   p, ctl = schedule.run_from(sspec, policy, p, ctl, order, n, n_attempts)
   return episodes(p.out, ctl, n_attempts), ctl.stats

@@ -8,6 +8,7 @@ process pool, so a hanging or crashing check is a wrong answer, never a dead run
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Sequence
 
@@ -34,6 +35,8 @@ class AttemptVerifier:
     self.last_texts: list[str] = []
     self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
     self.episode_wrong: dict[int, list[str]] = {}  # the same per episode (continuous engine)
+    # The continuous engine split over data shards calls back from each shard's thread.
+    self._lock = threading.Lock()
 
   def set_answers(self, answers: Sequence[str]) -> None:
     self.answers = list(answers)
@@ -88,22 +91,23 @@ class AttemptVerifier:
 
     seq_ids [B] index `answers`; turns [B] is each row's 0-based attempt.
     """
-    t0 = time.perf_counter()
-    try:
-      self.calls += 1
-      texts = self.attempt_texts(tokens, start, end, live)
-      self.last_texts = texts
-      golds = [self.answers[int(i)] if live[b] else "" for b, i in enumerate(seq_ids)]
-      correct, boxed = self.verdicts(texts, golds, live)
-      for b in np.flatnonzero(live):
-        wrong = self.episode_wrong.setdefault(int(seq_ids[b]), [])
-        if int(turns[b]) == 0:
-          wrong.clear()
-        if boxed[b] and not correct[b]:
-          wrong.append(verify.extract_boxed(texts[b]))
-      return correct, boxed
-    finally:
-      self.stalled += time.perf_counter() - t0
+    with self._lock:
+      t0 = time.perf_counter()
+      try:
+        self.calls += 1
+        texts = self.attempt_texts(tokens, start, end, live)
+        self.last_texts = texts
+        golds = [self.answers[int(i)] if live[b] else "" for b, i in enumerate(seq_ids)]
+        correct, boxed = self.verdicts(texts, golds, live)
+        for b in np.flatnonzero(live):
+          wrong = self.episode_wrong.setdefault(int(seq_ids[b]), [])
+          if int(turns[b]) == 0:
+            wrong.clear()
+          if boxed[b] and not correct[b]:
+            wrong.append(verify.extract_boxed(texts[b]))
+        return correct, boxed
+      finally:
+        self.stalled += time.perf_counter() - t0
 
   def hint_feedback(self, attempts_left, go_on, width: int):
     """Hybrid feedback turns (multi-attempt feedback + LTE hint) as [B, width] ids + lengths.
@@ -115,13 +119,14 @@ class AttemptVerifier:
 
   def hint_feedback_rows(self, seq_ids, attempts_left, go_on, width: int):
     """`hint_feedback` for the continuous engine: wrong answers looked up by episode."""
-    t0 = time.perf_counter()
-    try:
-      answers = [self.episode_wrong.get(int(seq_ids[b]), []) if go_on[b] else []
-                 for b in range(len(go_on))]
-      return self._hint_turns(answers, attempts_left, go_on, width)
-    finally:
-      self.stalled += time.perf_counter() - t0
+    with self._lock:
+      t0 = time.perf_counter()
+      try:
+        answers = [self.episode_wrong.get(int(seq_ids[b]), []) if go_on[b] else []
+                   for b in range(len(go_on))]
+        return self._hint_turns(answers, attempts_left, go_on, width)
+      finally:
+        self.stalled += time.perf_counter() - t0
 
   def _hint_turns(self, wrong_answers, attempts_left, go_on, width: int):
     tokens = np.full((len(go_on), width), self.tokenizer.pad_id, np.int32)

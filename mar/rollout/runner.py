@@ -389,8 +389,10 @@ class RolloutRunner:
                                     **self._engine_args)
       pred, vfn, choose = self.stop_predicate, None if self.deferred else self.verify_fn, \
           self._choose_fn
+      # One engine per data shard of the sampling layout (rows and queue split over 'data').
+      mesh = self._local_mesh() if self.per_host else self.sampling_mesh
       self._continuous[bucket] = jax.jit(lambda params, *args: continuous.rollout(
-          self.model_config, params, espec, pred, vfn, *args, choose_fn=choose))
+          self.model_config, params, espec, pred, vfn, *args, choose_fn=choose, mesh=mesh))
     return self._continuous[bucket]
 
   def _local_queue(self, episodes: ma.Episodes, total: int) -> ma.Episodes:

@@ -51,7 +51,8 @@ def base_config() -> ConfigDict:
       hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
       # static: one program per chunk of B rows, turns as a scan; rows split over the sampling
       # mesh (rollout.mesh). continuous: a queue over B rows with in-program refills and
-      # per-row turns (fewer decode steps; its rows do not yet split over rollout.mesh.data).
+      # per-row turns (fewer decode steps; rows split over rollout.mesh.data except for
+      # multi-attempt with rollout.mesh.tensor > 1).
       engine="static",
       refill_rows=0,  # rows one in-program refill prefills; 0 = batch_size // 16 (>= 1)
       refill_wait=16,  # decode steps a freed row may wait for others before a refill

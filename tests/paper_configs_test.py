@@ -114,9 +114,10 @@ class CommandLineTest(absltest.TestCase):
     # The README's command with scaled sizes; sequence keys set on the command line.
     work = tempfile.mkdtemp()
     config = load_config("grpo_qwen", "eval")
-    flags = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
-             for k, v in scaled_overrides("grpo_qwen", config).items()]
-    flags += ["--config.eval.benchmarks=amc23,aime24", "--config.eval.ks=(1,2)"]
+    # A tuple flag given twice appends (absl), so each key is given once.
+    over = dict(scaled_overrides("grpo_qwen", config), **{"eval.benchmarks": "amc23,aime24",
+                                                         "eval.ks": "(1,2)"})
+    flags = [f"--config.{k}={v}" for k, v in over.items()]
     out = subprocess.run(
         [sys.executable, "-m", "mar.main", "--config=configs/grpo_qwen.py:eval",
          f"--workdir={work}", *flags],

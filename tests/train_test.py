@@ -69,7 +69,8 @@ def _cache_size(fn) -> int:
 
 def _comparable(row: dict) -> dict:
   """Metrics that must replay exactly (wall-clock figures excluded)."""
-  return {k: v for k, v in row.items() if not k.startswith("time/") and k != "tokens_per_s"}
+  clock = lambda k: k.startswith("time/") or k.endswith(("_s", "_seconds"))
+  return {k: v for k, v in row.items() if not clock(k)}
 
 
 class TrainerTest(absltest.TestCase):

@@ -235,11 +235,23 @@ def rollout(
 
 
 def concat_episodes(parts: list[Episodes]) -> Episodes:
-  """Episodes of several rollout programs (same cache length) as one batch, in order."""
+  """Episodes of several rollout programs as one batch, in order.
+
+  Programs of different prompt buckets have different cache lengths S: the shorter ones'
+  [B, S] fields are right-padded with empty slots (invalid, no action, token 0).
+  """
   if len(parts) == 1:
     return parts[0]
+  width = max(p.tokens.shape[1] for p in parts)
+
+  def widen(x, f):
+    if f in TURN_FIELDS or x.ndim < 2 or x.shape[1] == width:
+      return x
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+
   return Episodes(**{
-      f: jnp.concatenate([getattr(p, f) for p in parts], axis=1 if f in TURN_FIELDS else 0)
+      f: jnp.concatenate([widen(getattr(p, f), f) for p in parts],
+                         axis=1 if f in TURN_FIELDS else 0)
       for f in Episodes._fields})
 
 

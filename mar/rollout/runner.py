@@ -377,7 +377,7 @@ class RolloutRunner:
     if not self.deferred:
       episodes = ma.first_rows(episodes, n)
       return self.to_host(episodes, n) if host else episodes
-    local = self._local_queue(episodes, q * self.processes)
+    local = self._local_rows(episodes, q * self.processes)
     if host:
       return self._finish(local, answers, local_already=True)
     return ma.first_rows(self._with_host_verdicts(local, answers), n)
@@ -394,16 +394,6 @@ class RolloutRunner:
       self._continuous[bucket] = jax.jit(lambda params, *args: continuous.rollout(
           self.model_config, params, espec, pred, vfn, *args, choose_fn=choose, mesh=mesh))
     return self._continuous[bucket]
-
-  def _local_queue(self, episodes: ma.Episodes, total: int) -> ma.Episodes:
-    """This host's episodes of a (global) queue of `total`, in numpy."""
-    if self.processes == 1:
-      return jax.device_get(episodes)
-    full = multihost_utils.process_allgather(episodes, tiled=True)
-    rows = parallel.local_rows(total)
-    return ma.Episodes(**{
-        f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
-        for f, v in full._asdict().items()})
 
   def take_stats(self) -> dict:
     """rollout/* metrics of the continuous programs run since the last call ({} if none)."""
@@ -449,13 +439,13 @@ class RolloutRunner:
     return dataclasses.replace(host, correct=done.correct_turn[0, :n],
                                truncated=done.truncated[:n], reward=done.reward[:n])
 
-  def _local_rows(self, episodes: ma.Episodes) -> ma.Episodes:
-    """This host's rows of a rollout, in numpy (all rows on one host)."""
+  def _local_rows(self, episodes: ma.Episodes, total: int | None = None) -> ma.Episodes:
+    """This host's rows of a rollout (or queue) of `total` rows (default: the batch), in numpy."""
     if self.processes == 1:
       return jax.device_get(episodes)
     # Whatever layout XLA chose for the outputs, gather them and keep this host's rows.
     full = multihost_utils.process_allgather(episodes, tiled=True)
-    rows = parallel.local_rows(self.batch_size)
+    rows = parallel.local_rows(self.batch_size if total is None else total)
     return ma.Episodes(**{
         f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
         for f, v in full._asdict().items()})

@@ -24,6 +24,7 @@ import tempfile
 from absl.testing import absltest
 
 from mar import verify
+from mar.data import datasets
 
 CASES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "grader_cases.jsonl")
 MIN_AGREEMENT = 0.97
@@ -33,20 +34,13 @@ _FIELDS = {"id": str, "split": str, "class": str, "expected": bool, "gold": str,
 def load_cases(path: str = CASES_PATH) -> list[dict]:
   """The case records; a malformed record raises naming the file, line and field."""
   cases = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not JSON ({e})") from None
-      for field, kind in _FIELDS.items():
-        if not isinstance(record.get(field), kind):
-          raise ValueError(f"{path}:{lineno}: field {field!r} must be a {kind.__name__}")
-      if record["split"] not in ("dev", "heldout"):
-        raise ValueError(f"{path}:{lineno}: field 'split' must be 'dev' or 'heldout'")
-      cases.append(record)
+  for lineno, record in datasets.read_jsonl(path):
+    for field, kind in _FIELDS.items():
+      if not isinstance(record.get(field), kind):
+        raise ValueError(f"{path}:{lineno}: field {field!r} must be a {kind.__name__}")
+    if record["split"] not in ("dev", "heldout"):
+      raise ValueError(f"{path}:{lineno}: field 'split' must be 'dev' or 'heldout'")
+    cases.append(record)
   return cases
 
 

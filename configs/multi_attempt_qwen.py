@@ -15,7 +15,7 @@ Where each value comes from (METHODS.md §1; "ref" = the paper's OpenRLHF fork):
   grad clip 1.0, 1280 iterations                                                        ref
   attempts end at the first closed \\boxed{} (rollout.stop_at_box)                         ref
   eval: greedy, a separate run per k = 1..4 with the prompt stating k, 5 benchmarks       paper
-Ours: batch_size (rows per rollout program; 1024 prompts run in 4 chunks), micro-batches,
+Ours: batch_size (rows decoding together; the 1024 episodes are one queue over them), micro-batches,
 bf16 + remat, the mesh.
 """
 

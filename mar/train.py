@@ -101,7 +101,7 @@ def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
 
 
 def _sample_groups(run, params, answers, user_texts, g, key):
-  """Samples g single-turn responses per prompt (in runner-sized chunks) -> HostEpisodes."""
+  """Samples g single-turn responses per prompt (one queue of the rollout engine) -> HostEpisodes."""
   texts = [hints.chat_prompt(u) for u in user_texts for _ in range(g)]
   golds = [a for a in answers for _ in range(g)]
   return run.runner.run_host(params, texts, golds, key)

@@ -1,17 +1,21 @@
 """The continuous rollout engine: a queue of Q episodes over B rows in one jitted program.
 
 No row waits for another. When a row's episode ends, the next queued episode enters that row
-inside the program (`sampling.refill.fill_rows`: a batched prefill of up to R freed rows under
-`lax.cond`); a multi-attempt row whose attempt ended is verified at the next check (one host
-callback for every row that ended an attempt since the last one) and, if wrong with attempts
-and budget left, its feedback turn is fed through the decode step and it goes on alone. The
-schedule is `mar.rollout.schedule`; this module is its model half (`ModelPolicy`).
+inside the program (`sampling.refill.fill_rows`: up to R freed rows per refill, under
+`lax.cond`, each prompt prefilled alone at its own prompt width); a multi-attempt row whose
+attempt ended is verified at the next check (one host callback for every row that ended an
+attempt since the last one) and, if wrong with attempts and budget left, its feedback turn is
+fed through the decode step and it goes on alone. The schedule is `mar.rollout.schedule`; this module is its model half (`ModelPolicy`).
 
-Why two ways in: a prompt (P ~ 100-1,000 tokens) enters by a batched prefill of the rows that
-freed up (R x P tokens in one forward; fed one token per decode step it would hold its row for P
-steps), while a feedback turn (~25 tokens) is fed through the decode step one token per step:
-about 5 % of a 400-token attempt, no extra forward over the rows' live caches, and no branch.
-(Chosen on these counts; not timed against the alternatives on an accelerator.)
+Why two ways in: a prompt (P ~ 100-1,000 tokens) enters by a prefill of its own (W tokens in
+one forward, W the smallest prompt width >= its length; fed one token per decode step it would
+hold its row for P steps), while a feedback turn (~25 tokens) is fed through the decode step one
+token per step: about 5 % of a 400-token attempt, no extra forward over the rows' live caches,
+and no branch. A prompt is prefilled alone rather than with the rows that refill with it, so
+prefill computes its own tokens (1.44x the real ones on the MATH training prompts with the
+powers-of-two widths, where a batched prefill at the queue's width computes R x P per refill)
+and its cache does not depend on its companions. (Chosen on these counts; not timed against
+the alternatives on an accelerator.)
 
 Outputs are indexed by episode, not by row: `Episodes` [Q, S] in the dialogue slot layout of
 `multi_attempt.rollout` (slot s of episode q holds its s-th token, prompt left-padded in slots
@@ -53,6 +57,8 @@ class EngineSpec:
   refill_wait: int = 16  # decode steps a free row waits for more rows to free up
   verify_every: int = 8  # decode steps between verification checks
   unroll: bool = True  # decode over per-layer weights (see `mar.sampling.sampler`)
+  # Widths a prompt is prefilled at (each alone, the smallest that holds it; P when empty).
+  prompt_widths: tuple[int, ...] = ()
 
   def schedule(self, deferred: bool) -> schedule.ScheduleSpec:
     r = self.rollout
@@ -124,22 +130,27 @@ class ModelPolicy(schedule.Policy):
                         valid=out.valid.at[seqs].set(pad(mask), mode="drop"))
 
   def start(self, ctl: schedule.Control) -> RowState:
-    """Prefills the rows `init_control` assigned (one [B, P] prefill) and empty outputs."""
+    """Empty outputs and a fresh cache whose rows `init_control` assigned are filled as refills."""
     r = self.spec.rollout
     b, q, s = ctl.seq.shape[0], self.q, r.cache_len
-    toks, mask = self._prompt(ctl.seq)
-    st = sampling.prefill(self.config, self.params, toks, mask, s)
+    cache = qwen.init_cache(self.config, b, s)
+    if qwen.is_unstacked(self.params["layers"]):
+      cache = qwen.unstack_cache(cache)
     zeros = lambda dt: jnp.zeros((q, s), dt)
     out = Outputs(tokens=zeros(jnp.int32), valid=zeros(bool), logprobs=zeros(jnp.float32),
                   action=zeros(bool), feedback=zeros(bool), attempt_id=zeros(jnp.int32))
-    out = self._write_prompts(out, ctl.seq, toks, mask)
     pred = () if self.pred is None else self.pred.init(b)
-    return RowState(cache=st.cache, pos=st.pos, rope_pos=st.rope_pos, logits=st.logits,
-                    pred=pred, attempt_start=st.pos, out=out)
+    row_zeros = jnp.zeros((b,), jnp.int32)
+    p = RowState(cache=cache, pos=row_zeros, rope_pos=row_zeros,
+                 logits=jnp.zeros((b, self.config.vocab_size), jnp.float32), pred=pred,
+                 attempt_start=row_zeros, out=out)
+    rows = jnp.where(ctl.seq < q, jnp.arange(b), b).astype(jnp.int32)
+    return self.fill(p, ctl, rows, ctl.seq)
 
   def fill(self, p: RowState, ctl, rows, seqs) -> RowState:
     toks, mask = self._prompt(seqs)
-    cache, logits, rope = refill.fill_rows(self.config, self.params, p.cache, rows, toks, mask)
+    cache, logits, rope = refill.fill_rows(self.config, self.params, p.cache, rows, toks, mask,
+                                           self.spec.prompt_widths)
     width = toks.shape[1]
     set_rows = lambda a, v: a.at[rows].set(v, mode="drop")
     return p._replace(

@@ -164,11 +164,14 @@ class RolloutRunner:
     """Whether a prompt text fits the largest prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
-  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None):
+  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None,
+                     per_row: bool = False):
     """Left-pads this host's tokenized prompts into [rows, P] (+ mask); rows = B / hosts.
 
     P is the smallest bucket that holds the longest prompt (on several hosts running one
     program, the longest of all hosts'). Raises if a prompt is longer than prompt_len.
+    `per_row`: the program prefills each prompt at its own bucket (the continuous engine),
+    which is what `prefill_tokens` counts, rather than rows x P.
     """
     b = self.local_batch if rows is None else rows
     if len(prompts) > b:
@@ -187,7 +190,8 @@ class RolloutRunner:
     for i, x in enumerate(ids):
       tokens[i, p - len(x):] = x
       mask[i, p - len(x):] = True
-    self.prefill_tokens["computed"] += b * p
+    self.prefill_tokens["computed"] += (sum(bucket_for(len(x), self.buckets) for x in ids)
+                                        if per_row else b * p)
     self.prefill_tokens["real"] += sum(map(len, ids))
     return tokens, mask
 
@@ -356,7 +360,7 @@ class RolloutRunner:
     """
     n, rows = len(prompts), self.local_batch
     q = rows * max(1, -(-n // rows))
-    tokens, mask = self.encode_prompts(prompts, rows=q)  # one prompt bucket for the queue
+    tokens, mask = self.encode_prompts(prompts, rows=q, per_row=True)  # one bucket for the queue
     attempts = np.zeros(q, np.int32)
     attempts[:n] = n_attempts
     batch = (tokens, mask, attempts)
@@ -386,6 +390,7 @@ class RolloutRunner:
     """The continuous engine's program for one prompt bucket (one compile each)."""
     if bucket not in self._continuous:
       espec = continuous.EngineSpec(self.spec_for(bucket), rows=self._engine_rows,
+                                    prompt_widths=tuple(w for w in self.buckets if w < bucket),
                                     **self._engine_args)
       pred, vfn, choose = self.stop_predicate, None if self.deferred else self.verify_fn, \
           self._choose_fn

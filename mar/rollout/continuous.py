@@ -5,7 +5,8 @@ inside the program (`sampling.refill.fill_rows`: up to R freed rows per refill, 
 `lax.cond`, each prompt prefilled alone at its own prompt width); a multi-attempt row whose
 attempt ended is verified at the next check (one host callback for every row that ended an
 attempt since the last one) and, if wrong with attempts and budget left, its feedback turn is
-fed through the decode step and it goes on alone. The schedule is `mar.rollout.schedule`; this module is its model half (`ModelPolicy`).
+fed through the decode step and it goes on alone. The schedule is `mar.rollout.schedule`; this
+module is its model half (`ModelPolicy`).
 
 Why two ways in: a prompt (P ~ 100-1,000 tokens) enters by a prefill of its own (W tokens in
 one forward, W the smallest prompt width >= its length; fed one token per decode step it would

@@ -1,7 +1,8 @@
 """What XLA itself says a config's rollout program needs: compiled with no weights.
 
-`compile_rollout` lowers the trainer's rollout program (prefill, the multi-attempt turn scan
-and the while-loop decode of `mar.rollout.multi_attempt.rollout`) for a config on the
+`compile_rollout` lowers the trainer's rollout program for a config (`rollout.engine`: the
+continuous engine's queue program, `mar.rollout.continuous.rollout`, or the static one's
+prefill, turn scan and while-loop decode, `mar.rollout.multi_attempt.rollout`) on the
 sampling layout (`parallel.sampling_mesh`: rows over 'data', weights in the sampling dtype
 over 'tensor') from `jax.ShapeDtypeStruct`s only, and reads XLA's memory analysis of the
 compiled program. `decode_loop_collectives` parses its optimized HLO: the decode loop is the
@@ -27,7 +28,9 @@ from mar import parallel
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.models.init import init_params
+from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
+from mar.rollout import runner as runner_lib
 from mar import sampling
 from mar.sampling import SamplingParams
 from mar.sampling.stop import boxed_stop_predicate
@@ -52,6 +55,7 @@ class RolloutShape:
   prompt_len: int
   attempts: int
   spec: ma.RolloutSpec
+  queue: int  # episodes of one step, padded to a multiple of rows (the continuous engine's Q)
 
   @property
   def slots(self) -> int:
@@ -68,7 +72,8 @@ def rollout_shape(config) -> RolloutShape:
       cache_len=ma.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       stop_ids=STOP_IDS, check_every=r.check_every, hint_feedback_len=r.hint_feedback_len)
-  return RolloutShape(rows, r.prompt_len, attempts, spec)
+  episodes = r.prompts_per_step * (1 if ppo else config.grpo.group_size)
+  return RolloutShape(rows, r.prompt_len, attempts, spec, rows * max(1, -(-episodes // rows)))
 
 
 def sampling_model(config, model: QwenConfig) -> QwenConfig:
@@ -78,6 +83,16 @@ def sampling_model(config, model: QwenConfig) -> QwenConfig:
 def _no_verdicts(example_ids, tokens, start, end, live, turn):  # never runs: compile only
   del tokens, start, end, turn
   return np.zeros_like(live), np.zeros_like(live)
+
+
+class _NoVerifier:
+  """The continuous engine's verifier interface, for compiling only."""
+
+  verify_rows = staticmethod(_no_verdicts)
+
+  @staticmethod
+  def hint_feedback_rows(seqs, attempts_left, go_on, width):
+    return np.zeros((len(seqs), width), np.int32), np.zeros(len(seqs), np.int32)
 
 
 def _token_strings(vocab: int) -> list[str]:
@@ -125,10 +140,14 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
       jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
   )
   pred = boxed_stop_predicate(_token_strings(model.vocab_size))
-  verify = _no_verdicts if (m > 1 or rs.spec.hint_feedback_len) else None
-  decode = functools.partial(sampling.decode, mesh=mesh)  # as the runner passes it
-  fn = jax.jit(lambda params, *a: ma.rollout(model, params, rs.spec, pred, verify, *a,
-                                             decode_fn=decode))
+  callbacks = m > 1 or bool(rs.spec.hint_feedback_len)
+  if config.rollout.engine == "continuous":
+    fn, args = _continuous_program(config, model, rs, mesh, pred, callbacks, args)
+  else:
+    verify = _no_verdicts if callbacks else None
+    decode = functools.partial(sampling.decode, mesh=mesh)  # as the runner passes it
+    fn = jax.jit(lambda params, *a: ma.rollout(model, params, rs.spec, pred, verify, *a,
+                                               decode_fn=decode))
   compiled = fn.lower(params, *args).compile()
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k)) for k in (
@@ -140,6 +159,35 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
   tp = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] == 0 else 1
   return CompiledRollout(rs, dict(mesh.shape), memory, kv_all // shards // tp, kv_all,
                          compiled.as_text())
+
+
+def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool,
+                        static_args: tuple):
+  """The continuous engine's program (as `RolloutRunner._engine_for` builds it) and its args.
+
+  The queue holds the step's Q episodes; the static engine's args give the dtypes and the
+  feedback table / key.
+  """
+  r = config.rollout
+  espec = continuous.EngineSpec(
+      rs.spec, rows=rs.rows, refill_rows=r.refill_rows, refill_wait=r.refill_wait,
+      verify_every=r.verify_every, prompt_widths=runner_lib.prompt_buckets(rs.prompt_len)[:-1])
+  queue_sh = NamedSharding(mesh, parallel.batch_spec(mesh, sharding_lib.DEFAULT_RULES,
+                                                     (rs.queue,)))
+  queue2_sh = NamedSharding(mesh, parallel.batch_spec(mesh, sharding_lib.DEFAULT_RULES,
+                                                      (rs.queue, rs.prompt_len)))
+  tokens, mask, attempts, _, fb_tokens, fb_lengths, key = static_args
+  args = (jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), tokens.dtype, sharding=queue2_sh),
+          jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), mask.dtype, sharding=queue2_sh),
+          jax.ShapeDtypeStruct((rs.queue,), attempts.dtype, sharding=queue_sh),
+          # Unplaced, as the runner passes them (numpy): the engine closes over them inside
+          # its shard_map, where a value placed on the (automatic) mesh may not be indexed.
+          *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (fb_tokens, fb_lengths, key)))
+  verify = _NoVerifier() if callbacks else None
+  stop = pred if r.stop_at_box else None
+  fn = jax.jit(lambda params, *a: continuous.rollout(model, params, espec, stop, verify, *a,
+                                                     mesh=mesh))
+  return fn, args
 
 
 def unstacked_structs(params: dict) -> dict:
@@ -240,12 +288,21 @@ def _is_matmul(ins: Instr) -> bool:
       ins.opcode == "custom-call" and "matmul" in ins.line.lower())
 
 
+def _counted_loop(cond: list[Instr]) -> bool:
+  """Whether a while condition only compares a counter with a constant (a scan / fori_loop)."""
+  return bool(cond) and all(i.opcode in ("parameter", "get-tuple-element", "constant", "compare")
+                            for i in cond)
+
+
 def decode_loop_collectives(hlo: str, num_layers: int) -> dict:
   """Collectives in the body of the decode while loop (once per token step).
 
-  The decode loop is the innermost while loop whose body, with all it calls, holds at least
-  4 matmuls per layer (qkv, o, gate_up, down): outer loops (the turn scan) hold more, the
-  attention block loops inside it fewer.
+  The decode loop is the innermost while loop with a data-dependent trip count whose body,
+  with all it calls, holds at least 4 matmuls per layer (qkv, o, gate_up, down): outer loops
+  (the static engine's turn scan) hold more, the attention block loops inside it fewer, and
+  loops of a fixed count (the turn scan, the continuous engine's per-row refill prefill) are
+  not per-token loops. In the continuous engine it is the schedule's loop, one token per row
+  per iteration (its refill and verification branches included).
   """
   comps = parse_hlo(hlo)
   best = None
@@ -255,6 +312,8 @@ def decode_loop_collectives(hlo: str, num_layers: int) -> dict:
         continue
       body = re.search(r"body=%?([\w.\-]+)", ins.line).group(1)
       cond = re.search(r"condition=%?([\w.\-]+)", ins.line).group(1)
+      if _counted_loop(comps.get(cond, [])):  # turn scans, per-row refill loops
+        continue
       closure = _closure(comps, body) | _closure(comps, cond)  # both run every step
       dots = sum(_is_matmul(i) for c in closure for i in comps[c])
       if dots >= 4 * num_layers and (best is None or dots < best[0]):

@@ -2,6 +2,7 @@
 
   python bench/accelerator.py                 # on a GPU/TPU host: Qwen2.5-1.5B shapes
   JAX_PLATFORMS=cpu python bench/accelerator.py --smoke   # tiny shapes: checks the script
+  python bench/accelerator.py --sections=paper_decode --out=bench/results/h100_paper_decode.json
 
 Prints one JSON object (and writes it to --out when given, after every section, so a run
 cut short keeps what it measured):
@@ -14,7 +15,14 @@ cut short keeps what it measured):
            the same folder) in the same process for the ratio;
   update   one PPO step (critic + actor, as `PPOLearner`) and one GRPO step (`GRPOLearner`)
            with f32 master weights and bf16 compute: tokens/s and MFU = model FLOPs
-           (6 N T + attention, as bench/train_step.py counts them) / measured bf16 peak.
+           (6 N T + attention, as bench/train_step.py counts them) / measured bf16 peak;
+  paper_decode  the paper configs' rollout decode per device (--paper_rows rows, default 32 =
+           256 / 8): Qwen2.5-Math-1.5B at S = 4,128 slots with 1,200 live tokens per row
+           (multi-attempt) and Qwen3-8B-Base at S = 9,216 with 2,000 (LTE), random bf16
+           weights, sampled at temperature 1: tokens/s and step ms into the cache of S slots
+           and into one of the live length rounded up to `attn_block`, timed round-robin, their
+           ratio (~1 when a step's cost follows the live tokens), and bytes per step (weights +
+           live KV) / measured bandwidth.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from mar import sampling  # noqa: E402
 from mar.models import hf_io  # noqa: E402
 from mar.models import init as init_lib  # noqa: E402
 from mar.models import model as qwen  # noqa: E402
-from mar.models.config import QwenConfig  # noqa: E402
+from mar.models.config import PRESETS, QwenConfig  # noqa: E402
 from mar.rl import grpo, optim, ppo  # noqa: E402
 import sampler as sb  # noqa: E402  (bench/sampler.py: the timed mar and HF decode runs)
 import train_step as ts  # noqa: E402  (shared FLOP counts and batch builder)
@@ -159,6 +167,147 @@ def bench_decode(cfg: QwenConfig, batches: list[int], prompt: int, new: int, rep
   return out
 
 
+# ----- decode at the paper shapes --------------------------------------------------------------
+
+# The two paper configs' rollout programs per device: 256 rows over 8 devices, the cache the
+# config sizes (prompt bucket + token budget [+ feedback turns]), a typical live length.
+PAPER_SHAPES = {
+    "multi_attempt_qwen2_5_math_1_5b": dict(preset="qwen2_5_math_1_5b", cache=4128, live=1200),
+    "lte_qwen3_8b_base": dict(preset="qwen3_8b_base", cache=9216, live=2000),
+}
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def filled_state(cfg: QwenConfig, params, rows: int, cache_len: int, live: int, chunk: int,
+                 seed: int = 0):
+  """A sampler state whose rows all hold `live` random tokens in a cache of cache_len slots.
+
+  Written as a rollout writes its context (a prefill of the first chunk, then appends), so
+  no prefill materialises attention scores over the whole live length at once.
+  """
+  rng = np.random.RandomState(seed)
+  first = min(chunk, live)
+  toks = jnp.asarray(rng.randint(0, cfg.vocab_size, (rows, first)), jnp.int32)
+  state = sampling.prefill(cfg, params, toks, np.ones((rows, first), bool), cache_len)
+  for done in range(first, live, chunk):
+    more = jnp.asarray(rng.randint(0, cfg.vocab_size, (rows, chunk)), jnp.int32)
+    state = sampling.append(cfg, params, state, more,
+                            jnp.full((rows,), min(chunk, live - done), jnp.int32))
+  return jax.block_until_ready(state)
+
+
+def rewinding_decoder(cfg: QwenConfig, params, states: dict, name: str, new: int):
+  """fn -> seconds: decodes `new` tokens on states[name], then rewinds them (untimed).
+
+  decode donates its state, so each run continues from the same live length without a
+  second copy of the cache in memory.
+  """
+  rows = states[name].pos.shape[0]
+  max_new = jnp.full((rows,), new, jnp.int32)
+  temp1 = sampling.SamplingParams(temperature=1.0)  # as the paper configs sample
+
+  def timed():
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(sampling.decode(cfg, params, states[name], max_new=max_new,
+                                                  sampling=temp1))
+    dt = time.perf_counter() - t0
+    states[name] = jax.block_until_ready(sampling.rewind(state, max_new))
+    return dt
+
+  return timed
+
+
+def paper_decode_shape(cfg: QwenConfig, rows: int, cache_len: int, live: int, new: int,
+                       repeats: int, read_gb_s: float, unroll: bool | None, dense: bool) -> dict:
+  """Decode steps into a cache of cache_len slots vs one of the live length rounded up.
+
+  Both caches hold the same `live` tokens per row and decode the same `new` tokens (rows
+  never stop), round-robin in this process. With live-length attention the ratio of the
+  two step times is ~1; `dense` adds the whole-cache pass (`attn_block` >= S) on the big cache.
+  """
+  cfg = cfg.replace(dtype=jnp.bfloat16)
+  small = round_up(live + new, cfg.attn_block)
+  if cache_len < small:
+    raise ValueError(f"paper_decode: cache {cache_len} holds fewer than live {live} + new {new}")
+  params = init_lib.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+  if unroll is not False:  # per-layer weights, made once (the sampler would otherwise per call)
+    params = jax.block_until_ready(qwen.unstack_layers(params))
+  chunk = min(256, cfg.attn_block)
+  states = {"cache": filled_state(cfg, params, rows, cache_len, live, chunk),
+            "live": filled_state(cfg, params, rows, small, live, chunk)}
+  fns = {"cache": rewinding_decoder(cfg, params, states, "cache", new),
+         "live": rewinding_decoder(cfg, params, states, "live", new)}
+  if dense:
+    fns["dense_cache"] = rewinding_decoder(cfg.replace(attn_block=cache_len), params, states,
+                                           "cache", new)
+  first = {k: fn() for k, fn in fns.items()}  # includes the compile
+  best = sb.interleaved_best(fns, repeats)
+  mean_live = live + new // 2  # the live KV a step reads, on average over the call
+  out = {"shape": {"model_type": cfg.model_type, "hidden": cfg.hidden_size,
+                   "layers": cfg.num_layers, "heads": cfg.num_heads,
+                   "kv_heads": cfg.num_kv_heads, "inter": cfg.intermediate_size,
+                   "vocab": cfg.vocab_size, "matmul_params": ts.matmul_params(cfg)},
+         "rows": rows, "cache_slots": cache_len, "live_cache_slots": small,
+         "live_tokens": [live, live + new], "new": new, "attn_block": cfg.attn_block,
+         "unroll": unroll}
+  for k, t in best.items():
+    out[k] = {"slots": small if k == "live" else cache_len, "compile_s": first[k] - t,
+              "tokens_per_s": rows * new / t,
+              "roofline_live_kv": decode_roofline(cfg, rows, mean_live, t / new, read_gb_s)}
+
+  def step_mb(slots):
+    return decode_roofline(cfg, rows, slots, 1.0, read_gb_s)["bytes_per_step_mb"]
+
+  out["kv_share_of_live_step_bytes"] = 1 - ts.matmul_params(cfg) * 2 / 1e6 / step_mb(mean_live)
+  out["bytes_per_step_mb_whole_cache"] = step_mb(cache_len)
+  out["step_ratio_cache_over_live"] = best["cache"] / best["live"]
+  if dense:
+    out["step_ratio_dense_cache_over_live"] = best["dense_cache"] / best["live"]
+  return out
+
+
+def paper_shapes(names: str, caches: str, lives: str, smoke: bool) -> dict:
+  """{name: (QwenConfig, cache slots, live tokens)} from the comma lists of the command line.
+
+  Caches and live lengths are listed in PAPER_SHAPES' order; smoke swaps the presets for
+  `smoke_config` of the same model type.
+  """
+  cache = dict(zip(PAPER_SHAPES, (int(c) for c in caches.split(","))))
+  live = dict(zip(PAPER_SHAPES, (int(n) for n in lives.split(","))))
+  out = {}
+  for name in filter(None, names.split(",")):
+    if name not in PAPER_SHAPES:
+      raise ValueError(f"--paper_models: unknown shape {name!r}; expected {sorted(PAPER_SHAPES)}")
+    cfg = PRESETS[PAPER_SHAPES[name]["preset"]]()
+    if smoke:
+      cfg = smoke_config().replace(model_type=cfg.model_type,
+                                   tie_word_embeddings=cfg.tie_word_embeddings)
+    out[name] = (cfg, cache.get(name, PAPER_SHAPES[name]["cache"]),
+                 live.get(name, PAPER_SHAPES[name]["live"]))
+  return out
+
+
+def bench_paper_decode(out: dict, shapes: dict, rows: int, new: int, repeats: int,
+                       read_gb_s: float, unroll: bool | None, dense: bool,
+                       attn_block: int | None = None, after_each=lambda: None) -> dict:
+  """Fills out[name] with `paper_decode_shape` for each of shapes {name: (QwenConfig, cache_len,
+  live)}, calling after_each() after each; an error (e.g. out of memory) is reported for its
+  shape and the next one still runs (each shape's weights and caches are freed before it)."""
+  for name, (cfg, cache_len, live) in shapes.items():
+    if attn_block:
+      cfg = cfg.replace(attn_block=attn_block)
+    try:
+      out[name] = paper_decode_shape(cfg, rows, cache_len, live, new, repeats, read_gb_s,
+                                     unroll, dense)
+    except Exception:  # pylint: disable=broad-except
+      out[name] = {"error": traceback.format_exc()[-2000:]}
+    after_each()
+  return out
+
+
 # ----- update steps ----------------------------------------------------------------------------
 
 
@@ -238,7 +387,7 @@ def bench_update(cfg: QwenConfig, rows: int, prompt: int, response: int, micro: 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat: checks the script")
-  ap.add_argument("--sections", default="decode,update")
+  ap.add_argument("--sections", default="decode,update,paper_decode")
   ap.add_argument("--batches", default="16,64,256")
   ap.add_argument("--prompt", type=int, default=256)
   ap.add_argument("--new", type=int, default=256)
@@ -253,6 +402,16 @@ def main():
   ap.add_argument("--no_remat", action="store_true",
                   help="keep activations (remat on with 2 micro-batches measured fastest on H100)")
   ap.add_argument("--algos", default="grpo,ppo")
+  ap.add_argument("--paper_rows", type=int, default=32,
+                  help="paper_decode: rows per device (the paper configs: 256 rows / 8 devices)")
+  ap.add_argument("--paper_cache", default=",".join(str(v["cache"]) for v in PAPER_SHAPES.values()),
+                  help="paper_decode: cache slots S of the 1.5B multi-attempt and 8B LTE shapes")
+  ap.add_argument("--paper_live", default=",".join(str(v["live"]) for v in PAPER_SHAPES.values()),
+                  help="paper_decode: live tokens per row at the first timed step, per shape")
+  ap.add_argument("--paper_new", type=int, default=64, help="paper_decode: tokens per timed call")
+  ap.add_argument("--paper_models", default=",".join(PAPER_SHAPES))
+  ap.add_argument("--paper_dense", action="store_true",
+                  help="paper_decode: also time one dense pass over the whole cache (the old path)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default="")
   args = ap.parse_args()
@@ -263,6 +422,7 @@ def main():
     args.batches, args.prompt, args.new, args.repeats = "2", 8, 8, 1
     args.train_rows, args.train_prompt, args.train_response = 2, 8, 8
     args.micro_batches = 2
+    args.paper_rows, args.paper_cache, args.paper_live, args.paper_new = 2, "512,768", "128,160", 8
   result = {"machine": machine_limits(n, read)}
 
   def emit():
@@ -293,6 +453,13 @@ def main():
         if "tflops" in result["update"].get(algo, {}):
           result["update"][algo]["mfu_vs_nominal"] = (result["update"][algo]["tflops"] /
                                                       m["nominal_bf16_tflops"])
+    emit()
+  if "paper_decode" in sections:
+    shapes = paper_shapes(args.paper_models, args.paper_cache, args.paper_live, args.smoke)
+    bench_paper_decode(result.setdefault("paper_decode", {}), shapes, args.paper_rows,
+                       args.paper_new, args.repeats, m["read_gb_s"],
+                       {"auto": None, "yes": True, "no": False}[args.unroll], args.paper_dense,
+                       attn_block=64 if args.smoke else None, after_each=emit)
   print(emit())
 
 

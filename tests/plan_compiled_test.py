@@ -1,17 +1,20 @@
-"""plan_memory --compiled: the rollout program compiled from shapes, on 8 simulated devices.
+"""plan_memory --compiled: the rollout and update programs compiled from shapes.
 
-Tiny model dims with the paper configs' structure (multi-attempt PPO with the per-turn
-callback; single-turn LTE), so the compiles take seconds; bench runs report the real shapes.
+On 8 simulated CPU devices: tiny model dims with the paper configs' structure (multi-attempt
+PPO with the per-turn callback; single-turn LTE), so the compiles take seconds. Where libtpu
+is installed (requirements-tpu.txt; .ci/run): for 8 TPU v5p chips at the paper shapes.
 """
 
 import importlib.util
+import os
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 
 from configs import lte_qwen, multi_attempt_qwen
-from mar.models.config import QwenConfig
+from mar.models.config import PRESETS, QwenConfig
 from mar.tools import plan_memory as pm
 
 
@@ -28,11 +31,25 @@ def _model(model_type: str) -> QwenConfig:
 
 class CompiledRolloutTest(parameterized.TestCase):
 
-  @parameterized.parameters((multi_attempt_qwen, "qwen2"), (lte_qwen, "qwen3"))
-  def test_default_layout_rows_split_and_no_collectives(self, module, model_type):
+  @parameterized.parameters((multi_attempt_qwen, "qwen2", ["update_actor", "update_critic"]),
+                            (lte_qwen, "qwen3", ["update"]))
+  def test_default_layout_rows_split_and_no_collectives(self, module, model_type, updates):
     self.assertEqual(jax.device_count(), 8)
-    report = pm.compiled_report(_small(module), _model(model_type), 8, None)
+    dump = tempfile.mkdtemp()
+    report = pm.compiled_report(_small(module), _model(model_type), 8, None, dump_hlo=dump)
     r, p = report["rollout"], report["plan"]
+    # The learner's update programs, compiled on the training layout (fsdp over 8).
+    self.assertEqual(report["training_mesh"], {"data": 1, "fsdp": 8, "tensor": 1})
+    self.assertCountEqual(report["update"], updates)
+    self.assertCountEqual(os.listdir(dump), ["rollout.txt"] + [f"{u}.txt" for u in updates])
+    for name, u in report["update"].items():
+      planned = p["update"][name]
+      self.assertEqual(u["micro_rows"], 8)  # 1024 sequences / mini-batches / micro-batches
+      self.assertEqual(u["rows"], planned["rows"])
+      # Arguments: params, optimizer state and one mini-batch, exactly as the planner has them.
+      args = (planned["params_bytes_per_device"] + planned["optimizer_state_bytes_per_device"]
+              + planned["batch_bytes_per_device"])
+      self.assertAlmostEqual(u["arguments_bytes_per_device"] / args, 1.0, delta=0.01)
     self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})
     self.assertTrue(r["decode_loop_found"])
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
@@ -43,7 +60,7 @@ class CompiledRolloutTest(parameterized.TestCase):
 
   def test_tensor_parallel_only_bf16_reductions(self):
     model = _model("qwen3")
-    report = pm.compiled_report(_small(lte_qwen, tensor=2), model, 8, None)
+    report = pm.compiled_report(_small(lte_qwen, tensor=2), model, 8, None, with_update=False)
     r = report["rollout"]
     self.assertEqual(report["sampling_mesh"], {"data": 4, "fsdp": 1, "tensor": 2})
     # Only the reductions after the attention output and the MLP down projection of each
@@ -52,24 +69,80 @@ class CompiledRolloutTest(parameterized.TestCase):
     self.assertBetween(r["decode_loop_collectives"], 1, 2 * model.num_layers)
 
 
-@absltest.skipUnless(importlib.util.find_spec("libtpu"), "needs libtpu (pip install jax[tpu])")
-class TpuTopologyTest(parameterized.TestCase):
-  """Ahead-of-time compiles for 8 TPU v5p chips (runs where libtpu is installed)."""
+_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+GiB = 2**30
 
-  @parameterized.parameters((multi_attempt_qwen, "qwen2"), (lte_qwen, "qwen3"))
-  def test_default_layout(self, module, model_type):
-    report = pm.compiled_report(_small(module), _model(model_type), None, "v5p:2x2x2")
+
+def _paper_widths(preset: str, layers: int = 2) -> QwenConfig:
+  """A paper model at its real widths (hidden, heads, MLP, vocab) with fewer layers."""
+  return PRESETS[preset]().replace(num_layers=layers)
+
+
+@absltest.skipUnless(_HAS_LIBTPU or os.environ.get("MAR_REQUIRE_TPU_COMPILE"),
+                     "needs libtpu (pip install -r requirements-tpu.txt)")
+class TpuTopologyTest(parameterized.TestCase):
+  """Ahead-of-time compiles for 8 TPU v5p chips (where libtpu is installed; CI runs them).
+
+  The paper configs' real shapes -- rows, prompt bucket, cache slots, micro-batches, and the
+  models' widths -- with 2 of their layers, so the five programs compile in minutes on two
+  CPU cores (each layer adds the same buffers; bench/README.md has the full-depth compiles).
+  """
+
+  reports: dict = {}
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    for name, module, preset in (("multi_attempt_qwen", multi_attempt_qwen, "qwen2_5_math_1_5b"),
+                                 ("lte_qwen", lte_qwen, "qwen3_8b_base")):
+      cls.reports[name] = pm.compiled_report(module.get_config(), _paper_widths(preset), None,
+                                             "v5p:2x2x2")
+
+  @parameterized.parameters("multi_attempt_qwen", "lte_qwen")
+  def test_rollout_rows_split_without_decode_collectives(self, name):
+    report = self.reports[name]
     r = report["rollout"]
     self.assertEqual(report["target"], "v5p:2x2x2")
+    self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})
+    self.assertEqual(r["rows"], 256)
+    self.assertTrue(r["decode_loop_found"])
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
     self.assertAlmostEqual(r["kv_bytes_per_device"] / (r["kv_bytes_all_rows"] / 8), 1.0,
                            delta=0.05)
 
-  def test_tensor_parallel_bf16_reductions(self):
-    model = _model("qwen3")
-    r = pm.compiled_report(_small(lte_qwen, tensor=2), model, None, "v5p:2x2x2")["rollout"]
+  @parameterized.parameters("multi_attempt_qwen", "lte_qwen")
+  def test_planner_within_10_percent_of_xla(self, name):
+    report = self.reports[name]
+    ratios = report["plan_over_compiled"]
+    self.assertCountEqual(
+        ratios, ["kv", "peak"] + list(report["update"]))  # every compiled program compared
+    for program, ratio in ratios.items():
+      self.assertBetween(ratio, 0.9, 1.1, f"{name} {program}: {ratios}")
+
+  @parameterized.parameters(("multi_attempt_qwen", "qwen2_5_math_1_5b"),
+                            ("lte_qwen", "qwen3_8b_base"))
+  def test_full_depth_plan_under_75_gib(self, name, preset):
+    # The planner, checked against XLA above, at the models' real depth.
+    module = {"multi_attempt_qwen": multi_attempt_qwen, "lte_qwen": lte_qwen}[name]
+    config = module.get_config()
+    model = PRESETS[preset]()
+    rollout = pm.rollout_program_plan(config, model, {"data": 8, "fsdp": 1, "tensor": 1})
+    self.assertLessEqual(rollout["peak_bytes_per_device"], 75 * GiB)
+    updates = pm.update_program_plan(config, model, {"data": 1, "fsdp": 8, "tensor": 1})
+    for u in updates.values():
+      self.assertLessEqual(u["peak_bytes_per_device"], 75 * GiB)
+
+  def test_tensor_parallel_only_bf16_reductions(self):
+    config = lte_qwen.get_config()
+    config.rollout.mesh.tensor = 2
+    model = _paper_widths("qwen3_8b_base")
+    report = pm.compiled_report(config, model, None, "v5p:2x2x2", with_update=False)
+    r = report["rollout"]
+    self.assertEqual(report["sampling_mesh"], {"data": 4, "fsdp": 1, "tensor": 2})
     self.assertEqual(r["decode_loop_collective_ops"], {"all-reduce": 2 * model.num_layers})
     self.assertEqual(r["decode_loop_collective_dtypes"], ["bf16"])
+    self.assertAlmostEqual(r["kv_bytes_per_device"] / (r["kv_bytes_all_rows"] / 8), 1.0,
+                           delta=0.05)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What XLA itself says a config's rollout program needs: compiled with no weights.
+"""What XLA itself says a config's rollout and update programs need: compiled with no weights.
 
 `compile_rollout` lowers the trainer's rollout program (prefill, the multi-attempt turn scan
 and the while-loop decode of `mar.rollout.multi_attempt.rollout`) for a config on the
@@ -6,7 +6,9 @@ sampling layout (`parallel.sampling_mesh`: rows over 'data', weights in the samp
 over 'tensor') from `jax.ShapeDtypeStruct`s only, and reads XLA's memory analysis of the
 compiled program. `decode_loop_collectives` parses its optimized HLO: the decode loop is the
 innermost while loop whose body (with everything it calls) runs the whole model; the
-collectives there run once per token step.
+collectives there run once per token step. `compile_updates` does the same for the
+learner's jitted update step(s) (PPO actor and critic, GRPO / LTE policy) on the training
+layout (`config.mesh`), with one mini-batch of `update_shape`.
 
 Used by `python -m mar.tools.plan_memory --compiled`.
 """

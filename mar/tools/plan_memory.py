@@ -524,11 +524,12 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
       slot["ref_logp"] = 4
     if not ppo_run and us.packed and config.grpo.agg == "seq_mean_token_mean":
       slot["seq_counts"] = 4  # only this aggregation reads the per-slot sequence lengths
-    if not us.packed:  # a validity mask instead of segment ids
+    per_row = {"loss_norm": 4} if not ppo_run and us.packed else {}
+    if not us.packed:  # a validity mask instead of segment ids, per-sequence fields per row
       slot["valid"] = slot.pop("segment_ids") // 4
-    batch = local_rows * us.row_len * sum(slot.values())
-    if not ppo_run and us.packed:
-      batch += local_rows * 4  # loss_norm, one per row
+      if not ppo_run:
+        per_row = {k: slot.pop(k) for k in ("hinted", "advantages")}
+    batch = local_rows * (us.row_len * sum(slot.values()) + sum(per_row.values()))
     params = critic_bytes(cfg, mesh, rules) if critic else param_bytes(cfg, mesh, rules)
     state = opt_state_bytes(cfg, opt, mesh, rules, critic=critic)
     cast = params * np.dtype(compute).itemsize // 4

@@ -133,6 +133,16 @@ def _optimizer(config, lr: float):
                               grad_clip=o.grad_clip)
 
 
+def make_learner(config, cfg: models.QwenConfig, mesh=None, rules=None):
+  """The config's learner (PPO or GRPO/LTE) with its own optimizers, as `build_run` makes it.
+
+  `mar.tools.compiled_memory` compiles its update programs from shapes.
+  """
+  policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
+  critic_opt = _optimizer(config, config.ppo.critic_lr) if config.method == "ppo" else None
+  return _make_learner(config, cfg, _optimizer(config, policy_lr), critic_opt, mesh, rules)
+
+
 def build_run(config, workdir: str) -> Run:
   if config.model.get("demo") and config.model.demo.enabled:
     from mar import demo

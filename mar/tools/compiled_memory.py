@@ -1,4 +1,4 @@
-"""What XLA itself says a config's rollout program needs: compiled with no weights.
+"""What XLA itself says a config's rollout and update programs need: compiled with no weights.
 
 `compile_rollout` lowers the trainer's rollout program for a config (`rollout.engine`: the
 continuous engine's queue program, `mar.rollout.continuous.rollout`, or the static one's
@@ -7,7 +7,9 @@ sampling layout (`parallel.sampling_mesh`: rows over 'data', weights in the samp
 over 'tensor') from `jax.ShapeDtypeStruct`s only, and reads XLA's memory analysis of the
 compiled program. `decode_loop_collectives` parses its optimized HLO: the decode loop is the
 innermost while loop whose body (with everything it calls) runs the whole model; the
-collectives there run once per token step.
+collectives there run once per token step. `compile_updates` does the same for the
+learner's jitted update step(s) (PPO actor and critic, GRPO / LTE policy) on the training
+layout (`config.mesh`), with one mini-batch of `update_shape`.
 
 Used by `python -m mar.tools.plan_memory --compiled`.
 """
@@ -18,6 +20,7 @@ import dataclasses
 import functools
 import math
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mar import parallel
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig, dtype_from_name
-from mar.models.init import init_params
+from mar.models.init import init_params, param_shapes
+from mar.rl import packing
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout import runner as runner_lib
@@ -112,6 +116,7 @@ class CompiledRollout:
   kv_bytes_per_device: int
   kv_bytes_all_rows: int
   hlo: str
+  compile_s: float = 0.0
 
 
 def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
@@ -148,17 +153,16 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
     decode = functools.partial(sampling.decode, mesh=mesh)  # as the runner passes it
     fn = jax.jit(lambda params, *a: ma.rollout(model, params, rs.spec, pred, verify, *a,
                                                decode_fn=decode))
+  start = time.perf_counter()
   compiled = fn.lower(params, *args).compile()
-  mem = compiled.memory_analysis()
-  memory = {k: int(getattr(mem, k)) for k in (
-      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-      "alias_size_in_bytes", "peak_memory_in_bytes")}
+  seconds = time.perf_counter() - start
+  memory = memory_figures(compiled)
   kv_all = kv_bytes(model, rs.rows, rs.slots, dtype)
   data = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
   shards = data if rs.rows % data == 0 else 1
   tp = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] == 0 else 1
   return CompiledRollout(rs, dict(mesh.shape), memory, kv_all // shards // tp, kv_all,
-                         compiled.as_text())
+                         compiled.as_text(), seconds)
 
 
 def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool,
@@ -206,6 +210,167 @@ def kv_bytes(model: QwenConfig, rows: int, slots: int, dtype) -> int:
   """k and v of every layer plus the validity mask, all rows."""
   kv = 2 * model.num_layers * rows * model.num_kv_heads * slots * model.head_dim
   return kv * np.dtype(dtype).itemsize + rows * slots
+
+
+# ----- the learner's update programs ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateShape:
+  """One mini-batch of the learner's update at its largest: every sequence fills its own row."""
+
+  sequences: int  # per optimizer step (the whole rollout batch)
+  seq_len: int  # slots of one sequence as the rollout hands it over
+  row_len: int  # slots of a learner row (packed: train.pack_len; else seq_len)
+  mini_batches: int
+  rows: int  # rows of one mini-batch
+  micro_rows: int  # rows of one micro-batch
+  packed: bool
+
+  @property
+  def micro_batches(self) -> int:
+    return self.rows // self.micro_rows
+
+
+def update_shape(config, shards: int) -> UpdateShape:
+  """The largest update program the learner compiles for `config` (`rl.packing` layout).
+
+  Packing puts several sequences in a row; the memory bound is the batch whose sequences
+  each fill a row, which is also the padded layout's shape (`packing` keeps the padded
+  micro-batch's row count).
+  """
+  r, ppo = config.rollout, config.method == "ppo"
+  if ppo:
+    n, seq = r.prompts_per_step, rollout_shape(config).slots
+    mini, micro = config.ppo.mini_batches, config.ppo.micro_batches
+  else:
+    n, seq = r.prompts_per_step * config.grpo.group_size, r.prompt_len + r.token_budget
+    mini, micro = config.grpo.mini_batches, config.grpo.micro_batches
+  per_mini = n // mini
+  micro_rows = max(per_mini // micro, 1)
+  pack_len = int(config.train.pack_len)
+  if not pack_len:
+    return UpdateShape(n, seq, seq, mini, per_mini, micro_rows, False)
+  row_len = pack_len if pack_len > 0 else seq
+  rows, count = packing.mini_batch_rows(per_mini * -(-seq // row_len), micro_rows, shards)
+  return UpdateShape(n, seq, row_len, mini, rows, rows // count, True)
+
+
+def training_model(config, model: QwenConfig) -> QwenConfig:
+  """The learner's model config: f32 master weights, compute dtype and remat from config."""
+  return model.replace(dtype=dtype_from_name(config.model.dtype), remat=config.model.remat)
+
+
+def _struct(shape, dtype, mesh, rules=sharding_lib.DEFAULT_RULES):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+      mesh, parallel.batch_spec(mesh, rules, shape)))
+
+
+def _sharded(shapes, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def _f32(shapes: dict) -> dict:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
+  """One mini-batch as `PPOLearner.step` hands it to the updates: what scoring returns."""
+  n, s = us.sequences // us.mini_batches, us.seq_len
+  ep_dtypes = {"tokens": jnp.int32, "valid": jnp.bool_, "action_mask": jnp.bool_,
+               "feedback_mask": jnp.bool_}
+  fields = {f: None for f in ma.Episodes._fields}
+  fields.update({k: _struct((n, s), d, mesh, rules) for k, d in ep_dtypes.items()})
+  fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
+                last_action=_struct((n,), jnp.int32, mesh, rules))
+  ep = ma.Episodes(**fields)
+  sh = learner.shardings
+  policy = _sharded(_f32(param_shapes(learner.config)), sh.params)
+  critic = _sharded(_f32(parallel.critic_shapes(learner.config)), sh.critic)
+  if us.packed:
+    idx = _struct((us.rows, us.row_len), jnp.int32, mesh, rules)
+    shapes = jax.eval_shape(learner.score_packed, policy, policy, critic, ep, idx, idx)
+  else:
+    shapes = jax.eval_shape(learner.score, policy, policy, critic, ep)
+  return {k: _struct(v.shape, v.dtype, mesh, rules) for k, v in shapes.items()}  # rows split
+
+
+def group_batch(config, us: UpdateShape, mesh, rules) -> dict:
+  """One GRPO / LTE mini-batch as `GRPOLearner.step` hands it to the update.
+
+  The fields `lte.step` builds (old_logp with several mini-batches; ref_logp with a KL
+  term), then, packed, those `GRPOLearner.pack_batch` makes of them ([R, L] per slot,
+  per-row `loss_norm`, no `valid`).
+  """
+  r, s = us.rows, us.row_len
+  f32, b, i32 = jnp.float32, jnp.bool_, jnp.int32
+  per_slot = {"tokens": i32, "action_mask": b, "old_logp_hinted": f32}
+  if us.mini_batches > 1:
+    per_slot["old_logp"] = f32
+  if config.grpo.kl_coef:
+    per_slot["ref_logp"] = f32
+  per_seq = {"hinted": b, "advantages": f32}
+  if us.packed:
+    per_slot.update(per_seq, segment_ids=i32, seq_counts=f32)
+    out = {k: _struct((r, s), d, mesh, rules) for k, d in per_slot.items()}
+    out["loss_norm"] = _struct((r,), f32, mesh, rules)
+    return out
+  per_slot["valid"] = b
+  out = {k: _struct((r, s), d, mesh, rules) for k, d in per_slot.items()}
+  out.update({k: _struct((r,), d, mesh, rules) for k, d in per_seq.items()})
+  return out
+
+
+@dataclasses.dataclass
+class CompiledUpdate:
+  name: str  # update (GRPO / LTE), update_actor, update_critic (PPO)
+  shape: UpdateShape
+  mesh: dict
+  memory: dict
+  hlo: str
+  compile_s: float = 0.0
+
+
+def memory_figures(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  return {k: int(getattr(mem, k)) for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+      "alias_size_in_bytes", "peak_memory_in_bytes")}
+
+
+def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdate]:
+  """Lowers and compiles the learner's jitted update step(s) of `config` on `mesh` (the
+  training layout, `config.mesh`) from shapes: f32 params and optimizer states placed as
+  `parallel.TrainShardings` places them, one mini-batch of `update_shape`."""
+  from mar import setup  # pylint: disable=g-import-not-at-top
+
+  cfg = training_model(config, model)
+  rules = parallel.rules_from_config(config)
+  learner = setup.make_learner(config, cfg, mesh, rules)
+  us = update_shape(config, parallel.batch_shards(mesh, rules))
+  sh = learner.shardings
+  policy = _sharded(_f32(param_shapes(cfg)), sh.params)
+  if config.method == "ppo":
+    batch = ppo_batch(learner, us, mesh, rules)
+    actor, critic_fn = ((learner.packed_updates(us.micro_rows)) if us.packed else
+                        (learner.update_actor, learner.update_critic))
+    critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)
+    programs = [("update_actor", actor, policy, learner.actor_opt, sh.actor_opt),
+                ("update_critic", critic_fn, critic, learner.critic_opt, sh.critic_opt)]
+  else:
+    batch = group_batch(config, us, mesh, rules)
+    fn = learner.packed_update(us.micro_rows) if us.packed else learner.update
+    programs = [("update", fn, policy, learner.optimizer, sh.actor_opt)]
+  out = []
+  for name, fn, params, opt, opt_sh in programs:
+    state = _sharded(jax.eval_shape(opt.init, params), opt_sh)
+    start = time.perf_counter()
+    compiled = fn.lower(params, state, batch).compile()
+    out.append(CompiledUpdate(name, us, dict(mesh.shape), memory_figures(compiled),
+                              compiled.as_text(), time.perf_counter() - start))
+  return out
 
 
 # ----- optimized HLO: collectives in the decode loop -----------------------------------------

@@ -87,7 +87,8 @@ class TrainerTest(absltest.TestCase):
       self.assertTrue(np.isfinite(m["loss"]))
       self.assertIn("success_at_attempt/1", m)
     run.close()
-    self.assertEqual(sum(map(_cache_size, run.runner._rollouts.values())), 1)
+    programs = [*run.runner._rollouts.values(), *run.runner._continuous.values()]
+    self.assertEqual(sum(map(_cache_size, programs)), 1)  # one rollout program, any engine
     # Packed learner batches: one program per row-count bucket, never one per step.
     buckets = len(run.learner._packed)
     self.assertLessEqual(_cache_size(run.learner.score_packed), 2)

@@ -24,7 +24,7 @@ from testutil import DATA_DIR
 
 # A returned verdict may be late by this much on a loaded 2-core machine; the
 # property tested is "bounded by the deadline", not speed.
-_SLACK_S = 5.0
+_SLACK_S = 10.0  # 5 s was exceeded (7.0 s) at a load average of 11
 
 # (prediction, gold): equal. Golds cover the formats of all benchmarks.
 EQUAL = [

@@ -24,33 +24,42 @@ from mar.sampling.sample import SamplingParams, sample
 from mar.sampling.sampler import prefill
 
 
-def _put_row(big: jax.Array, small: jax.Array, row: jax.Array, slot: int, row_axis: int,
-             slot_axis: int):
-  """Writes `small` (one row, W slots) into `big` at (row, slots slot..slot+W-1)."""
-  start = [jnp.zeros((), jnp.int32)] * big.ndim
-  start[row_axis] = row
-  start[slot_axis] = jnp.asarray(slot, jnp.int32)
-  return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
+def _set_rows(big: jax.Array, rows: jax.Array, small: jax.Array, row_axis: int,
+              slot_axis: int) -> jax.Array:
+  """big[..., rows, ..., :P, ...] = small (rows == B are dropped)."""
+  p = small.shape[slot_axis]
+  idx = [slice(None)] * big.ndim
+  idx[row_axis] = rows
+  idx[slot_axis] = slice(0, p)
+  # A basic slice after an advanced index keeps the advanced axis in place here (one
+  # advanced index), so `small` is laid out as the selected region.
+  return big.at[tuple(idx)].set(small.astype(big.dtype), mode="drop")
 
 
-def _write_row(cache: qwen.KVCache, row: jax.Array, small: qwen.KVCache, end: int):
-  """Copies a fresh one-row cache of W slots into `row` of `cache` at slots end-W..end-1.
-
-  Every other slot of the row is marked invalid (what an earlier episode left there is dead).
-  """
-  s, w = cache.valid.shape[1], small.valid.shape[1]
-  valid = jnp.zeros((1, s), bool)
-  valid = jax.lax.dynamic_update_slice(valid, small.valid, (0, end - w))
-  valid = jax.lax.dynamic_update_slice(cache.valid, valid, (row, 0))
+def write_rows(cache: qwen.KVCache, rows: jax.Array, small: qwen.KVCache) -> qwen.KVCache:
+  """Copies a fresh [R, P]-slot cache into `rows` [R] of a [B, S] cache; slots >= P invalid."""
+  s, p = cache.valid.shape[1], small.valid.shape[1]
+  valid = jnp.pad(small.valid, ((0, 0), (0, s - p)))
+  valid = cache.valid.at[rows].set(valid, mode="drop")
   if qwen.is_unstacked(cache.k):
-    small = qwen.unstack_cache(small)  # keys [1, K, Dh, W], values [1, K, W, Dh]
-    k = tuple(_put_row(c, n, row, end - w, 0, 3) for c, n in zip(cache.k, small.k))
-    v = tuple(_put_row(c, n, row, end - w, 0, 2) for c, n in zip(cache.v, small.v))
-  else:  # stacked [L, B, K, S, Dh]
-    small = qwen.stack_cache(small)
-    k, v = (_put_row(c, n, row, end - w, 1, 3)
-            for c, n in ((cache.k, small.k), (cache.v, small.v)))
+    small = qwen.unstack_cache(small)  # keys [R, K, Dh, P], values [R, K, P, Dh]
+    k = tuple(_set_rows(c, rows, n, 0, 3) for c, n in zip(cache.k, small.k))
+    v = tuple(_set_rows(c, rows, n, 0, 2) for c, n in zip(cache.v, small.v))
+  else:
+    small = qwen.stack_cache(small)  # [L, R, K, P, Dh]
+    k, v = _set_rows(cache.k, rows, small.k, 1, 3), _set_rows(cache.v, rows, small.v, 1, 3)
   return qwen.KVCache(k=k, v=v, valid=valid)
+
+
+def _pad_slots_left(cache: qwen.KVCache, p: int) -> qwen.KVCache:
+  """A one-prompt cache of W slots as P slots, the W at the end (the rest empty, invalid)."""
+  w = cache.valid.shape[1]
+  pad = lambda a, axis: jnp.pad(a, [(p - w, 0) if d == axis else (0, 0) for d in range(a.ndim)])
+  if qwen.is_unstacked(cache.k):  # keys [1, K, Dh, W], values [1, K, W, Dh]
+    k, v = tuple(pad(x, 3) for x in cache.k), tuple(pad(x, 2) for x in cache.v)
+  else:  # [L, 1, K, W, Dh]
+    k, v = pad(cache.k, 3), pad(cache.v, 3)
+  return qwen.KVCache(k=k, v=v, valid=pad(cache.valid, 1))
 
 
 def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_tokens: jax.Array,
@@ -60,27 +69,30 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   Each row is prefilled alone, at the smallest of `widths` (ascending; default and last: P)
   that holds its prompt, into slots P-W..P-1 of its row: the tokens computed follow the row's
   own prompt, not the longest one that refills with it, and a row's cache and logits do not
-  depend on which rows refill with it. Skipped rows cost nothing (`lax.cond`).
+  depend on which rows refill with it. Skipped rows compute nothing (a branch of zeros).
+  The live cache is never an operand of a branch (XLA would copy it into each branch's
+  output): the branches return one prompt's [1, P] cache, written in after the switch.
   Returns (cache, logits [R, V] after each prompt, rope_pos [R] = real prompt tokens).
   """
   r, p = prompt_tokens.shape
-  b = cache.valid.shape[0]
   widths = tuple(w for w in widths if w < p) + (p,)
 
-  def prefill_at(w, args):
-    cache_, toks, mask, row = args
+  def prefill_at(w, toks, mask):
     st = prefill(config, params, toks[None, p - w:], mask[None, p - w:], w)
-    return _write_row(cache_, row, st.cache, p), st.logits[0]
+    return _pad_slots_left(st.cache, p), st.logits[0]
+
+  shapes = jax.eval_shape(functools.partial(prefill_at, p), prompt_tokens[0], prompt_mask[0])
+  skip = lambda toks, mask: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  branches = [functools.partial(prefill_at, w) for w in widths] + [skip]
 
   def one(i, carry):
     cache_, logits, rope = carry
     toks, mask, row = prompt_tokens[i], prompt_mask[i], rows[i]
     n = mask.sum().astype(jnp.int32)
-    k = jnp.searchsorted(jnp.asarray(widths), n).astype(jnp.int32)
-    run = lambda a: jax.lax.switch(
-        k, [functools.partial(prefill_at, w) for w in widths], a)
-    skip = lambda a: (a[0], jnp.zeros((logits.shape[1],), logits.dtype))
-    cache_, row_logits = jax.lax.cond(row < b, run, skip, (cache_, toks, mask, row))
+    k = jnp.where(row < cache_.valid.shape[0], jnp.searchsorted(jnp.asarray(widths), n),
+                  len(widths))
+    small, row_logits = jax.lax.switch(k, branches, toks, mask)
+    cache_ = write_rows(cache_, row[None], small)  # rows == B: dropped
     return cache_, logits.at[i].set(row_logits), rope.at[i].set(n)
 
   logits = jnp.zeros((r, config.vocab_size), jnp.float32)

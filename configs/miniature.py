@@ -13,11 +13,13 @@ accuracy at k = 1 (greedy, the multi-attempt prompt stating one attempt: the PPO
 evaluation, 256 problems) must lie between 20 % and 60 %, so a second attempt and a hint have
 something to work with and something left to gain. Candidates, probed in this order by
 building the warm start and evaluating it only (`--config.mode=eval`), the first that meets it
-taken: (a) two operands of 1-2 digits: 4.7 %; (b) three operands of 1 digit; (c) two operands
-of 1 digit (the demo's task). (The list first named two operands of 2 digits third; after (a)
-showed 2-digit operands too hard for this model it was replaced by the demo's task, before
-any RL run.) The earlier choice, three operands of 1-2 digits, gave 0.8 %, too hard for any
-method to show anything.
+taken: (a) two operands of 1-2 digits: 4.7 %; (b) three operands of 1 digit: 14.5 %;
+(c) two operands of 1 digit (the demo's task): 91.0 %. None met it, so two more, declared
+before either was probed, in this order: (d) task (c) with a shorter warm start
+(sft_steps=150 instead of 400); (e) three operands of 1 digit, "+" only. (The list first
+named two operands of 2 digits third; after (a) showed 2-digit operands too hard for this
+model it was replaced by (c), before any RL run.) The earlier choice, three operands of 1-2
+digits, gave 0.8 %, too hard for any method to show anything.
 The warm start (`model.demo.style = "neutral"`, mar/demo.py) is identical for every arm and every
 RL seed (`model.demo.seed` is pinned): it only ever targets the correct answer, under each of
 the prompts the arms use, and shows wrong answers as context only (a failed attempt before

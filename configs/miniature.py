@@ -33,7 +33,7 @@ ARMS = ("multi_attempt", "single_turn", "grpo", "grpo_extra", "lte")
 PPO_ARMS = ("multi_attempt", "single_turn")
 GROUP_ARMS = ("grpo", "grpo_extra", "lte")
 # The synthetic task of every arm, training and evaluation (see the docstring for the choice).
-TASK = dict(min_digits=1, max_digits=2, num_operands=2, ops="+-")
+TASK = dict(min_digits=1, max_digits=1, num_operands=2, ops="+-")
 
 
 def get_config(arg: str | None = None):
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"configs/miniature.py: variant {arg!r}; expected one of {ARMS}, "
                      "optionally followed by ',tiny'")
   c = base_config()
-  c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=64, sft_len=128,
+  c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=200, sft_batch=64, sft_len=128,
                       sft_lr=3e-3, p_wrong=0.5, wrong_deltas=(-10, -1, 1, 10),
                       style="neutral", sft_attempts=4, seed=0)
   task = dict(TASK)

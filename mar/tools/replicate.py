@@ -133,12 +133,12 @@ def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
   from mar import demo
 
   timings_path = os.path.join(root, TIMINGS_FILE)
-  timings = _read_json(timings_path)
   first = arm_config(arms[0], seeds[0], tiny, overrides)
   wall, cpu = time.perf_counter(), _cpu_seconds()
   demo.ensure_demo_model(first, root)  # the shared warm start, built once into the cache
-  timings.setdefault("warm_start", {"wall_s": time.perf_counter() - wall,
-                                    "cpu_s": _cpu_seconds() - cpu})
+  if "warm_start" not in _read_json(timings_path):
+    _record_timing(timings_path, "warm_start", {"wall_s": time.perf_counter() - wall,
+                                                "cpu_s": _cpu_seconds() - cpu})
   runs: dict = {}
   start_rows: dict = {}  # eval kind -> step-0 rows of the first run evaluating that way
   for seed in seeds:
@@ -150,10 +150,22 @@ def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
       if _start_rows(wd):
         start_rows.setdefault(_eval_kind(config), _start_rows(wd))
       if spent:
-        timings.setdefault("arms", {})[f"{arm}/seed_{seed}"] = spent
-        _write_json(timings_path, timings)
+        _record_timing(timings_path, "arms", {f"{arm}/seed_{seed}": spent})
       runs.setdefault(arm, {})[seed] = wd
   return runs
+
+
+def _record_timing(path: str, key: str, entry: dict) -> None:
+  """Merges `entry` into timings.json[key], re-read first: suites over disjoint seeds may
+  share one workdir (e.g. one process per seed). The 1-minute load average at the time
+  says how far other jobs inflated the wall clock."""
+  timings = _read_json(path)
+  if key == "arms":
+    entry = {name: {**t, "load_avg_1m": os.getloadavg()[0]} for name, t in entry.items()}
+    timings.setdefault(key, {}).update(entry)
+  else:
+    timings[key] = entry
+  _write_json(path, timings)
 
 
 def _eval_kind(config) -> tuple:
@@ -239,7 +251,7 @@ def _read_json(path: str) -> dict:
 
 def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # one per process: suites may share the workdir
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=1, allow_nan=True)
   os.replace(tmp, path)

@@ -21,7 +21,9 @@ from mar.tools import plan_memory as pm
 
 def _small(config_module, tensor: int = 1):
   c = config_module.get_config()
-  c.rollout.update(dict(batch_size=16, prompt_len=64, token_budget=32))
+  # 8 rows per device refilled 4 at a time: the per-row prefill stays a loop of its own, as
+  # at the paper shapes (a 1-row refill loop is inlined into the decode loop).
+  c.rollout.update(dict(batch_size=64, refill_rows=4, prompt_len=64, token_budget=32))
   c.rollout.mesh.tensor = tensor
   return c
 

@@ -505,14 +505,13 @@ def loop_kv_bytes(carried, model: QwenConfig, slots: int) -> int:
   """Per-device bytes of the KV cache the decode loop carries (from its loop state's shapes).
 
   A layer's k or v buffer is the rank-4 state of dims {rows, KV heads, slots, head_dim};
-  the [rows, slots] validity mask is counted too.
+  one [rows, slots] validity mask is counted too (the continuous engine also carries
+  [episodes, slots] output masks, which are not cache).
   """
-  total = 0
-  for dt, dims in carried:
-    if dt not in _DTYPE_BYTES:
-      continue
-    is_kv = len(dims) == 4 and slots in dims and model.head_dim in dims
-    is_valid = dt == "pred" and len(dims) == 2 and dims[1] == slots
-    if is_kv or is_valid:
-      total += _DTYPE_BYTES[dt] * math.prod(dims)
+  kv = [(dt, dims) for dt, dims in carried if dt in _DTYPE_BYTES and len(dims) == 4
+        and slots in dims and model.head_dim in dims]
+  total = sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in kv)
+  rows = kv[0][1][0] if kv else None
+  if (rows, slots) in [dims for dt, dims in carried if dt == "pred"]:
+    total += rows * slots
   return total

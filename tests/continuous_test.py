@@ -26,7 +26,7 @@ PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
 
 
 def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop_ids=(),
-                refill_rows=2, refill_wait=3, key=0, mesh=None):
+                refill_rows=2, refill_wait=3, key=0, mesh=None, widths=()):
   """Runs prompts (token lists) as one queue of single-turn episodes; numpy results."""
   p = max(map(len, prompts_))
   toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
@@ -34,7 +34,7 @@ def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop
       rollout=ma.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
                              sampling=sampling.SamplingParams(temperature=temperature),
                              stop_ids=tuple(stop_ids)),
-      rows=rows, refill_rows=refill_rows, refill_wait=refill_wait)
+      rows=rows, refill_rows=refill_rows, refill_wait=refill_wait, prompt_widths=widths)
   fb = np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)
   fn = jax.jit(lambda params, t, m, k: continuous.rollout(
       config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k,
@@ -72,9 +72,12 @@ class SingleTurnTest(parameterized.TestCase):
     cls.hf, cls.config, cls.params = st.hf_tiny("qwen2")
     cls.prompts = st.prompts_for(lens=PROMPT_LENS)
 
-  def test_greedy_equals_hf_with_refills(self):
+  @parameterized.parameters(((),),  # every prompt prefilled at the queue's width P = 17
+                            ((4, 8, 16),))  # its own: 1 -> 4, 5..7 -> 8, 9..14 -> 16, 17 -> P
+  def test_greedy_equals_hf_with_refills(self, widths):
     ref = st.hf_greedy(self.hf, self.prompts, 20)
-    ep, stats = single_turn(self.config, self.params, self.prompts, rows=3, budget=20)
+    ep, stats = single_turn(self.config, self.params, self.prompts, rows=3, budget=20,
+                            widths=widths)
     self.assertEqual(responses(ep), ref)
     self.assertEqual(int(stats["prefill_rows"]), len(self.prompts))
     self.assertGreater(int(stats["prefill_calls"]), 1)

@@ -63,7 +63,7 @@ class TrainingSetTest(absltest.TestCase):
       texts = [t for i in order[lo:lo + r.prompts_per_step]
                for t in setup.training_prompts(config, kept[i].question)[-1:] * copies]
       if runner.continuous:  # one queue per step, each prompt prefilled at its own bucket
-        q = -(-len(texts) // runner.local_batch) * runner.local_batch
+        q = runner_lib.queue_len(len(texts), runner.local_batch)
         runner.encode_prompts(texts, rows=q, per_row=True)
         continue
       texts = sorted(texts, key=lambda t: len(self.tok.encode(t)))  # as run_host chunks

@@ -54,6 +54,12 @@ def prompt_buckets(prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
   return tuple(sizes) + (prompt_len,)
 
 
+def queue_len(episodes: int, rows: int) -> int:
+  """The continuous engine's queue for `episodes`: padded to a multiple of the rows (>= rows),
+  so it compiles for a few queue lengths."""
+  return rows * max(1, -(-episodes // rows))
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
   """The smallest bucket that holds `length` tokens."""
   for p in buckets:
@@ -359,7 +365,7 @@ class RolloutRunner:
     with `host` their HostEpisodes.
     """
     n, rows = len(prompts), self.local_batch
-    q = rows * max(1, -(-n // rows))
+    q = queue_len(n, rows)
     tokens, mask = self.encode_prompts(prompts, rows=q, per_row=True)  # one bucket for the queue
     attempts = np.zeros(q, np.int32)
     attempts[:n] = n_attempts

@@ -77,10 +77,11 @@ def rollout_shape(config) -> RolloutShape:
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       stop_ids=STOP_IDS, check_every=r.check_every, hint_feedback_len=r.hint_feedback_len)
   episodes = r.prompts_per_step * (1 if ppo else config.grpo.group_size)
-  return RolloutShape(rows, r.prompt_len, attempts, spec, rows * max(1, -(-episodes // rows)))
+  return RolloutShape(rows, r.prompt_len, attempts, spec, runner_lib.queue_len(episodes, rows))
 
 
-def sampling_model(config, model: QwenConfig) -> QwenConfig:
+def program_model(config, model: QwenConfig) -> QwenConfig:
+  """The model config both programs run: compute dtype and remat from `config.model`."""
   return model.replace(dtype=dtype_from_name(config.model.dtype), remat=config.model.remat)
 
 
@@ -121,7 +122,7 @@ class CompiledRollout:
 
 def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
   """Lowers and compiles the rollout program of `config` on `mesh` (the sampling layout)."""
-  model = sampling_model(config, model)
+  model = program_model(config, model)
   rs = rollout_shape(config)
   dtype = parallel.sampling_dtype(model) or jnp.float32
   p_sh = parallel.sampling_shardings(model, mesh)
@@ -256,11 +257,6 @@ def update_shape(config, shards: int) -> UpdateShape:
   return UpdateShape(n, seq, row_len, mini, rows, rows // count, True)
 
 
-def training_model(config, model: QwenConfig) -> QwenConfig:
-  """The learner's model config: f32 master weights, compute dtype and remat from config."""
-  return model.replace(dtype=dtype_from_name(config.model.dtype), remat=config.model.remat)
-
-
 def _struct(shape, dtype, mesh, rules=sharding_lib.DEFAULT_RULES):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
       mesh, parallel.batch_spec(mesh, rules, shape)))
@@ -346,7 +342,7 @@ def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdat
   `parallel.TrainShardings` places them, one mini-batch of `update_shape`."""
   from mar import setup  # pylint: disable=g-import-not-at-top
 
-  cfg = training_model(config, model)
+  cfg = program_model(config, model)
   rules = parallel.rules_from_config(config)
   learner = setup.make_learner(config, cfg, mesh, rules)
   us = update_shape(config, parallel.batch_shards(mesh, rules))

@@ -516,7 +516,7 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
   mesh = abstract_mesh(train_shape)
   rules = parallel.rules_from_config(config)
   us = cm.update_shape(config, _split(2**30, mesh, rules, "batch"))
-  cfg = cm.training_model(config, model)
+  cfg = cm.program_model(config, model)
   remat = cfg.remat if remat is None else remat
   compute = dtype_from_name(config.model.dtype)
   ppo_run = config.method == "ppo"

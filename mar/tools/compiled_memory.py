@@ -463,7 +463,8 @@ def decode_loop_collectives(hlo: str, num_layers: int) -> dict:
   (the static engine's turn scan) hold more, the attention block loops inside it fewer, and
   loops of a fixed count (the turn scan, the continuous engine's per-row refill prefill) are
   not per-token loops. In the continuous engine it is the schedule's loop, one token per row
-  per iteration (its refill and verification branches included).
+  per iteration; the per-row refill prefill is a counted loop of its own (on v5p its
+  reductions are not in the decode loop's closure: 2 per layer with tensor = 2).
   """
   comps = parse_hlo(hlo)
   best = None

@@ -4,8 +4,8 @@ A run directory holds `<workdir>/checkpoints/<step>/` folders, each with two ite
 `state` (a pytree of arrays: params, optimizer state, PRNG key data ...) and `extra`
 (a small JSON dict: data iterator position, counters, anything host-side).
 
-Restoring picks the latest *valid* step. A step that was cut short (kill -9 mid-write,
-files truncated or deleted, commit marker missing) is logged with an absl warning,
+Restoring picks the latest *valid* step. A step that was cut short or damaged (kill -9 mid-write,
+files truncated, flipped or deleted, commit marker missing) is logged with one absl warning,
 renamed aside to `<step>.invalid-<unix time>` so later saves of that step number do not
 collide with it, and the previous step is used. Unfinished orbax tmp folders are never
 read (orbax skips them; they are deleted when a Checkpointer opens the directory).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -165,6 +166,7 @@ class Checkpointer:
             return self._restore_step(step, target_state_like)
         if not steps:
             return None
+        _silence_closed_loop_callbacks()
         bad: list[int] = []
         errors: list[str] = []
         for candidate in reversed(steps):
@@ -173,16 +175,11 @@ class Checkpointer:
             except _TargetMismatchError:
                 raise
             except Exception as e:  # pylint: disable=broad-except
-                path = self._step_path(candidate)
-                logging.warning(
-                    "Checkpoint %s is corrupt or incomplete (%s: %s); falling back to the previous one.",
-                    path, type(e).__name__, _short(str(e)),
-                )
                 bad.append(candidate)
-                errors.append(f"{path}: {type(e).__name__}: {_short(str(e))}")
+                errors.append(f"{self._step_path(candidate)}: {type(e).__name__}: {_short(str(e))}")
                 continue
             if bad:
-                self._set_aside(bad)
+                self._set_aside(bad, errors, restored=candidate)
             return result
         raise RuntimeError(
             f"no readable checkpoint in {self.directory}; tried steps {sorted(bad, reverse=True)}:\n"
@@ -233,17 +230,45 @@ class Checkpointer:
         logging.info("Restored checkpoint %s.", path)
         return step, restored[_STATE], dict(extra)
 
-    def _set_aside(self, steps: list[int]) -> None:
-        """Renames unreadable steps so they are neither restored nor collide with new saves."""
+    def _set_aside(self, steps: list[int], errors: list[str], restored: int) -> None:
+        """Renames unreadable steps so they are neither restored nor collide with new saves.
+
+        One warning per unreadable step says what was wrong, where it went and which step
+        the run resumes from.
+        """
         if jax.process_index() == 0:
             stamp = int(time.time())
-            for step in steps:
-                src = self._step_path(step)
+            for step, error in zip(steps, errors):
                 dst = self.directory / f"{step}.invalid-{stamp}"
-                logging.warning("Moving unreadable checkpoint %s to %s.", src, dst)
-                src.rename(dst)
+                self._step_path(step).rename(dst)
+                logging.warning("Checkpoint %s is corrupt or incomplete; moved it to %s and resumed "
+                                "from step %d. (%s)", self._step_path(step), dst, restored,
+                                error.split(": ", 1)[1])
         ocp.multihost.sync_global_processes("mar_checkpoint_set_aside")
         self._manager.reload()
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """Drops "Event loop is closed" errors that tensorstore posts after a failed read.
+
+    While a read of a corrupt step fails, tensorstore's threads may still complete futures
+    into orbax's already closed asyncio loop; Python reports each as an unraisable traceback
+    (seen: six of them, 118 lines, when a demo run resumed), which reads as a crash. The
+    restore's own outcome is logged or raised by `restore`, so exactly that error is
+    dropped; every other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_mar_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._mar_closed_loop_filter = True  # pylint: disable=protected-access
+    sys.unraisablehook = hook
 
 
 # ------------------------------------------------------ reading one array at a time

@@ -18,6 +18,11 @@ import ml_collections
 CONFIG_FILE = "config.json"
 
 
+
+class ConfigError(ValueError):
+    """A config value that cannot run: `mar.main` reports it as one line and exits 1."""
+
+
 def common_config() -> ml_collections.ConfigDict:
     """The fields every mar config has, with defaults.
 
@@ -72,12 +77,12 @@ def get_by_path(config: Any, key: str) -> Any:
             node = node[part]
         except (KeyError, TypeError, AttributeError):
             where = ".".join(parts[: i + 1])
-            raise ValueError(f"config has no field {where!r} (looking up {key!r})") from None
+            raise ConfigError(f"config has no field {where!r} (looking up {key!r})") from None
     return node
 
 
 def check_paths(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
-    """Raises ValueError naming every `config.<key>` whose path is unset or does not exist.
+    """Raises ConfigError naming every `config.<key>` whose path is unset or does not exist.
 
     Remote paths (with a scheme such as gs://) are not checked here.
     """
@@ -93,7 +98,7 @@ def check_paths(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
         if not os.path.exists(os.path.expanduser(path)):
             problems.append(f"config.{key}: path {path!r} does not exist")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def split_comma_strings(config: ml_collections.ConfigDict) -> None:

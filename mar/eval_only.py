@@ -25,7 +25,7 @@ def evaluate_checkpoint(config, workdir: str) -> list[dict]:
   ckpt_path = ckpt_lib.checkpoint_dir(workdir)
   wanted = config.eval.checkpoint_step
   if wanted >= 0 and not os.path.isdir(ckpt_path):
-    raise FileNotFoundError(f"config.eval.checkpoint_step={wanted}: {workdir} has no "
+    raise config_utils.ConfigError(f"config.eval.checkpoint_step={wanted}: {workdir} has no "
                             f"checkpoints ({ckpt_path} does not exist)")
   if os.path.isdir(ckpt_path):
     ckpt = ckpt_lib.Checkpointer(ckpt_path, async_save=False)

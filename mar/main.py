@@ -5,6 +5,7 @@ The config is locked, so a typo in `--config.foo=...` is an error, not a silent 
 """
 
 import logging as py_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -31,7 +32,15 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except config_utils.ConfigError as e:
+    # Like absl's flag errors: one line naming the key, no traceback, a non-zero exit.
+    sys.exit(f"mar.main: config error: {e}")
+
+
+def run(config, workdir: str) -> None:
+  """Trains or evaluates as `config.mode` says."""
   config_utils.split_comma_strings(config)
   if config.get("distributed"):
     jax.distributed.initialize()
@@ -39,13 +48,13 @@ def main(argv):
   if config.mode == "train":
     from mar import train
 
-    train.train(config, _WORKDIR.value)
+    train.train(config, workdir)
   elif config.mode == "eval":
     from mar import eval_only
 
-    eval_only.evaluate_checkpoint(config, _WORKDIR.value)
+    eval_only.evaluate_checkpoint(config, workdir)
   else:
-    raise ValueError(f"config.mode: expected 'train' or 'eval', found {config.mode!r}")
+    raise config_utils.ConfigError(f"config.mode: expected 'train' or 'eval', found {config.mode!r}")
 
 
 if __name__ == "__main__":

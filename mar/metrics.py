@@ -137,7 +137,8 @@ class MetricsWriter:
             from mar.wandb_sink import WandbSink  # pylint: disable=g-import-not-at-top
 
             sink = WandbSink(os.fspath(workdir), config_utils.config_to_dict(config),
-                             project=m.wandb_project, entity=m.wandb_entity)
+                             project=m.wandb_project, entity=m.wandb_entity,
+                             read_rows=read_jsonl)
         return cls(workdir, wandb_sink=sink)
 
     def _tensorboard(self, purge_step: int | None = None):

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mar import config_utils
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
 from mar.models.init import param_shapes
@@ -47,7 +48,7 @@ def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
   try:
     return sharding_lib.make_mesh(int(m.data), int(m.fsdp), int(m.tensor), devices=devices)
   except ValueError as e:
-    raise ValueError(f"config.mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}): {e}") from e
+    raise config_utils.ConfigError(f"config.mesh (data={m.data}, fsdp={m.fsdp}, tensor={m.tensor}): {e}") from e
 
 
 def rules_from_config(config) -> Rules:
@@ -62,14 +63,14 @@ def rules_from_config(config) -> Rules:
   table = dict(sharding_lib.DEFAULT_RULES)
   for i, rule in enumerate(given):
     if len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"config.sharding_rules[{i}]: expected [logical_name, mesh_axes], "
+      raise config_utils.ConfigError(f"config.sharding_rules[{i}]: expected [logical_name, mesh_axes], "
                        f"found {rule!r}")
     name, axes = rule
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
     for a in (axes,) if isinstance(axes, str) else axes or ():
       if a not in sharding_lib.MESH_AXES:
-        raise ValueError(f"config.sharding_rules[{i}]: mesh axis {a!r} is not one of "
+        raise config_utils.ConfigError(f"config.sharding_rules[{i}]: mesh axis {a!r} is not one of "
                          f"{sharding_lib.MESH_AXES}")
     table[name] = axes
   return tuple(table.items())
@@ -403,7 +404,7 @@ def sampling_mesh(config, devices: Sequence[Any] | None = None) -> Mesh:
   try:
     return sharding_lib.make_mesh(int(m.data), 1, int(m.tensor), devices=devices)
   except ValueError as e:
-    raise ValueError(f"config.rollout.mesh (data={m.data}, tensor={m.tensor}): {e}") from e
+    raise config_utils.ConfigError(f"config.rollout.mesh (data={m.data}, tensor={m.tensor}): {e}") from e
 
 
 def sampling_dtype(model_config: QwenConfig):

@@ -84,7 +84,7 @@ def prompt_function(config) -> Callable[[str, int], str]:
     return prompts.multi_attempt_prompt
   if style == "single_turn":
     return lambda q, n: prompts.single_turn_prompt(q)
-  raise ValueError(f"config.rollout.prompt: unknown style {style!r} "
+  raise config_utils.ConfigError(f"config.rollout.prompt: unknown style {style!r} "
                    "(expected 'multi_attempt' or 'single_turn')")
 
 

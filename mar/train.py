@@ -21,6 +21,7 @@ import numpy as np
 from mar import checkpoint as ckpt_lib
 from mar import config_utils
 from mar import evaluate
+from mar import export
 from mar import metrics as metrics_lib
 from mar import overlap
 from mar import parallel
@@ -28,7 +29,6 @@ from mar import plots
 from mar import setup
 from mar.lte import hints
 from mar.lte import step as lte_step
-from mar.tools import export_hf
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -221,6 +221,6 @@ def train(config, workdir: str) -> dict:
   if parallel.is_main_process():
     plots.plot_all(workdir)
   writer.close()  # after the plots: W&B gets the final ones
-  export_hf.export_at_end(config, workdir, state["policy"])
+  export.export_at_end(config, workdir, state["policy"])
   run.close()
   return last

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 import uuid
 
 from absl import logging
@@ -37,11 +37,14 @@ class WandbSink:
   """One W&B run per run directory; `log` per step, `close` at the end."""
 
   def __init__(self, workdir: str, config_dict: Mapping[str, Any], project: str,
-               entity: str = ""):
+               read_rows: Callable[[str], list[dict]], entity: str = ""):
+    """`read_rows(path)` reads eval.jsonl (MetricsWriter passes its reader, which skips a
+    line cut short by a crash; the sink stays below metrics so imports run one way)."""
     import wandb  # pylint: disable=g-import-not-at-top  (only when enabled)
 
     self._wandb = wandb
     self.workdir = workdir
+    self._read_rows = read_rows
     self._run = wandb.init(project=project, entity=entity or None,
                            name=os.path.basename(os.path.normpath(workdir)),
                            id=_run_id(workdir), resume="allow", dir=workdir,
@@ -81,9 +84,7 @@ class WandbSink:
     return out
 
   def _eval_table(self, path: str):
-    from mar.metrics import read_jsonl  # pylint: disable=g-import-not-at-top
-
-    rows = read_jsonl(path)
+    rows = self._read_rows(path)
     if not rows:
       return None
     columns = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k))

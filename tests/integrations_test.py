@@ -28,6 +28,8 @@ import torch
 import transformers
 
 from mar import checkpoint
+from mar import export
+from mar import metrics
 from mar import train
 from mar.data.tokenizer import Tokenizer
 from mar.models import hf_io
@@ -89,7 +91,7 @@ class ExportTest(absltest.TestCase):
     tokens = np.array([ids[:16], ids[-16:]])
     diff = np.abs(hf_logits(folder, tokens) - mar_logits(model_dir, params, tokens)).max()
     self.assertLess(diff, TOL)
-    with open(os.path.join(folder, export_hf.GENERATION_CONFIG)) as f:
+    with open(os.path.join(folder, export.GENERATION_CONFIG)) as f:
       self.assertIn("eos_token_id", json.load(f))
 
   def test_one_device_run_exports_at_end_and_by_command(self):
@@ -217,7 +219,7 @@ class WandbTest(absltest.TestCase):
 
     os.environ.setdefault("WANDB_MODE", "offline")
     workdir = tempfile.mkdtemp()
-    sink = WandbSink(workdir, {"method": "ppo"}, project="mar")
+    sink = WandbSink(workdir, {"method": "ppo"}, project="mar", read_rows=metrics.read_jsonl)
     sink.log(1, {"loss": 0.5})
     with open(os.path.join(workdir, "eval.jsonl"), "w") as f:
       f.write(json.dumps({"step": 1, "benchmark": "math500", "k": 1, "accuracy": 0.25}) + "\n")

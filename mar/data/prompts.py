@@ -21,13 +21,18 @@ def multi_attempt_system(n_attempts: int) -> str:
   )
 
 
-def chatml_prompt(system: str, question: str) -> str:
-  """System and user turns, then an open assistant turn (ends with a newline)."""
-  return (
-      f"{IM_START}system\n{system}{IM_END}\n"
-      f"{IM_START}user\n{question}{IM_END}\n"
-      f"{IM_START}assistant\n"
-  )
+def chatml_prompt(system: str | None, question: str) -> str:
+  """System (none when None) and user turns, then an open assistant turn (ends with a newline).
+
+  The one ChatML builder: both papers' prompts and LTE's hint prompts come through here.
+  """
+  system_turn = "" if system is None else f"{IM_START}system\n{system}{IM_END}\n"
+  return f"{system_turn}{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
+
+
+def system_feedback_turn(text: str) -> str:
+  """Closes the assistant turn, adds a system turn of `text`, opens the next assistant turn."""
+  return f"{IM_END}\n{IM_START}system\n{text}{IM_END}\n{IM_START}assistant\n"
 
 
 def multi_attempt_prompt(question: str, n_attempts: int) -> str:
@@ -46,8 +51,9 @@ def feedback_text(attempts_left: int) -> str:
   It opens with `<|im_end|>` (closing the assistant turn) and ends by opening the
   next assistant turn.
   """
-  return (
-      f"{IM_END}\n{IM_START}system\n"
-      f"Your answer is incorrect. You have {int(attempts_left)} attempts left. "
-      f"Try an alternative.{IM_END}\n{IM_START}assistant\n"
-  )
+  return system_feedback_turn(incorrect_text(attempts_left))
+
+
+def incorrect_text(attempts_left: int) -> str:
+  """The feedback turn's words (METHODS.md section 1)."""
+  return f"Your answer is incorrect. You have {int(attempts_left)} attempts left. Try an alternative."

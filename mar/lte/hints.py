@@ -31,7 +31,7 @@ def chat_prompt(user_text: str) -> str:
   instructions in the user message; a default system prompt would be text the method
   never specified.
   """
-  return f"<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+  return prompts.chatml_prompt(None, user_text)
 
 
 def usable_answers(answers: Sequence[str | None], truncated: Sequence[bool]) -> list[str]:
@@ -98,9 +98,5 @@ def hint_feedback_text(attempts_left: int, wrong_answers: Sequence[str], sep: st
   listed = sep.join(dict.fromkeys(a.strip() for a in wrong_answers if a and a.strip()))
   if not listed:
     return prompts.feedback_text(attempts_left)
-  return (
-      f"{prompts.IM_END}\n{prompts.IM_START}system\n"
-      f"Your answer is incorrect. You have {int(attempts_left)} attempts left. "
-      f"Try an alternative.\n{_HINT_LEAD}{listed}{prompts.IM_END}\n"
-      f"{prompts.IM_START}assistant\n"
-  )
+  return prompts.system_feedback_turn(
+      f"{prompts.incorrect_text(attempts_left)}\n{_HINT_LEAD}{listed}")

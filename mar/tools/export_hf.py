@@ -7,40 +7,40 @@ Writes `model.safetensors` (numbered shards plus an index above `--max_shard_siz
 policy is read one array at a time (orbax partial restore, cast while reading), so the
 host never holds more than one parameter leaf plus one shard of output, and a checkpoint
 written on any mesh reads the same. The PPO critic and optimizer states are not read.
-`config.export.at_end` writes `RUN/hf/` from the trained params when training ends.
+`config.export.at_end` writes `RUN/hf/` from the trained params when training ends
+(`mar.export`, the library half).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
+import ml_collections
 
 from mar import checkpoint
 from mar import config_utils
-from mar.data.tokenizer import Tokenizer
+from mar import demo
+from mar import export
 from mar.models import hf_io
 from mar.models.config import QwenConfig
 
-# Tokenizer and chat files of an HF model folder, copied as they are when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-GENERATION_CONFIG = "generation_config.json"
 POLICY = "policy"
-DEMO_MODEL_DIR = "demo_model"  # where mar.demo puts a demo run's model folder
 
 
 def run_model_path(workdir: str, run_config: dict) -> str:
-  """The HF folder a run started from (its architecture and tokenizer)."""
+  """The HF folder a run started from (its architecture and tokenizer).
+
+  A demo run's model is the warm start `mar.demo` keeps in `$MAR_CACHE` (rebuilt from the
+  run's config if the cache was cleared), or `<workdir>/demo_model` for runs made before the
+  cache existed.
+  """
   model = run_config.get("model", {})
-  if model.get("demo", {}).get("enabled"):  # built by mar.demo.ensure_demo_model
-    return os.path.join(workdir, DEMO_MODEL_DIR)
+  if model.get("demo", {}).get("enabled"):
+    return demo.ensure_demo_model(ml_collections.ConfigDict(run_config), workdir)
   path = model.get("path", "")
   if not path:
     raise ValueError(f"{os.path.join(workdir, config_utils.CONFIG_FILE)}: model.path is empty")
@@ -53,34 +53,6 @@ def read_run_config(workdir: str) -> dict:
     raise FileNotFoundError(f"{path}: no run config (is {workdir!r} a mar run directory?)")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def write_side_files(model_path: str, out: str) -> None:
-  """Copies the tokenizer files; writes generation_config.json (copied if the source has one)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(out, exist_ok=True)
-  for name in TOKENIZER_FILES + (GENERATION_CONFIG,):
-    src = os.path.join(model_path, name)
-    if os.path.isfile(src):
-      shutil.copyfile(src, os.path.join(out, name))
-  if os.path.isfile(os.path.join(out, GENERATION_CONFIG)):
-    return
-  tok = Tokenizer.from_dir(model_path)
-  # Chat turns end with <|im_end|>, base-model text with <|endoftext|>: stop at either.
-  gen = {"eos_token_id": [tok.im_end_id, tok.eos_id], "pad_token_id": tok.pad_id}
-  with open(os.path.join(out, GENERATION_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(gen, f, indent=2)
-
-
-def export_params(model_path: str, params: Any, out: str, dtype: str = "bfloat16",
-                  max_shard_size: int = hf_io.DEFAULT_MAX_SHARD_SIZE) -> str:
-  """Writes trained `params` (on device, any sharding) as an HF folder; all hosts call."""
-  cfg = QwenConfig.from_hf_dir(model_path)
-  hf_io.save_hf(out, cfg, params, max_shard_size=max_shard_size, dtype=dtype)
-  write_side_files(model_path, out)
-  logging.info("exported the policy to %s (%s)", out, dtype)
-  return out
 
 
 def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat16",
@@ -110,18 +82,9 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
                   read_leaf=read_leaf)
   except ValueError as e:  # a shape mismatch: name the checkpoint and the model folder
     raise ValueError(f"{ckpt_dir}/{step} does not fit {model_path}: {e}") from e
-  write_side_files(model_path, out)
+  export.write_side_files(model_path, out)
   logging.info("exported %s step %d to %s (%s)", ckpt_dir, step, out, dtype)
   return out
-
-
-def export_at_end(config, workdir: str, params: Any) -> str | None:
-  """The end-of-training hook: `RUN/hf/` from the trained params when config.export.at_end."""
-  e = config.export
-  if not e.at_end:
-    return None
-  return export_params(config.model.path, params, os.path.join(workdir, "hf"), dtype=e.dtype,
-                       max_shard_size=int(e.max_shard_size))
 
 
 def _define_flags() -> None:

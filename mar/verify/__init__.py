@@ -1,9 +1,9 @@
 """Host-side answer verification: extraction, equivalence, a batched worker pool."""
 
 from mar.verify.batch import BatchVerifier
+from mar.verify.batch import is_equivalent
 from mar.verify.equivalence import DEFAULT_TIMEOUT
 from mar.verify.equivalence import answers_match
-from mar.verify.equivalence import is_equivalent
 from mar.verify.equivalence import prediction_answer
 from mar.verify.equivalence import quick_match
 from mar.verify.extract import extract_answer

@@ -324,3 +324,41 @@ class BatchVerifier:
             self._replace(w)
           break
       return out
+
+
+# `is_equivalent` lives beside the pool it uses off the main thread (equivalence stays below
+# batch, so the worker process imports only equivalence).
+_shared_lock = threading.Lock()
+_shared_verifier = None
+
+
+def _shared_pool():
+  """One worker process for `is_equivalent` calls made off the main thread."""
+  global _shared_verifier
+  with _shared_lock:
+    if _shared_verifier is None:
+      _shared_verifier = BatchVerifier(num_workers=1)
+    return _shared_verifier
+
+
+def is_equivalent(pred: str, gold: str | int | float,
+                  timeout: float = equivalence.DEFAULT_TIMEOUT) -> bool:
+  """Whether `pred` answers `gold`; never raises, returns within ~`timeout` seconds.
+
+  `pred` may be a bare answer, a `$...$` expression or a whole response (then the
+  last box, else the last math expression or number, is the answer). `gold` is a
+  dataset answer (LaTeX string or number).
+  """
+  try:
+    answer = equivalence.prediction_answer(pred)
+    gold_s = norm.prepare_gold(gold)
+    if answer is None or not isinstance(gold_s, str):
+      return False
+    q = equivalence.quick_match(answer, gold_s)
+    if q is not None:
+      return q
+    if threading.current_thread() is not threading.main_thread():
+      return _shared_pool().match_answers([answer], [gold_s], timeout=timeout)[0]
+    return equivalence.answers_match_within(answer, gold_s, timeout)
+  except Exception:  # pylint: disable=broad-except
+    return False

@@ -13,7 +13,6 @@ read (orbax skips them; they are deleted when a Checkpointer opens the directory
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mar import config_utils
 
 _STATE = "state"
 _EXTRA = "extra"
@@ -110,7 +111,7 @@ class Checkpointer:
         (returns False) when the interval says so, or when `step` is already on disk.
         """
         step = int(step)
-        extra_json = to_jsonable(dict(extra or {}), where="checkpoint extra")
+        extra_json = config_utils.to_jsonable(dict(extra or {}), "checkpoint extra")
         if not force and not self._manager.should_save(step):
             return False
         if step in self._manager.all_steps():
@@ -372,23 +373,6 @@ def _check_target_matches(stored: PyTree, target: PyTree, where: epath.Path) -> 
         raise _TargetMismatchError(
             f"restore target does not match checkpoint {where}:\n  " + "\n  ".join(problems[:10])
         )
-
-
-def to_jsonable(value: Any, where: str = "value") -> Any:
-    """Converts numpy/jax scalars and arrays to Python values; raises naming the bad key."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-        return np.asarray(value).tolist()
-    try:
-        json.dumps(value)
-    except TypeError as e:
-        raise TypeError(f"{where} is not JSON-able: found {type(value).__name__}") from e
-    return value
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -8,12 +8,14 @@ mistyped `--config.x.y=...` override fails instead of adding a new, unused field
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 CONFIG_FILE = "config.json"
 
@@ -47,7 +49,8 @@ def common_config() -> ml_collections.ConfigDict:
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     """The resolved config (field references evaluated) as plain Python containers."""
-    return _plain(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    return to_jsonable(config.to_dict() if hasattr(config, "to_dict") else dict(config), "config",
+                       fallback=repr)
 
 
 def save_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> str:
@@ -61,7 +64,7 @@ def save_config_json(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     os.makedirs(os.fspath(workdir), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(config), f, indent=2, sort_keys=True, default=repr)
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
     logging.info("Wrote %s", path)
@@ -111,9 +114,28 @@ def split_comma_strings(config: ml_collections.ConfigDict) -> None:
                                 for p in (v.split(",") if isinstance(v, str) else [v]) if p != "")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+def to_jsonable(value: Any, where: str = "value",
+                fallback: Callable[[Any], Any] | None = None) -> Any:
+    """`value` as plain JSON values: the one converter (metrics, checkpoint extras, configs, data).
+
+    Containers recursively (keys as str), numpy / jax scalars and arrays as Python values,
+    bytes as UTF-8 text, non-finite floats as None (JSON has no NaN). Any other object goes
+    through `fallback` (configs use repr), else raises TypeError naming `where`.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, f"{where}.{k}", fallback) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+        return [to_jsonable(v, where, fallback) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        arr = np.asarray(value)
+        return to_jsonable(arr.tolist() if arr.ndim else arr.item(), where, fallback)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if fallback is not None:
+        return fallback(value)
+    raise TypeError(f"{where}: expected a number, string, array or container, "
+                    f"found {type(value).__name__}")

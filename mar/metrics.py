@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from mar import config_utils
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -27,27 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def to_python(value: Any, key: str = "value") -> Any:
-    """A metric value as a plain JSON value: scalars to int/float/bool, arrays to lists.
-
-    Non-finite floats become None. Raises TypeError naming `key` for other objects.
-    """
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        arr = np.asarray(value)
-        if arr.ndim == 0:
-            value = arr.item()
-        else:
-            return [to_python(v, key) for v in arr.tolist()]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [to_python(v, key) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): to_python(v, f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(f"metric {key!r}: expected a number, string or array, found {type(value).__name__}")
+    """A metric value as a plain JSON value (`config_utils.to_jsonable`); TypeError names `key`."""
+    return config_utils.to_jsonable(value, f"metric {key!r}")
 
 
 def _scalar_for_tensorboard(value: Any) -> float | None:
@@ -133,7 +115,6 @@ class MetricsWriter:
         sink = None
         m = config.metrics
         if m.get("wandb") and jax.process_index() == 0:
-            from mar import config_utils  # pylint: disable=g-import-not-at-top
             from mar.wandb_sink import WandbSink  # pylint: disable=g-import-not-at-top
 
             sink = WandbSink(os.fspath(workdir), config_utils.config_to_dict(config),

@@ -190,7 +190,7 @@ class CheckpointTest(parameterized.TestCase):
 
     def test_extra_must_be_json(self):
         with checkpoint.Checkpointer(self.dir) as ck:
-            with self.assertRaisesRegex(TypeError, r"checkpoint extra\['bad'\]"):
+            with self.assertRaisesRegex(TypeError, r"checkpoint extra\.bad: expected"):
                 ck.save(1, {"x": np.zeros(2)}, {"bad": object()})
 
     def test_sharded_restore_on_simulated_devices(self):

@@ -40,7 +40,7 @@ def _child() -> dict:
   from mar.models import sharding  # pylint: disable=g-import-not-at-top
   from mar.sampling import generation  # pylint: disable=g-import-not-at-top
   import continuous_test as ct  # pylint: disable=g-import-not-at-top
-  import sampling_test as st  # pylint: disable=g-import-not-at-top
+  import testutil  # pylint: disable=g-import-not-at-top
 
   def compare(ref, got):
     (a, _), (b, _) = ref, got
@@ -49,9 +49,9 @@ def _child() -> dict:
 
   out = {"devices": jax.device_count()}
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  _, config, params = st.hf_tiny("qwen2")
+  _, config, params = testutil.hf_tiny("qwen2")
   placed = generation.shard_for_mesh(config, params, mesh)
-  prompts = st.prompts_for(lens=ct.PROMPT_LENS)
+  prompts = testutil.prompts_for(lens=ct.PROMPT_LENS)
   stop_ids = tuple(range(1, 300, 9))
   for temperature in (0.0, 1.0):
     run = lambda p, rows: ct.single_turn(config, p, prompts, rows=rows, budget=16,  # pylint: disable=cell-var-from-loop
@@ -136,10 +136,10 @@ class DataSplitTest(absltest.TestCase):
   def test_single_turn_sampled_equals_one_device(self):
     import jax  # pylint: disable=g-import-not-at-top
     import continuous_test as ct  # pylint: disable=g-import-not-at-top
-    import sampling_test as st  # pylint: disable=g-import-not-at-top
+    import testutil  # pylint: disable=g-import-not-at-top
     self.assertEqual(jax.device_count(), 8)
-    _, config, params = st.hf_tiny("qwen2")
-    prompts = st.prompts_for(lens=ct.PROMPT_LENS * 2)  # Q = 16 over B = 8 rows: refills
+    _, config, params = testutil.hf_tiny("qwen2")
+    prompts = testutil.prompts_for(lens=ct.PROMPT_LENS * 2)  # Q = 16 over B = 8 rows: refills
     run = lambda mesh: ct.single_turn(config, params, prompts, rows=8, budget=16,
                                       temperature=1.0, stop_ids=tuple(range(1, 300, 9)),
                                       key=5, mesh=mesh)
@@ -168,7 +168,7 @@ class DataSplitTest(absltest.TestCase):
     from mar.data import prompts  # pylint: disable=g-import-not-at-top
     from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
     import continuous_test as ct  # pylint: disable=g-import-not-at-top
-    import rollout_test  # pylint: disable=g-import-not-at-top
+    import testutil  # pylint: disable=g-import-not-at-top
     n = 16
     texts = [[f"\\boxed{{{q}}}<|im_end|>", f"\\boxed{{{q + 10}}}"] for q in range(n)]
     enc = [[self.tok.encode(t) for t in row] for row in texts]
@@ -186,7 +186,7 @@ class DataSplitTest(absltest.TestCase):
 
     def run(mesh):
       runner = RolloutRunner(
-          self.cfg, self.tok, rollout_test._ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
+          self.cfg, self.tok, testutil.ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
           max_attempts=2, token_budget=40, sampling=sampling.SamplingParams(temperature=0.0),
           engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
           choose_fn=ct.script_chooser(script, lengths), sampling_mesh=mesh)
@@ -211,11 +211,11 @@ class DataSplitTest(absltest.TestCase):
     from mar.rollout import multi_attempt as ma  # pylint: disable=g-import-not-at-top
     from mar.rollout.host import AttemptVerifier  # pylint: disable=g-import-not-at-top
     from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
-    import rollout_test  # pylint: disable=g-import-not-at-top
+    import testutil  # pylint: disable=g-import-not-at-top
     q, p, budget = 32, 16, 24
     fb_t, fb_l = feedback_table(self.tok, 2)
     toks, mask = jnp.zeros((q, p), jnp.int32), jnp.ones((q, p), bool)
-    checked = AttemptVerifier(self.tok, rollout_test._ListVerifier(), ["1"] * q)  # pylint: disable=protected-access
+    checked = AttemptVerifier(self.tok, testutil.ListVerifier(), ["1"] * q)  # pylint: disable=protected-access
     for m, verifier in ((1, None), (2, checked)):
       spec = ma.RolloutSpec(m, budget, ma.cache_len_for(p, budget, m, fb_t.shape[1]),
                             sampling.SamplingParams(temperature=1.0), (1, 2))

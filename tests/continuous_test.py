@@ -18,8 +18,7 @@ from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text
-import rollout_test
-import sampling_test as st
+import testutil
 from scripted import counting_predicate, scripted_decode
 
 PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
@@ -53,7 +52,7 @@ def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3, m
   spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
                         sampling.SamplingParams(temperature=1.0), stop_ids)
   espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
-  verifier = AttemptVerifier(tok, rollout_test._ListVerifier(), ["1"] * n)
+  verifier = AttemptVerifier(tok, testutil.ListVerifier(), ["1"] * n)
   n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
   fn = jax.jit(lambda params, t, m, k: continuous.rollout(
       config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k, mesh=mesh))
@@ -69,13 +68,13 @@ class SingleTurnTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.hf, cls.config, cls.params = st.hf_tiny("qwen2")
-    cls.prompts = st.prompts_for(lens=PROMPT_LENS)
+    cls.hf, cls.config, cls.params = testutil.hf_tiny("qwen2")
+    cls.prompts = testutil.prompts_for(lens=PROMPT_LENS)
 
   @parameterized.parameters(((),),  # every prompt prefilled at the queue's width P = 17
                             ((4, 8, 16),))  # its own: 1 -> 4, 5..7 -> 8, 9..14 -> 16, 17 -> P
   def test_greedy_equals_hf_with_refills(self, widths):
-    ref = st.hf_greedy(self.hf, self.prompts, 20)
+    ref = testutil.hf_greedy(self.hf, self.prompts, 20)
     ep, stats = single_turn(self.config, self.params, self.prompts, rows=3, budget=20,
                             widths=widths)
     self.assertEqual(responses(ep), ref)
@@ -152,7 +151,7 @@ class MultiAttemptTest(absltest.TestCase):
                           sampling.SamplingParams(temperature=0.0),
                           (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
     args = (ptoks, pmask, jnp.asarray(n_attempts, jnp.int32))
-    old_v = AttemptVerifier(tok, rollout_test._ListVerifier(), golds)
+    old_v = AttemptVerifier(tok, testutil.ListVerifier(), golds)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
     old = jax.jit(lambda: ma.rollout(
         self.cfg, self.params, spec, counting_predicate(), old_v, *args,
@@ -167,7 +166,7 @@ class MultiAttemptTest(absltest.TestCase):
       tok_ = sc[q, t, i]
       return tok_, jnp.full(tok_.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
 
-    new_v = AttemptVerifier(tok, rollout_test._ListVerifier(), golds)
+    new_v = AttemptVerifier(tok, testutil.ListVerifier(), golds)
     news = []
     for r in rows:  # scanned layers: the engine compiles faster, computes the same
       espec = continuous.EngineSpec(spec, rows=r, refill_rows=1, refill_wait=1,
@@ -276,7 +275,7 @@ class RunnerTest(absltest.TestCase):
       for t, ids in enumerate(row):
         script[q, t, :len(ids)], lengths[q, t] = ids, len(ids)
     return RolloutRunner(
-        self.cfg, self.tok, rollout_test._ListVerifier(), batch_size=2, prompt_len=64,
+        self.cfg, self.tok, testutil.ListVerifier(), batch_size=2, prompt_len=64,
         max_attempts=max_attempts, token_budget=40,
         sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
         engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,

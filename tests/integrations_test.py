@@ -36,7 +36,7 @@ from mar.models import hf_io
 from mar.models import model as M
 from mar.models.config import QwenConfig
 from mar.tools import export_hf
-from train_test import tiny_config
+from testutil import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4  # tests/hf_io_test.py's parity tolerance

@@ -10,7 +10,7 @@ from mar import sampling
 from mar.models import model as qwen
 from mar.models.config import QwenConfig
 from mar.models.init import init_params
-from sampling_test import hf_greedy, hf_tiny, prompts_for
+from testutil import hf_greedy, hf_tiny, prompts_for
 
 S = 45  # not a multiple of the block: the last block's start is clamped
 

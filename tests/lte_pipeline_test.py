@@ -14,7 +14,7 @@ from mar.lte import step as lte_step
 from mar.rl import grpo
 from mar.rollout.runner import RolloutRunner
 from scripted import hint_aware_decode
-from train_test import tiny_config
+from testutil import tiny_config
 
 
 def _questions(n):

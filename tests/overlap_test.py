@@ -13,7 +13,7 @@ from mar.data import synthetic
 from mar.lte import hints
 from mar.rollout.runner import RolloutRunner
 from mar.sampling import SamplingParams
-from train_test import tiny_config
+from testutil import tiny_config
 
 
 class DeferredVerificationTest(absltest.TestCase):

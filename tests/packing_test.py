@@ -11,7 +11,7 @@ from mar.models import model as M
 from mar.rl import grpo, optim, packing, ppo
 from mar.rl.update import make_update_step
 
-import parallel_test as pt  # the [16, 24] episodes / group batch with feedback spans
+import testutil  # the [16, 24] episodes / group batch with feedback spans
 
 LOSS_TOL = 1e-5  # f32; packed and padded rows sum the same terms in another order
 GRAD_TOL = 2e-5  # relative to the gradient's largest entry
@@ -22,13 +22,13 @@ WIDE = 48  # slots per unpacked row: the fixtures' 24 plus right padding, as a t
 
 def _widen(x):
   x = np.asarray(x)
-  if x.ndim != 2 or x.shape[1] != pt.S:
+  if x.ndim != 2 or x.shape[1] != testutil.S:
     return x
-  return np.pad(x, ((0, 0), (0, WIDE - pt.S)))
+  return np.pad(x, ((0, 0), (0, WIDE - testutil.S)))
 
 
 def _episodes():
-  ep = pt.episodes()
+  ep = testutil.episodes()
   return ep._replace(**{f: _widen(getattr(ep, f)) for f in ep._fields})
 
 
@@ -42,7 +42,7 @@ def _close_trees(test, a, b, tol=GRAD_TOL):
 class PlanTest(absltest.TestCase):
 
   def test_round_trip_and_counts(self):
-    valid = _widen(pt._masks(None)[0])  # pylint: disable=protected-access
+    valid = _widen(testutil.fixture_masks(None)[0])
     x = np.where(valid, np.arange(valid.size).reshape(valid.shape), 0)
     p = packing.plan(valid, 48, num_mini_batches=2, shards=2)
     self.assertEqual(p.real_tokens, valid.sum())
@@ -72,7 +72,7 @@ class PlanTest(absltest.TestCase):
 class PackedModelTest(absltest.TestCase):
 
   def test_segments_compute_what_each_sequence_computes_alone(self):
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     params = models.init_params(config, jax.random.key(0), std=0.2)
     rng = np.random.RandomState(0)
     lengths = (5, 9, 3)
@@ -94,7 +94,7 @@ class PackedModelTest(absltest.TestCase):
 
 
 def _group_batch(config, params):
-  batch = {k: _widen(v) for k, v in pt.group_batch().items()}
+  batch = {k: _widen(v) for k, v in testutil.group_batch().items()}
   lp = jax.jit(lambda p, t, v: grpo.scoring.token_logprobs(config, p, t, v))
   logp = np.asarray(lp(params, batch["tokens"], batch["valid"]))
   rng = np.random.RandomState(3)
@@ -113,7 +113,7 @@ class GroupLossTest(parameterized.TestCase):
       ("lte_separate_norm", dict(separate_norm=True), True),
   )
   def test_packed_loss_and_gradient_equal_padded(self, over, hinted):
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     params = models.init_params(config, jax.random.key(0), std=0.2)
     batch = _group_batch(config, params)
     if not hinted:
@@ -135,7 +135,7 @@ class GroupLossTest(parameterized.TestCase):
 
   def test_without_old_logp_pi_old_is_pi(self):
     """One on-policy mini-batch: the loss's own log-probs stand in for an old-logp pass."""
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     params = models.init_params(config, jax.random.key(0), std=0.2)
     batch = _group_batch(config, params)
     lp = jax.jit(lambda p, t, v: grpo.scoring.token_logprobs(config, p, t, v, chunk=8))
@@ -158,7 +158,7 @@ class GroupLossTest(parameterized.TestCase):
   def test_packed_micro_batches_give_the_mini_batch_gradient(self, agg):
     """Micro-batches of a packed mini-batch hold unequal token counts; the shared
     normaliser still makes their accumulated gradient the whole mini-batch's."""
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     params = models.init_params(config, jax.random.key(0), std=0.2)
     batch = _group_batch(config, params)
     grads = {}
@@ -185,7 +185,7 @@ class PPOPackedTest(absltest.TestCase):
 
   def test_scores_losses_and_gradients_equal_padded(self):
     """Feedback spans: GAE runs per original sequence, so the advantages match too."""
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     init = lambda k: models.init_params(config, jax.random.key(k), std=0.2)
     params, ref = init(0), init(4)
     critic = {"backbone": init(1), "value_head": models.init_value_head(config, jax.random.key(2))}
@@ -208,7 +208,7 @@ class PPOPackedTest(absltest.TestCase):
       _close_trees(self, gb, ga)
 
   def test_step_reports_counts(self):
-    config = pt.tiny_config()
+    config = testutil.tiny_model_config()
     init = lambda k: models.init_params(config, jax.random.key(k), std=0.2)
     params, ref = init(0), init(0)  # the updates donate their inputs: separate buffers
     critic = {"backbone": init(1), "value_head": models.init_value_head(config, jax.random.key(2))}

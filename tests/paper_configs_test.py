@@ -23,7 +23,7 @@ import pytest
 import testutil
 
 from mar import eval_only, metrics, train
-from train_test import apply_overrides, shared_model
+from testutil import apply_overrides, shared_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

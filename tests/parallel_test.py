@@ -31,63 +31,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from mar import models, parallel  # noqa: E402
 from mar.models import sharding  # noqa: E402
 from mar.rl import grpo, optim, ppo  # noqa: E402
-from mar.rollout.multi_attempt import Episodes  # noqa: E402
+import testutil  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-B, S = 16, 24  # rows, slots
-
-
-def tiny_config() -> models.QwenConfig:
-  """Every sharded dimension divisible by 2, so each rule really splits on a 2x2x2 mesh."""
-  return models.QwenConfig.tiny("qwen3", vocab_size=64).replace(
-      tie_word_embeddings=False, hidden_size=32, intermediate_size=48, num_heads=4,
-      num_kv_heads=2, head_dim=16, num_layers=2)
-
-
-def _masks(rng):
-  """Left-padded prompts (4..7 tokens), responses right after them, one feedback span."""
-  valid = np.zeros((B, S), bool)
-  action = np.zeros((B, S), bool)
-  feedback = np.zeros((B, S), bool)
-  last = np.zeros(B, np.int32)
-  for b in range(B):
-    p, r = 4 + b % 4, 10 + (3 * b) % 8
-    start = 8 - p
-    valid[b, start:8 + r] = True
-    action[b, 8:8 + r] = True
-    if b % 2:  # an attempt, a 3-token feedback span, a second attempt
-      feedback[b, 12:15] = True
-      action[b, 12:15] = False
-    last[b] = 8 + r - 1
-  return valid, action, feedback, last
-
-
-def episodes() -> Episodes:
-  rng = np.random.RandomState(0)
-  valid, action, feedback, last = _masks(rng)
-  tokens = np.where(valid, rng.randint(1, 64, (B, S)), 0).astype(np.int32)
-  zeros_bs = np.zeros((B, S), np.int32)
-  flags = np.zeros((2, B), bool)
-  return Episodes(
-      tokens=tokens, valid=valid, action_mask=action, feedback_mask=feedback,
-      attempt_id=zeros_bs, logprobs=np.zeros((B, S), np.float32),
-      reward=rng.choice([1.0, -0.5, -1.0], B).astype(np.float32), last_action=last,
-      n_attempts=np.full(B, 2, np.int32), attempts_used=np.ones(B, np.int32),
-      correct_turn=flags, attempted_turn=flags, boxed_turn=flags,
-      truncated=np.zeros(B, bool))
-
-
-def group_batch() -> dict:
-  rng = np.random.RandomState(1)
-  valid, action, _, _ = _masks(rng)
-  tokens = np.where(valid, rng.randint(1, 64, (B, S)), 0).astype(np.int32)
-  hinted = np.arange(B) % 4 == 3
-  return {
-      "tokens": tokens, "valid": valid, "action_mask": action, "hinted": hinted,
-      "old_logp_hinted": np.where(hinted[:, None] & action,
-                                  -rng.uniform(0.5, 4.0, (B, S)), 0).astype(np.float32),
-      "advantages": rng.normal(size=B).astype(np.float32),
-  }
+B, S = testutil.B, testutil.S
 
 
 def _optimizer():
@@ -119,7 +66,7 @@ def run_steps(mesh=None) -> dict:
   On a mesh spanning several processes each process feeds only its own rows
   (`parallel.local_rows`), as the trainer's per-host data and verification would.
   """
-  config = tiny_config()
+  config = testutil.tiny_model_config()
   host = lambda key: jax.device_get(models.init_params(config, jax.random.key(key), std=0.2))
   params = host(0)
   critic = {"backbone": host(1),
@@ -143,7 +90,7 @@ def run_steps(mesh=None) -> dict:
     cri = parallel.shard_tree(critic, sh.critic)
     a_opt, c_opt = parallel.sharded_init(opt, sh.actor_opt), parallel.sharded_init(opt, sh.critic_opt)
     out["qkv_shard_shape"] = np.asarray(pol["layers"]["qkv"].addressable_shards[0].data.shape)
-  ep = episodes()
+  ep = testutil.episodes()
   ep = ep._replace(**{f: getattr(ep, f)[rows] for f in ppo._SCORED})  # pylint: disable=protected-access
   pol, a_state, cri, c_state, metrics = learner.step(
       pol, a_opt.init(pol), cri, c_opt.init(cri), rf, ep, num_mini_batches=2)
@@ -158,7 +105,7 @@ def run_steps(mesh=None) -> dict:
   ghp = grpo.GRPOHparams(kl_coef=0.01, entropy_coef=0.001, micro_batches=2, logprob_chunk=8)
   glearner = grpo.GRPOLearner(config, ghp, opt, response_len=16, mesh=mesh)
   g_opt, gpol, grf = opt, jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, ref)
-  batch = {k: v[rows] for k, v in group_batch().items()}
+  batch = {k: v[rows] for k, v in testutil.group_batch().items()}
   tv = (batch["tokens"], batch["valid"])
   if mesh is not None:
     g_opt = parallel.sharded_init(opt, glearner.shardings.actor_opt)
@@ -193,7 +140,7 @@ def _multihost_child(pid: int, port: int, workdir: str) -> None:
   mesh = sharding.make_mesh(2, 2, 2)
   out = run_steps(mesh)
   out["local_devices"] = np.asarray(jax.local_device_count())
-  config = tiny_config()
+  config = testutil.tiny_model_config()
   params = jax.device_get(models.init_params(config, jax.random.key(5)))
   state = {"policy": parallel.shard_tree(params, sharding.param_shardings(config, mesh))}
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"), async_save=False)
@@ -230,15 +177,14 @@ def _trainer_child(names) -> dict:
   take this host's share.
   """
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import train_test  # pylint: disable=g-import-not-at-top
   from mar import setup, train  # pylint: disable=g-import-not-at-top
 
   # All processes load the model folder the parent built (only process 0 would write one).
-  train_test._SHARED_MODEL["path"] = os.environ["MAR_TEST_MODEL"]  # pylint: disable=protected-access
+  testutil._SHARED_MODEL["path"] = os.environ["MAR_TEST_MODEL"]  # pylint: disable=protected-access
   out = {}
   for name in names:
     method, over = _TRAINER_RUNS[name]
-    config = train_test.tiny_config(method, **over)
+    config = testutil.tiny_config(method, **over)
     config.mesh.update(dict(data=2, fsdp=2, tensor=2))
     run = setup.build_run(config, tempfile.mkdtemp())
     state = train.init_state(config, run)
@@ -330,7 +276,7 @@ class ShardedStepTest(absltest.TestCase):
   def test_ppo_step_equals_single_device(self):
     self._compare("ppo/")
     moved = np.abs(self.single["ppo/policy['embed']"] - models.init_params(
-        tiny_config(), jax.random.key(0), std=0.2)["embed"]).max()
+        testutil.tiny_model_config(), jax.random.key(0), std=0.2)["embed"]).max()
     self.assertGreater(moved, 1e-3)  # the step really changed the params
     self.assertTrue(np.isfinite(self.single["ppo/metrics['actor/loss']"]))
 
@@ -404,9 +350,7 @@ class ShardedTrainerTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import train_test  # pylint: disable=g-import-not-at-top
-
-    env = dict(os.environ, MAR_TEST_MODEL=train_test.shared_model())
+    env = dict(os.environ, MAR_TEST_MODEL=testutil.shared_model())
     env["PYTHONPATH"] = _REPO + os.pathsep + env.get("PYTHONPATH", "")
     cls.out = os.path.join(tempfile.mkdtemp(), "trainer.json")
     port = _free_port()
@@ -487,7 +431,7 @@ class ParallelHelpersTest(absltest.TestCase):
 
   def test_opt_state_shardings_follow_params(self):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    config = tiny_config()
+    config = testutil.tiny_model_config()
     sh = parallel.TrainShardings.create(config, mesh, actor_opt=_optimizer(),
                                         critic_opt=_optimizer())
     mu = sh.actor_opt.inner_state[1][0].mu

@@ -17,16 +17,8 @@ from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text, render_episode
 from mar.rollout.runner import RolloutRunner
+import testutil
 from scripted import counting_predicate, scripted_decode, stop_rule_decode
-
-
-class _ListVerifier:
-  """In-process stand-in for BatchVerifier: exact match of the last box."""
-
-  def verify(self, responses, golds):
-    from mar import verify
-
-    return [verify.extract_boxed(r) == g for r, g in zip(responses, golds)]
 
 
 class _TinyModel(absltest.TestCase):
@@ -68,7 +60,7 @@ class RolloutTest(_TinyModel):
                           ma.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
                           sampling.SamplingParams(temperature=0.0),
                           (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
-    verifier = AttemptVerifier(tok, _ListVerifier(), golds)
+    verifier = AttemptVerifier(tok, testutil.ListVerifier(), golds)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
     fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, counting_predicate(), verifier,
                                     ptoks, pmask, jnp.asarray(n_attempts, jnp.int32),
@@ -145,7 +137,7 @@ class StopRuleTest(_TinyModel):
   def _run(self, text, stop_at_box, budget=40):
     tok = self.tok
     runner = RolloutRunner(
-        self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=48, max_attempts=1,
+        self.cfg, tok, testutil.ListVerifier(), batch_size=2, prompt_len=48, max_attempts=1,
         token_budget=budget, sampling=sampling.SamplingParams(temperature=0.0),
         decode_fn=functools.partial(stop_rule_decode, tok.encode(text)),
         stop_at_box=stop_at_box)
@@ -158,7 +150,7 @@ class StopRuleTest(_TinyModel):
     golds = ["7", "0", "7", "0", "7"]
     for m in (1, 2):
       runner = RolloutRunner(
-          self.cfg, tok, _ListVerifier(), batch_size=2, prompt_len=96, max_attempts=m,
+          self.cfg, tok, testutil.ListVerifier(), batch_size=2, prompt_len=96, max_attempts=m,
           token_budget=16, sampling=sampling.SamplingParams(temperature=0.0),
           decode_fn=functools.partial(stop_rule_decode, tok.encode("\\boxed{7}")))
       texts = [prompts.multi_attempt_prompt("1+" * k + "1", m) for k in (6, 1, 4, 2, 3)]

@@ -17,7 +17,7 @@ from mar.lte import hints
 from mar.models import sharding
 from mar.rollout.runner import RolloutRunner
 from mar.sampling import SamplingParams
-from train_test import tiny_config
+from testutil import tiny_config
 
 
 class SamplingLayoutTest(absltest.TestCase):

@@ -29,14 +29,14 @@ def _child() -> dict:
   from mar import sampling  # pylint: disable=g-import-not-at-top
   from mar.models import sharding  # pylint: disable=g-import-not-at-top
   from mar.sampling import generation  # pylint: disable=g-import-not-at-top
-  import sampling_test as st  # pylint: disable=g-import-not-at-top
+  import testutil  # pylint: disable=g-import-not-at-top
 
   out = {"devices": jax.device_count()}
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  prompts = st.prompts_for(lens=(5, 17, 1, 9, 3, 12))  # 6 rows: padded to 8 on the mesh
+  prompts = testutil.prompts_for(lens=(5, 17, 1, 9, 3, 12))  # 6 rows: padded to 8 on the mesh
   for model_type in ("qwen2", "qwen3"):
-    model, config, params = st.hf_tiny(model_type)
-    ref = st.hf_greedy(model, prompts, 32)
+    model, config, params = testutil.hf_tiny(model_type)
+    ref = testutil.hf_greedy(model, prompts, 32)
     res = sampling.generate(config, params, prompts, 32, mesh=mesh)
     out[f"{model_type}_greedy_equal"] = res.tokens == ref
     out[f"{model_type}_distinct"] = len({t for r in ref for t in r})

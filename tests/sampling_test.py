@@ -1,37 +1,15 @@
 """Sampler: greedy parity with HF generate, state semantics, and sampling statistics."""
 
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-import transformers
 
 from mar import sampling
-from mar.models import hf_io
+import testutil
 from mar.models import model as qwen
-
-
-def hf_tiny(model_type: str, seed: int = 0):
-  """A random tiny HF model (f32) and the same weights loaded into mar."""
-  torch.manual_seed(seed)
-  common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                max_position_embeddings=512)
-  if model_type == "qwen2":
-    hc = transformers.Qwen2Config(**common, tie_word_embeddings=True)
-    model = transformers.Qwen2ForCausalLM(hc)
-  else:
-    hc = transformers.Qwen3Config(**common, head_dim=24, rope_theta=1e6, tie_word_embeddings=False)
-    model = transformers.Qwen3ForCausalLM(hc)
-  model = model.float().eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    model.save_pretrained(tmp)
-    config, params = hf_io.load_hf(tmp)
-  return model, config, params
 
 
 def chi_square_pvalue(observed, expected) -> float:
@@ -40,40 +18,13 @@ def chi_square_pvalue(observed, expected) -> float:
   return float(jax.scipy.special.gammaincc((len(observed) - 1) / 2, stat / 2))
 
 
-PROMPT_LENS = (5, 17, 1, 9)
-
-
-def prompts_for(seed=0, lens=PROMPT_LENS, vocab=300):
-  rng = np.random.RandomState(seed)
-  return [rng.randint(1, vocab, n).tolist() for n in lens]
-
-
-def hf_greedy(model, prompts, new, eos=None):
-  p = max(map(len, prompts))
-  x = np.zeros((len(prompts), p), np.int64)
-  m = np.zeros_like(x)
-  for i, pr in enumerate(prompts):
-    x[i, p - len(pr):] = pr
-    m[i, p - len(pr):] = 1
-  kw = dict(min_new_tokens=new) if eos is None else dict(eos_token_id=eos)
-  with torch.no_grad():
-    out = model.generate(torch.tensor(x), attention_mask=torch.tensor(m), max_new_tokens=new,
-                         do_sample=False, pad_token_id=0, **kw)
-  rows = []
-  for r in out[:, p:].numpy().tolist():
-    if eos is not None and eos in r:
-      r = r[:r.index(eos) + 1]
-    rows.append(r)
-  return rows
-
-
 class GreedyParityTest(parameterized.TestCase):
 
   @parameterized.parameters("qwen2", "qwen3")
   def test_generate_matches_hf(self, model_type):
-    model, config, params = hf_tiny(model_type)
-    prompts = prompts_for()
-    ref = hf_greedy(model, prompts, 40)
+    model, config, params = testutil.hf_tiny(model_type)
+    prompts = testutil.prompts_for()
+    ref = testutil.hf_greedy(model, prompts, 40)
     res = sampling.generate(config, params, prompts, 40)
     self.assertEqual(res.tokens, ref)
     self.assertEqual(res.finish_reason, ["length"] * len(prompts))
@@ -83,8 +34,8 @@ class GreedyParityTest(parameterized.TestCase):
       self.assertTrue(np.all(lp <= 0) and np.all(np.isfinite(lp)))
 
   def test_scan_and_unrolled_layers_agree(self):
-    _, config, params = hf_tiny("qwen2")
-    toks, mask = sampling.pad_prompts(prompts_for(), 32, 4)
+    _, config, params = testutil.hf_tiny("qwen2")
+    toks, mask = sampling.pad_prompts(testutil.prompts_for(), 32, 4)
     outs = []
     for unroll in (False, True):
       p = qwen.unstack_layers(params) if unroll else params
@@ -97,11 +48,11 @@ class GreedyParityTest(parameterized.TestCase):
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
 
   def test_stop_ids_match_hf_eos(self):
-    model, config, params = hf_tiny("qwen3")
-    prompts = prompts_for(seed=3)
+    model, config, params = testutil.hf_tiny("qwen3")
+    prompts = testutil.prompts_for(seed=3)
     free = sampling.generate(config, params, prompts, 24).tokens
     eos = free[0][5]  # a token row 0 emits, so at least that row stops early
-    ref = hf_greedy(model, prompts, 24, eos=eos)
+    ref = testutil.hf_greedy(model, prompts, 24, eos=eos)
     res = sampling.generate(config, params, prompts, 24, stop_ids=(eos,))
     self.assertEqual(res.tokens, ref)
     for toks, why in zip(res.tokens, res.finish_reason):
@@ -114,7 +65,7 @@ class StateTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    _, cls.config, cls.params = hf_tiny("qwen2", seed=1)
+    _, cls.config, cls.params = testutil.hf_tiny("qwen2", seed=1)
 
   def _prefill(self, prompts, p=16, s=64, **kw):
     toks, mask = sampling.pad_prompts(prompts, p, len(prompts))
@@ -127,7 +78,7 @@ class StateTest(parameterized.TestCase):
     return np.asarray(fwd(self.config, self.params, toks, attention_mask=mask)[:, -1])
 
   def test_prefill_layout(self):
-    prompts = prompts_for(lens=(3, 16))
+    prompts = testutil.prompts_for(lens=(3, 16))
     st = self._prefill(prompts)
     np.testing.assert_array_equal(st.pos, [16, 16])
     np.testing.assert_array_equal(st.rope_pos, [3, 16])
@@ -140,7 +91,7 @@ class StateTest(parameterized.TestCase):
 
   def test_decode_rewind_append_continue(self):
     """A dialogue grown by decode, rewind and append equals a fresh forward over it."""
-    prompts = prompts_for(lens=(4, 11, 7))
+    prompts = testutil.prompts_for(lens=(4, 11, 7))
     st = self._prefill(prompts)
     greedy = sampling.SamplingParams(0.0)
     st = sampling.decode(self.config, self.params, st, max_new=jnp.array([6, 3, 0]),
@@ -178,7 +129,7 @@ class StateTest(parameterized.TestCase):
     self.assertTrue(np.all(lp[valid & ~np.asarray(st.cache.valid)] == 0))
 
   def test_done_rows_untouched_and_capacity(self):
-    prompts = prompts_for(lens=(16, 5))
+    prompts = testutil.prompts_for(lens=(16, 5))
     st = self._prefill(prompts, p=16, s=20)
     host = lambda st: st._replace(key=None, cache=st.cache._replace(k=None, v=None))
     before = jax.tree.map(np.asarray, host(st))
@@ -215,7 +166,7 @@ class StateTest(parameterized.TestCase):
       return {"n": n}, n >= 2
 
     pred = sampling.StopPredicate({}, init, update, "two")
-    st = self._prefill(prompts_for(lens=(6, 9)), stop_predicate=pred)
+    st = self._prefill(testutil.prompts_for(lens=(6, 9)), stop_predicate=pred)
     for _ in range(2):  # the predicate state restarts at every decode call
       st = sampling.decode(self.config, self.params, st, max_new=max_new,
                            sampling=sampling.SamplingParams(0.0), stop_predicate=pred,
@@ -225,7 +176,7 @@ class StateTest(parameterized.TestCase):
       np.testing.assert_array_equal(st.stop_state["n"], [expect_new] * 2)
 
   def test_stop_token_priority_and_reproducible_sampling(self):
-    prompts = prompts_for(lens=(6, 9, 12, 3))
+    prompts = testutil.prompts_for(lens=(6, 9, 12, 3))
     sp = sampling.SamplingParams(temperature=1.0)
     runs = []
     for _ in range(2):

@@ -1,6 +1,5 @@
 """The trainer end to end on the tiny demo model: iterations, compile counts, resume, errors."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,58 +8,13 @@ import tempfile
 import time
 
 from absl.testing import absltest
-import jax
 import numpy as np
 import pytest
 import testutil
 
-from configs import demo as demo_config
-from mar import demo, metrics, setup, train
+from mar import metrics, setup, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SHARED_MODEL: dict = {}
-
-
-def tiny_config(method="ppo", **over):
-  """The demo config shrunk for tests, using a once-built demo model folder."""
-  c = demo_config.get_config({"ppo": None, "lte": "lte", "grpo": "lte"}[method])
-  if method == "grpo":
-    c.method = "grpo"
-  c.model.demo.enabled = False
-  c.model.path = shared_model()
-  c.train.num_steps = 3
-  c.rollout.prompts_per_step = 8
-  c.ppo.mini_batches = 2
-  c.eval.update(dict(at_start=False, at_end=False))
-  c.data.synthetic.num_examples = 64
-  c.checkpoint.update(dict(every_steps=1, keep=2, async_save=False))
-  c.verify.workers = 1
-  c.mesh.update(dict(data=1, fsdp=1, tensor=1))  # one device (the suite simulates 8)
-  if method != "ppo":
-    c.rollout.prompts_per_step = 2
-    c.grpo.group_size = 4
-  return apply_overrides(c, over)
-
-
-def apply_overrides(config, overrides: dict):
-  """Sets dotted keys ("rollout.batch_size") of a config, as --config.* flags do."""
-  for key, value in overrides.items():
-    node = config
-    *head, last = key.split(".")
-    for h in head:
-      node = node[h]
-    node[last] = value
-  return config
-
-
-def shared_model() -> str:
-  """Builds one warm-started demo model per test process (a few SFT steps only)."""
-  if "path" not in _SHARED_MODEL:
-    c = demo_config.get_config()
-    c.model.demo.sft_steps = 30
-    work = tempfile.mkdtemp()
-    _SHARED_MODEL["path"] = demo.ensure_demo_model(c, work)
-  return _SHARED_MODEL["path"]
 
 
 def _cache_size(fn) -> int:
@@ -76,7 +30,7 @@ def _comparable(row: dict) -> dict:
 class TrainerTest(absltest.TestCase):
 
   def test_ppo_iterations_compile_once(self):
-    config = tiny_config("ppo")
+    config = testutil.tiny_config("ppo")
     run = setup.build_run(config, tempfile.mkdtemp())
     state = train.init_state(config, run)
     rewards = []
@@ -100,7 +54,7 @@ class TrainerTest(absltest.TestCase):
     self.assertLessEqual(m["train/padded_positions"], 8 * run.runner.spec.cache_len)
 
   def test_batch_indices_cover_epochs(self):
-    config = tiny_config("ppo")
+    config = testutil.tiny_config("ppo")
     seen = np.concatenate([train.batch_indices(config, 64, s) for s in range(8)])
     self.assertEqual(sorted(seen.tolist()), list(range(64)))
     np.testing.assert_array_equal(train.batch_indices(config, 64, 3),
@@ -113,7 +67,7 @@ def _main_cmd(workdir, *overrides):
 
 
 def _tiny_flags():
-  c = tiny_config("ppo")
+  c = testutil.tiny_config("ppo")
   return [f"--config.model.demo.enabled=False", f"--config.model.path={c.model.path}",
           "--config.train.num_steps=4", "--config.rollout.prompts_per_step=8",
           "--config.eval.at_start=False", "--config.eval.at_end=False",
@@ -180,7 +134,7 @@ class EvaluateTest(absltest.TestCase):
     from mar import evaluate
     from mar.evaluation import report
 
-    config = tiny_config("ppo")
+    config = testutil.tiny_config("ppo")
     config.data.dir = testutil.DATA_DIR
     config.rollout.prompt_len = 512
     config.eval.update(dict(benchmarks=["amc23", "aime24"], kinds=["attempts", "passk"],
@@ -211,7 +165,7 @@ class ShowRolloutTest(absltest.TestCase):
   def test_prints_marked_dialogues(self):
     from mar.tools import show_rollout
 
-    config = tiny_config("ppo")
+    config = testutil.tiny_config("ppo")
     texts = show_rollout.show(config, tempfile.mkdtemp(), num=2, attempts=2)
     self.assertLen(texts, 2)
     for t in texts:
@@ -225,7 +179,7 @@ class EvalOnlyTest(absltest.TestCase):
   def test_evaluates_the_latest_checkpoint(self):
     from mar import eval_only
 
-    config = tiny_config("ppo")
+    config = testutil.tiny_config("ppo")
     config.train.num_steps = 1
     work = tempfile.mkdtemp()
     train.train(config, work)

@@ -19,10 +19,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
-
+from mar import config_utils
 from mar.data import datasets
 from mar.data.datasets import DatasetError, Example, Record
 
@@ -152,22 +151,7 @@ def _tfds_records(spec: str, tfds_dir: str) -> Iterator[Record]:
   for start in range(0, len(source), _BATCH_ROWS):  # batched random access: one read per chunk
     rows = range(start, min(start + _BATCH_ROWS, len(source)))
     for i, record in zip(rows, source.__getitems__(list(rows))):
-      yield spec, f"record {i}", {k: _plain(v) for k, v in record.items()}
-
-
-def _plain(value: Any) -> Any:
-  """TFDS numpy values as the Python values JSON would give (bytes -> str)."""
-  if isinstance(value, bytes):
-    return value.decode("utf-8")
-  if isinstance(value, np.ndarray):
-    return [_plain(v) for v in value.tolist()] if value.ndim else _plain(value.item())
-  if isinstance(value, np.generic):
-    return _plain(value.item())
-  if isinstance(value, list):
-    return [_plain(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  return value
+      yield spec, f"record {i}", config_utils.to_jsonable(record, spec)
 
 
 # ----- Examples ----------------------------------------------------------------------------

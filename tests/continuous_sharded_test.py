@@ -39,7 +39,6 @@ def _child() -> dict:
   from mar.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from mar.models import sharding  # pylint: disable=g-import-not-at-top
   from mar.sampling import generation  # pylint: disable=g-import-not-at-top
-  import continuous_test as ct  # pylint: disable=g-import-not-at-top
   import testutil  # pylint: disable=g-import-not-at-top
 
   def compare(ref, got):
@@ -51,10 +50,10 @@ def _child() -> dict:
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   _, config, params = testutil.hf_tiny("qwen2")
   placed = generation.shard_for_mesh(config, params, mesh)
-  prompts = testutil.prompts_for(lens=ct.PROMPT_LENS)
+  prompts = testutil.prompts_for(lens=testutil.ENGINE_PROMPT_LENS)
   stop_ids = tuple(range(1, 300, 9))
   for temperature in (0.0, 1.0):
-    run = lambda p, rows: ct.single_turn(config, p, prompts, rows=rows, budget=16,  # pylint: disable=cell-var-from-loop
+    run = lambda p, rows: testutil.engine_single_turn(config, p, prompts, rows=rows, budget=16,  # pylint: disable=cell-var-from-loop
                                          temperature=temperature, stop_ids=stop_ids, key=5)
     ref = run(params, len(prompts))
     for rows in (len(prompts), 3):
@@ -65,11 +64,11 @@ def _child() -> dict:
   tok = Tokenizer.from_dir(d)
   cfg = models.QwenConfig.tiny("qwen3", vocab_size=tok.vocab_size)
   p0 = models.init_params(cfg, jax.random.PRNGKey(0))
-  ref = ct.multi_attempt_sampled(cfg, p0, tok, rows=6)
+  ref = testutil.engine_multi_attempt_sampled(cfg, p0, tok, rows=6)
   out["multi_feedback"] = bool(ref[0].feedback_mask.any())
   placed = generation.shard_for_mesh(cfg, p0, mesh)
   for rows in (6, 2):
-    out[f"multi_rows{rows}"] = compare(ref, ct.multi_attempt_sampled(cfg, placed, tok, rows=rows))
+    out[f"multi_rows{rows}"] = compare(ref, testutil.engine_multi_attempt_sampled(cfg, placed, tok, rows=rows))
   return out
 
 
@@ -135,12 +134,11 @@ class DataSplitTest(absltest.TestCase):
 
   def test_single_turn_sampled_equals_one_device(self):
     import jax  # pylint: disable=g-import-not-at-top
-    import continuous_test as ct  # pylint: disable=g-import-not-at-top
     import testutil  # pylint: disable=g-import-not-at-top
     self.assertEqual(jax.device_count(), 8)
     _, config, params = testutil.hf_tiny("qwen2")
-    prompts = testutil.prompts_for(lens=ct.PROMPT_LENS * 2)  # Q = 16 over B = 8 rows: refills
-    run = lambda mesh: ct.single_turn(config, params, prompts, rows=8, budget=16,
+    prompts = testutil.prompts_for(lens=testutil.ENGINE_PROMPT_LENS * 2)  # Q = 16 over B = 8 rows: refills
+    run = lambda mesh: testutil.engine_single_turn(config, params, prompts, rows=8, budget=16,
                                       temperature=1.0, stop_ids=tuple(range(1, 300, 9)),
                                       key=5, mesh=mesh)
     (ref, ref_stats), (got, stats) = run(None), run(self.mesh)
@@ -151,9 +149,9 @@ class DataSplitTest(absltest.TestCase):
 
   def test_multi_attempt_sampled_equals_one_device(self):
     """Verification callbacks per shard, with global episode ids for keys and gold answers."""
-    import continuous_test as ct  # pylint: disable=g-import-not-at-top
-    run = lambda mesh: ct.multi_attempt_sampled(self.cfg, self.params, self.tok, rows=8, n=16,
-                                                mesh=mesh)
+    import testutil  # pylint: disable=g-import-not-at-top
+    run = lambda mesh: testutil.engine_multi_attempt_sampled(self.cfg, self.params, self.tok,
+                                                             rows=8, n=16, mesh=mesh)
     (ref, ref_stats), (got, stats) = run(None), run(self.mesh)
     self.assertTrue(ref.feedback_mask.any())
     self.assertGreater(int(ref.attempts_used.sum()), 20)
@@ -167,7 +165,7 @@ class DataSplitTest(absltest.TestCase):
     from mar import sampling  # pylint: disable=g-import-not-at-top
     from mar.data import prompts  # pylint: disable=g-import-not-at-top
     from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
-    import continuous_test as ct  # pylint: disable=g-import-not-at-top
+    import scripted  # pylint: disable=g-import-not-at-top
     import testutil  # pylint: disable=g-import-not-at-top
     n = 16
     texts = [[f"\\boxed{{{q}}}<|im_end|>", f"\\boxed{{{q + 10}}}"] for q in range(n)]
@@ -189,7 +187,7 @@ class DataSplitTest(absltest.TestCase):
           self.cfg, self.tok, testutil.ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
           max_attempts=2, token_budget=40, sampling=sampling.SamplingParams(temperature=0.0),
           engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
-          choose_fn=ct.script_chooser(script, lengths), sampling_mesh=mesh)
+          choose_fn=scripted.script_chooser(script, lengths), sampling_mesh=mesh)
       ep = jax.device_get(runner.run(self.params, question, golds, n_attempts,
                                      jax.random.PRNGKey(0)))
       return ep, runner.take_stats()

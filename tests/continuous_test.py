@@ -19,45 +19,8 @@ from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text
 import testutil
+import scripted
 from scripted import counting_predicate, scripted_decode
-
-PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
-
-
-def single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop_ids=(),
-                refill_rows=2, refill_wait=3, key=0, mesh=None, widths=()):
-  """Runs prompts (token lists) as one queue of single-turn episodes; numpy results."""
-  p = max(map(len, prompts_))
-  toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
-  spec = continuous.EngineSpec(
-      rollout=ma.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
-                             sampling=sampling.SamplingParams(temperature=temperature),
-                             stop_ids=tuple(stop_ids)),
-      rows=rows, refill_rows=refill_rows, refill_wait=refill_wait, prompt_widths=widths)
-  fb = np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)
-  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
-      config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k,
-      mesh=mesh))
-  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
-
-
-def multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3, mesh=None):
-  """Sampled multi-attempt episodes of a random model: many stop ids end attempts early."""
-  texts = [prompts.multi_attempt_prompt(f"{i}*{i}", 3) for i in range(n)]
-  ids = [tok.encode(t) for t in texts]
-  p = max(map(len, ids))
-  toks, mask = sampling.pad_prompts(ids, p, n, tok.pad_id)
-  fb_t, fb_l = feedback_table(tok, 3)
-  stop_ids = (tok.im_end_id, tok.eos_id) + tuple(range(40, tok.vocab_size, 23))
-  spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
-                        sampling.SamplingParams(temperature=1.0), stop_ids)
-  espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
-  verifier = AttemptVerifier(tok, testutil.ListVerifier(), ["1"] * n)
-  n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
-  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
-      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k, mesh=mesh))
-  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
-
 
 def responses(ep):
   return [ep.tokens[q][ep.action_mask[q]].tolist() for q in range(len(ep.tokens))]
@@ -69,13 +32,13 @@ class SingleTurnTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.hf, cls.config, cls.params = testutil.hf_tiny("qwen2")
-    cls.prompts = testutil.prompts_for(lens=PROMPT_LENS)
+    cls.prompts = testutil.prompts_for(lens=testutil.ENGINE_PROMPT_LENS)
 
   @parameterized.parameters(((),),  # every prompt prefilled at the queue's width P = 17
                             ((4, 8, 16),))  # its own: 1 -> 4, 5..7 -> 8, 9..14 -> 16, 17 -> P
   def test_greedy_equals_hf_with_refills(self, widths):
     ref = testutil.hf_greedy(self.hf, self.prompts, 20)
-    ep, stats = single_turn(self.config, self.params, self.prompts, rows=3, budget=20,
+    ep, stats = testutil.engine_single_turn(self.config, self.params, self.prompts, rows=3, budget=20,
                             widths=widths)
     self.assertEqual(responses(ep), ref)
     self.assertEqual(int(stats["prefill_rows"]), len(self.prompts))
@@ -87,7 +50,7 @@ class SingleTurnTest(parameterized.TestCase):
   def test_same_results_with_any_number_of_rows(self, temperature):
     # Many stop ids: episodes end at different lengths, so rows free up at different steps.
     stop_ids = tuple(range(1, 300, 9))
-    runs = [single_turn(self.config, self.params, self.prompts, rows=rows, budget=24,
+    runs = [testutil.engine_single_turn(self.config, self.params, self.prompts, rows=rows, budget=24,
                         temperature=temperature, stop_ids=stop_ids, key=5)
             for rows in (len(self.prompts), 3)]
     (a, sa), (b, sb) = runs
@@ -100,7 +63,7 @@ class SingleTurnTest(parameterized.TestCase):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
     self.assertTrue((a.logprobs[a.action_mask] < 0).all())
     # No sampled stop token is kept, and tokens sit right after their prompt slots.
-    p = max(PROMPT_LENS)
+    p = max(testutil.ENGINE_PROMPT_LENS)
     for q in range(len(self.prompts)):
       self.assertTrue(a.action_mask[q, p:p + lengths[q]].all())
       self.assertFalse(set(a.tokens[q][a.action_mask[q]].tolist()) & set(stop_ids))
@@ -177,7 +140,7 @@ class MultiAttemptTest(absltest.TestCase):
     return jax.device_get(old), news, texts, new_v
 
   def test_sampled_results_do_not_depend_on_rows(self):
-    (a, sa), (b, sb) = (multi_attempt_sampled(self.cfg, self.params, self.tok, rows=r)
+    (a, sa), (b, sb) = (testutil.engine_multi_attempt_sampled(self.cfg, self.params, self.tok, rows=r)
                         for r in (6, 2))
     self.assertEqual(int(sa["prefill_calls"]), 1)
     self.assertGreater(int(sb["prefill_calls"]), 2)
@@ -239,20 +202,6 @@ class MultiAttemptTest(absltest.TestCase):
     self.assertGreater(verifier.stalled, 0.0)
 
 
-def script_chooser(script, lengths):
-  """choose_fn emitting script[q, t, :lengths[q, t]] as attempt t of episode q (log-prob -0.25)."""
-  sc, ln = jnp.asarray(script), jnp.asarray(lengths)
-
-  def choose(logits, keys, ctl):
-    del logits, keys
-    q = jnp.minimum(ctl.seq, sc.shape[0] - 1)
-    t = jnp.minimum(ctl.attempt, sc.shape[1] - 1)
-    tok = sc[q, t, jnp.minimum(ctl.num_new, sc.shape[2] - 1)]
-    return tok, jnp.full(tok.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
-
-  return choose
-
-
 class RunnerTest(absltest.TestCase):
   """RolloutRunner(engine="continuous"): any number of prompts in one queue, both stop rules."""
 
@@ -279,7 +228,7 @@ class RunnerTest(absltest.TestCase):
         max_attempts=max_attempts, token_budget=40,
         sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
         engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
-        choose_fn=script_chooser(script, lengths))
+        choose_fn=scripted.script_chooser(script, lengths))
 
   def test_single_turn_queue_and_stop_rules(self):
     n = 5

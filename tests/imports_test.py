@@ -1,4 +1,5 @@
-"""The library's import graph: no circles, and the CLIs in mar/tools are imported by no library module.
+"""Import rules: no circles in mar/, no library module imports the CLIs in mar/tools, and no test
+imports another test (shared helpers live in tests/testutil.py).
 
 Reads every module's imports with `ast` (function-level imports included: a lazy import
 still ties two modules together), so the check needs no import side effects.
@@ -96,6 +97,16 @@ class ImportGraphTest(absltest.TestCase):
     offenders = {m: sorted(d for d in deps if d.startswith("mar.tools"))
                  for m, deps in import_graph().items() if not m.startswith("mar.tools")}
     self.assertEqual({m: d for m, d in offenders.items() if d}, {})
+
+  def test_no_test_imports_another_test(self):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    names = {f[:-3] for f in os.listdir(tests) if f.endswith("_test.py")}
+    offenders = {}
+    for name in sorted(names):
+      imported = imported_modules(os.path.join(tests, name + ".py"), names)
+      if imported:
+        offenders[name] = sorted(imported)
+    self.assertEqual(offenders, {})
 
   def test_the_checker_sees_a_circle(self):
     self.assertEqual(cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}), [["a", "b", "c"]])

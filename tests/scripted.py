@@ -84,3 +84,17 @@ def stop_rule_decode(script, config, params, state, *, max_new, sampling, stop_i
   state, _ = _emit(config, params, state, jnp.broadcast_to(ids, (b, ids.shape[0])), full,
                    max_new, stop_ids)
   return state
+
+
+def script_chooser(script, lengths):
+  """choose_fn emitting script[q, t, :lengths[q, t]] as attempt t of episode q (log-prob -0.25)."""
+  sc, ln = jnp.asarray(script), jnp.asarray(lengths)
+
+  def choose(logits, keys, ctl):
+    del logits, keys
+    q = jnp.minimum(ctl.seq, sc.shape[0] - 1)
+    t = jnp.minimum(ctl.attempt, sc.shape[1] - 1)
+    tok = sc[q, t, jnp.minimum(ctl.num_new, sc.shape[2] - 1)]
+    return tok, jnp.full(tok.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
+
+  return choose

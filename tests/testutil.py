@@ -1,17 +1,26 @@
 """Helpers shared by the test suites (the one place they live: no test imports another test).
 
 Run configs on a once-built demo model (`tiny_config`), tiny model configs, HF reference
-models and greedy decodes, an in-process verifier, and fixed episode / group batches for
-the learners.
+models and greedy decodes, an in-process verifier, fixed episode / group batches for the
+learners, and the continuous engine driven directly on token lists. Scripted policies live
+in `scripted.py`.
 """
 import os
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import demo as demo_config
 from mar import demo
 from mar import models
+from mar import sampling
+from mar.data import prompts
+from mar.data.tokenizer import feedback_table
+from mar.rollout import continuous
+from mar.rollout import multi_attempt as ma
+from mar.rollout.host import AttemptVerifier
 from mar.rollout.multi_attempt import Episodes
 
 # The benchmark and training data live outside the repo (see ../shared/data/SOURCE.md);
@@ -197,3 +206,43 @@ def group_batch() -> dict:
                                   -rng.uniform(0.5, 4.0, (B, S)), 0).astype(np.float32),
       "advantages": rng.normal(size=B).astype(np.float32),
   }
+
+
+# ------------------------------------------- the continuous engine, driven directly
+
+ENGINE_PROMPT_LENS = (5, 17, 1, 9, 12, 3, 7, 14)
+
+
+def engine_single_turn(config, params, prompts_, *, rows, budget, temperature=0.0, stop_ids=(),
+                refill_rows=2, refill_wait=3, key=0, mesh=None, widths=()):
+  """Runs prompts (token lists) as one queue of single-turn episodes; numpy results."""
+  p = max(map(len, prompts_))
+  toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
+  spec = continuous.EngineSpec(
+      rollout=ma.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
+                             sampling=sampling.SamplingParams(temperature=temperature),
+                             stop_ids=tuple(stop_ids)),
+      rows=rows, refill_rows=refill_rows, refill_wait=refill_wait, prompt_widths=widths)
+  fb = np.zeros((1, 1), np.int32), np.zeros((1,), np.int32)
+  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
+      config, params, spec, None, None, t, m, jnp.ones(len(prompts_), jnp.int32), *fb, k,
+      mesh=mesh))
+  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))
+
+
+def engine_multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, key=3, mesh=None):
+  """Sampled multi-attempt episodes of a random model: many stop ids end attempts early."""
+  texts = [prompts.multi_attempt_prompt(f"{i}*{i}", 3) for i in range(n)]
+  ids = [tok.encode(t) for t in texts]
+  p = max(map(len, ids))
+  toks, mask = sampling.pad_prompts(ids, p, n, tok.pad_id)
+  fb_t, fb_l = feedback_table(tok, 3)
+  stop_ids = (tok.im_end_id, tok.eos_id) + tuple(range(40, tok.vocab_size, 23))
+  spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
+                        sampling.SamplingParams(temperature=1.0), stop_ids)
+  espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
+  verifier = AttemptVerifier(tok, ListVerifier(), ["1"] * n)
+  n_attempts = jnp.asarray([3, 1, 2, 3, 2, 3][:n] + [3] * (n - 6), jnp.int32)
+  fn = jax.jit(lambda params, t, m, k: continuous.rollout(
+      config, params, espec, None, verifier, t, m, n_attempts, fb_t, fb_l, k, mesh=mesh))
+  return jax.device_get(fn(params, toks, mask, jax.random.key(key)))

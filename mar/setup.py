@@ -62,6 +62,7 @@ class Run:
           token_budget=config.rollout.token_budget, sampling=sp,
           check_every=config.rollout.check_every,
           hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
+          feedback_text=hints.hint_feedback_text,
           mesh=self.mesh, stop_at_box=e.stop_at_box, sampling_mesh=self.runner.sampling_mesh,
           sampling_dtype=self.runner.sampling_dtype, **engine_args(config))
     return self._eval_runners[kind]
@@ -184,8 +185,9 @@ def build_run(config, workdir: str) -> Run:
       max_attempts=r.max_attempts if config.method == "ppo" else 1,
       token_budget=r.token_budget,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len, mesh=mesh,
-      timeline=timeline, stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
+      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len,
+      feedback_text=hints.hint_feedback_text, mesh=mesh, timeline=timeline,
+      stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
       sampling_dtype=parallel.sampling_dtype(cfg), **engine_args(config))
   train_data, skipped = drop_long_prompts(config, runner, train_data)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,

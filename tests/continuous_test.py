@@ -114,7 +114,8 @@ class MultiAttemptTest(absltest.TestCase):
                           sampling.SamplingParams(temperature=0.0),
                           (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
     args = (ptoks, pmask, jnp.asarray(n_attempts, jnp.int32))
-    old_v = AttemptVerifier(tok, testutil.ListVerifier(), golds)
+    old_v = AttemptVerifier(tok, testutil.ListVerifier(), golds,
+                           feedback_text=hints.hint_feedback_text)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
     old = jax.jit(lambda: ma.rollout(
         self.cfg, self.params, spec, counting_predicate(), old_v, *args,
@@ -129,7 +130,8 @@ class MultiAttemptTest(absltest.TestCase):
       tok_ = sc[q, t, i]
       return tok_, jnp.full(tok_.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
 
-    new_v = AttemptVerifier(tok, testutil.ListVerifier(), golds)
+    new_v = AttemptVerifier(tok, testutil.ListVerifier(), golds,
+                           feedback_text=hints.hint_feedback_text)
     news = []
     for r in rows:  # scanned layers: the engine compiles faster, computes the same
       espec = continuous.EngineSpec(spec, rows=r, refill_rows=1, refill_wait=1,

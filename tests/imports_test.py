@@ -98,6 +98,13 @@ class ImportGraphTest(absltest.TestCase):
                  for m, deps in import_graph().items() if not m.startswith("mar.tools")}
     self.assertEqual({m: d for m, d in offenders.items() if d}, {})
 
+  def test_the_engine_knows_no_method(self):
+    """A hint reaches the rollout engine as data (a feedback-text function), not as an import."""
+    engine = ("mar.rollout", "mar.sampling")
+    offenders = {m: sorted(d for d in deps if d.startswith("mar.lte"))
+                 for m, deps in import_graph().items() if m.startswith(engine)}
+    self.assertEqual({m: d for m, d in offenders.items() if d}, {})
+
   def test_no_test_imports_another_test(self):
     tests = os.path.dirname(os.path.abspath(__file__))
     names = {f[:-3] for f in os.listdir(tests) if f.endswith("_test.py")}

@@ -60,7 +60,8 @@ class RolloutTest(_TinyModel):
                           ma.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
                           sampling.SamplingParams(temperature=0.0),
                           (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
-    verifier = AttemptVerifier(tok, testutil.ListVerifier(), golds)
+    verifier = AttemptVerifier(tok, testutil.ListVerifier(), golds,
+                               feedback_text=hints.hint_feedback_text)
     decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
     fn = jax.jit(lambda: ma.rollout(self.cfg, self.params, spec, counting_predicate(), verifier,
                                     ptoks, pmask, jnp.asarray(n_attempts, jnp.int32),

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from mar import verify
-from mar.lte import hints
 
 
 class AttemptVerifier:
@@ -23,10 +22,15 @@ class AttemptVerifier:
 
   `answers` is the table of gold answers indexed by the rollout's `example_ids`; swap it
   (`set_answers`) to evaluate another benchmark without recompiling the rollout.
+  `feedback_text(attempts_left, wrong_answers)` writes a hybrid feedback turn
+  (`rollout.hint_feedback_len > 0`); the caller supplies it (setup: LTE's
+  `hints.hint_feedback_text`), so the engine knows no method's prompts.
   """
 
-  def __init__(self, tokenizer, verifier, answers: Sequence[str] = ()):
+  def __init__(self, tokenizer, verifier, answers: Sequence[str] = (),
+               feedback_text: Callable[[int, Sequence[str]], str] | None = None):
     self.tokenizer = tokenizer
+    self.feedback_text = feedback_text
     self.verifier = verifier
     self.answers = list(answers)
     self.calls = 0
@@ -129,12 +133,15 @@ class AttemptVerifier:
         self.stalled += time.perf_counter() - t0
 
   def _hint_turns(self, wrong_answers, attempts_left, go_on, width: int):
+    if self.feedback_text is None:
+      raise ValueError("hybrid feedback turns (hint_feedback_len > 0) need the verifier's "
+                       "feedback_text")
     tokens = np.full((len(go_on), width), self.tokenizer.pad_id, np.int32)
     lengths = np.zeros(len(go_on), np.int32)
     for b in np.flatnonzero(go_on):
       answers = list(wrong_answers[b])
       while True:
-        ids = self.tokenizer.encode(hints.hint_feedback_text(int(attempts_left[b]), answers))
+        ids = self.tokenizer.encode(self.feedback_text(int(attempts_left[b]), answers))
         if len(ids) <= width or not answers:
           break
         answers = answers[1:]

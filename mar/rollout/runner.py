@@ -90,7 +90,7 @@ class RolloutRunner:
                decode_fn=None, defer_verify: bool | None = None, timeline=None,
                stop_at_box: bool = True, sampling_mesh=None, sampling_dtype=None,
                engine: str = "static", refill_rows: int = 0, refill_wait: int = 16,
-               verify_every: int = 8, choose_fn=None):
+               verify_every: int = 8, choose_fn=None, feedback_text=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -122,7 +122,7 @@ class RolloutRunner:
         # Run to EOS (verl, LTE): the single-turn response keeps its EOS as a trained action.
         keep_stop_token=single_turn and not stop_at_box,
     )
-    self.verify_fn = AttemptVerifier(tokenizer, verifier)
+    self.verify_fn = AttemptVerifier(tokenizer, verifier, feedback_text=feedback_text)
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
     # An attempt ends at its first closed \boxed{} only under multi-attempt's rule.
     self.stop_predicate = boxed_stop_predicate(strings) if stop_at_box else None

@@ -95,6 +95,8 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
   tokens, valid, action = grpo.pack_sequences(prompt_ids, first.responses, pl, rl, tok.pad_id)
   original = {"tokens": tokens, "valid": valid, "action_mask": action}
+  if first.logprobs:  # the sampler's log-probs: rollout/logp_gap_* and TIS in the loss
+    original["sampler_logp"] = grpo.pack_response_values(first.logprobs, pl, rl)
   hinted: dict[str, Any] = {}
   metrics = {"lte/num_none_pass": float(none_pass.sum())}
   if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
@@ -110,6 +112,8 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
     un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
     h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
     hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
+    if "sampler_logp" in original:  # sampled under the hinted prompt
+      hinted["sampler_logp"] = grpo.pack_response_values(extra.logprobs, pl, rl)
     if logp_hinted is not None:
       hinted["logp_hinted"] = logp_hinted
     out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",

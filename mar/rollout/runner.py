@@ -40,6 +40,9 @@ class HostEpisodes:
   correct: np.ndarray  # [n] bool: any attempt correct
   truncated: np.ndarray  # [n] bool
   reward: np.ndarray  # [n] float
+  # The sampler's log-prob of each response token (aligned with `responses`): the
+  # distribution it sampled from, at the sampling temperature (`mar.sampling.sample`).
+  logprobs: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 _unstack = jax.jit(qwen.unstack_layers)  # no donation: a no-op reshard returns the input
@@ -272,6 +275,7 @@ class RolloutRunner:
     tokens = np.asarray(episodes.tokens)
     action = np.asarray(episodes.action_mask)
     attempt = np.asarray(episodes.attempt_id)
+    logp = np.asarray(episodes.logprobs, np.float32)
     responses, texts, answers = [], [], []
     for b in range(n):
       responses.append(tokens[b][action[b]].tolist())
@@ -286,6 +290,7 @@ class RolloutRunner:
         correct=np.asarray(episodes.correct_turn).any(0)[:n],
         truncated=np.asarray(episodes.truncated)[:n],
         reward=np.asarray(episodes.reward)[:n],
+        logprobs=[logp[b][action[b]] for b in range(n)],
     )
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
@@ -310,7 +315,7 @@ class RolloutRunner:
       return HostEpisodes(*(
           [v[i] for i in back] if isinstance(v, list) else np.asarray(v)[back]
           for v in (out.responses, out.texts, out.answers, out.correct, out.truncated,
-                    out.reward)))
+                    out.reward, out.logprobs)))
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
     for c, (lo, hi) in enumerate(chunks):
@@ -332,6 +337,7 @@ class RolloutRunner:
         correct=np.concatenate([p.correct for p in parts]),
         truncated=np.concatenate([p.truncated for p in parts]),
         reward=np.concatenate([p.reward for p in parts]),
+        logprobs=[x for p in parts for x in p.logprobs],
     )
 
   def _sampling_params(self, params):

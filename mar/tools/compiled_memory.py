@@ -276,7 +276,7 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
   """One mini-batch as `PPOLearner.step` hands it to the updates: what scoring returns."""
   n, s = us.sequences // us.mini_batches, us.seq_len
   ep_dtypes = {"tokens": jnp.int32, "valid": jnp.bool_, "action_mask": jnp.bool_,
-               "feedback_mask": jnp.bool_}
+               "feedback_mask": jnp.bool_, "logprobs": jnp.float32}
   fields = {f: None for f in ma.Episodes._fields}
   fields.update({k: _struct((n, s), d, mesh, rules) for k, d in ep_dtypes.items()})
   fields.update(reward=_struct((n,), jnp.float32, mesh, rules),

@@ -19,11 +19,13 @@ it needs `prompts` (16) groups whose rewards are not all equal, drawing at most
 
 Per method it prints (summed over windows): decode_steps (the engine's own counter; for
 regenerate also first_batch_steps, its first program's: a step without dynamic sampling),
-ideal_steps (what the groups it trained on cost alone: the first-free-row continuous schedule
-of their episodes' sampled lengths, free prefill and verification, `bench/rollout.py`'s
-`ideal_steps`, per window), extra_steps = decode_steps - ideal_steps and extra_frac =
-extra / ideal, groups_sampled, informative groups, tokens sampled; and the share of the
-candidate groups that were informative.
+what the groups it trained on would cost alone, had an oracle skipped every uninformative
+group (per window, from their episodes' sampled lengths): ideal_steps (the first-free-row
+continuous schedule, free prefill and verification: `bench/rollout.py`'s `ideal_steps`) and
+oracle_steps (the engine's own scheduler, `rollout.schedule` on scripted lengths, on a queue
+of just those episodes: refills of B / 16 rows, as the real program pays them);
+extra_over_ideal / extra_over_oracle = decode_steps - either (and their fractions),
+groups_sampled, informative groups, tokens sampled.
 """
 
 from __future__ import annotations
@@ -60,12 +62,23 @@ def _informative(correct, g):
   return (hits > 0) & (hits < g)
 
 
-def _ideal(host, groups, g, rows):
-  lengths = [len(host.responses[q * g + j]) for q in groups for j in range(g)]
-  return rollout_bench.ideal_steps(lengths, rows)
+def _ideals(lengths, rows, config) -> dict:
+  """What the trained groups' episodes (sampled lengths) cost alone, with no uninformative
+  group sampled: `ideal_steps` (first free row, free prefill) and `oracle_steps` (the
+  engine's own scheduler on a queue of just them, verified after the program)."""
+  r = config.rollout
+  spec = schedule.ScheduleSpec(max_attempts=1, token_budget=r.token_budget,
+                               refill_rows=r.refill_rows or max(1, rows // 16),
+                               refill_wait=r.refill_wait, verify_every=r.verify_every,
+                               deferred=True, keep_stop_token=True)
+  n = len(lengths)
+  counts = schedule.scripted_counts(spec, rows, np.asarray(lengths)[:, None],
+                                    np.zeros((n, 1), bool), np.ones(n, np.int32))
+  return {"ideal_steps": rollout_bench.ideal_steps(lengths, rows),
+          "oracle_steps": counts["decode_steps"]}
 
 
-def in_engine(run, params, examples, g, needed, key, rows):
+def in_engine(run, params, examples, g, needed, key, rows, config):
   texts, golds = _texts(run, examples, g)
   host, verified, admitted = run.runner.run_groups(params, texts, golds, key, group_size=g,
                                                    needed=needed)
@@ -74,12 +87,13 @@ def in_engine(run, params, examples, g, needed, key, rows):
   _, cutoff = schedule.decided_prefix(done, informative, needed)
   chosen = np.flatnonzero(informative[:int(cutoff)])[:needed]
   sampled = admitted.reshape(-1, g).any(1)
-  return {"decode_steps": steps, "ideal_steps": _ideal(host, chosen, g, rows),
+  lengths = [len(host.responses[q * g + j]) for q in chosen for j in range(g)]
+  return {"decode_steps": steps, **_ideals(lengths, rows, config),
           "groups_sampled": int(sampled.sum()), "informative": int(len(chosen)),
           "tokens": int(sum(len(r) for r, a in zip(host.responses, admitted) if a))}
 
 
-def regenerate(run, params, examples, g, needed, key, rows):
+def regenerate(run, params, examples, g, needed, key, rows, config):
   out = {"decode_steps": 0.0, "first_batch_steps": 0.0, "ideal_steps": 0, "groups_sampled": 0,
          "informative": 0, "tokens": 0}
   kept = []  # (host view, group) of the informative groups so far
@@ -97,7 +111,7 @@ def regenerate(run, params, examples, g, needed, key, rows):
       break
   kept = kept[:needed]
   lengths = [len(h.responses[q * g + j]) for h, q in kept for j in range(g)]
-  out["ideal_steps"] = rollout_bench.ideal_steps(lengths, rows)
+  out.update(_ideals(lengths, rows, config))
   out["informative"] = len(kept)
   return out
 
@@ -133,12 +147,13 @@ def main(argv=None):
     examples = [run.train_data[i] for i in idx]
     key = train.step_key(config, w)
     for name, fn in (("in_engine", in_engine), ("regenerate", regenerate)):
-      r = fn(run, params, examples, args.group, args.prompts, key, args.rows)
+      r = fn(run, params, examples, args.group, args.prompts, key, args.rows, config)
       for k, v in r.items():
         totals[name][k] = totals[name].get(k, 0) + v
   for t in totals.values():
-    t["extra_steps"] = t["decode_steps"] - t["ideal_steps"]
-    t["extra_frac"] = t["extra_steps"] / max(t["ideal_steps"], 1)
+    for ideal in ("ideal", "oracle"):
+      t[f"extra_over_{ideal}"] = t["decode_steps"] - t[f"{ideal}_steps"]
+      t[f"extra_over_{ideal}_frac"] = t[f"extra_over_{ideal}"] / max(t[f"{ideal}_steps"], 1)
   run.close()
   result = {
       "bench": "dynamic_sampling", "task": "demo:lte (synthetic arithmetic, run to EOS)",

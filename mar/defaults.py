@@ -73,11 +73,13 @@ def base_config() -> ConfigDict:
                            shaping_gamma=0.1, separate_norm=False, lr=1e-6,
                            cap=-1,  # -1: G - 1
                            mini_batches=1, micro_batches=1, tis_cap=0.0))
-  # DAPO (METHODS.md "beyond"): dynamic sampling draws further prompts (next in the data
-  # order) into the same engine queue until prompts_per_step groups have unequal rewards,
-  # at most max_oversample x prompts_per_step extra groups; groups with equal rewards are
-  # never trained on. overlong_buffer > 0: the soft length penalty over the last L_cache =
-  # overlong_buffer tokens of the budget; mask_truncated: truncated responses are not trained.
+  # DAPO (METHODS.md §3; configs/grpo_qwen.py:dapo). dynamic_sampling: further prompts
+  # (next in the data order) join the same engine queue until prompts_per_step groups have
+  # unequal rewards, at most max_oversample x prompts_per_step extra groups (one process,
+  # continuous engine); groups with equal rewards are never trained on (LTE: a none-pass
+  # group is kept and hinted). overlong_buffer > 0: DAPO's soft length penalty (up to
+  # -overlong_penalty) over the last overlong_buffer tokens of the budget; mask_truncated:
+  # truncated responses leave the loss.
   c.grpo.update(dict(dynamic_sampling=False, max_oversample=2, overlong_buffer=0,
                      overlong_penalty=1.0, mask_truncated=False))
   c.optim = ConfigDict(dict(warmup_ratio=0.03, min_lr_ratio=0.1, b1=0.9, b2=0.95,

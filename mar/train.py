@@ -169,6 +169,8 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
       questions, answers, plain = ([xs[i] for i in groups] for xs in (questions, answers, plain))
     else:
       first = _sample_groups(run, state["policy"], answers, plain, g, key_a)
+      dapo_metrics = {"dapo/groups_sampled": float(len(plain)),
+                      "dapo/oversample_exhausted": 0.0}
   rewards = first.correct.reshape(-1, g).astype(np.float32)
   none_pass = rewards.sum(1) == 0
   rows = np.flatnonzero(none_pass) if config.method in ("lte", "grpo_extra") else []

@@ -11,6 +11,7 @@ from mar import models, sampling
 from mar.rl import grpo, losses, optim, ppo
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
+import train_test  # the shared demo model
 
 TEMPERATURE = 0.7
 BUDGET = 10
@@ -142,9 +143,9 @@ class GapTest(parameterized.TestCase):
 class Bf16SamplingTest(absltest.TestCase):
 
   def test_bf16_sampler_shows_a_gap_and_tis_weights_where_it_is(self):
-    """Sampling with bf16 weights and compute, learning in f32: the gap is real and the
-    TIS weights differ from 1 exactly where it is (and equal the formula)."""
-    config, params = tiny_model()
+    """The demo model sampled with bf16 weights and compute, scored in f32: the gap is real
+    and the TIS weights differ from 1 exactly where it is (and equal the formula)."""
+    config, params = models.load_hf(train_test.shared_model(), dtype=jnp.float32)
     cfg16 = config.replace(dtype="bfloat16")
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     ep = sampled_episodes(cfg16, params16)

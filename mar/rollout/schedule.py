@@ -29,11 +29,14 @@ their verdicts differ (or, `keep_none_pass`, when not all are correct: LTE hints
 group). Once some prefix of the queue is all done and holds `groups_needed` informative
 groups, the step's groups are decided (`closed`): no new episode is admitted and the rows
 still running are freed (their episodes lie past the prefix, none of them is trained). So
-the decided groups are the same with any B; only the speculative work past them differs. Per-turn semantics are those of `multi_attempt.rollout` (METHODS.md §1):
-the stop token counts against the token budget, an attempt ends at a stop token, a fired stop
-predicate (checked every `check_every` tokens and on the last one) or the end of the budget;
+the decided groups are the same with any B; only the speculative work past them differs.
+
+Per-turn semantics are those of `multi_attempt.rollout` (METHODS.md §1): the stop token
+counts against the token budget, an attempt ends at a stop token, a fired stop predicate
+(checked every `check_every` tokens and on the last one) or the end of the budget;
 `attempts_left` drops by one per verified attempt, a wrong attempt goes on only with attempts
-and budget left, and `truncated` marks a wrong attempt that used up the budget.
+and budget left, and `truncated` marks a wrong attempt that used up the budget (with
+`keep_stop_token`, run to EOS, verified in the program: a response the budget cut is wrong).
 """
 
 from __future__ import annotations

@@ -96,6 +96,18 @@ class FormulaTest(absltest.TestCase):
     self.assertAlmostEqual(float(loss), float((np.asarray(per_token) * w).mean()), places=5)
 
 
+  def test_ppo_actor_loss_takes_the_weights(self):
+    rng = np.random.default_rng(3)
+    logp = rng.normal(-2, 0.3, (2, 5)).astype(np.float32)
+    old = logp - 0.05
+    adv = rng.normal(0, 1, (2, 5)).astype(np.float32)
+    mask = np.ones((2, 5), bool)
+    w = rng.uniform(0.5, 2.0, (2, 5)).astype(np.float32)
+    loss, _ = losses.ppo_actor_loss(logp, old, adv, mask, kl_coef=0.0, token_weight=w)
+    per_token, _, _ = losses.ppo_clip_token_loss(logp, old, adv, mask)
+    self.assertAlmostEqual(float(loss), float((np.asarray(per_token) * w).mean()), places=5)
+
+
 class GapTest(parameterized.TestCase):
   """In f32 the sampler's log-probs are the learner's pi_old up to rounding."""
 

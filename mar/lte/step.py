@@ -104,25 +104,26 @@ def dapo_rewards(config, batch: dict, rewards: np.ndarray):
   """
   g = config.grpo
   truncated = batch.pop("truncated")
+  action = np.asarray(batch["action_mask"])
   metrics = {}
   # Groups whose (refined) rewards are all equal teach nothing. With dynamic sampling they
   # are never trained on: only a batch the bound left short holds any (or an LTE group
-  # whose hints all failed), and its members leave the loss.
+  # whose hints all failed), and its members leave the loss. Decided on accuracy, before
+  # the length penalty (as DAPO filters on accuracy).
   flat = rewards.min(1) == rewards.max(1)
-  if g.dynamic_sampling:
-    batch["action_mask"] = (np.asarray(batch["action_mask"])
-                            & ~np.repeat(flat, rewards.shape[1])[:, None])
-  trained = np.asarray(batch["action_mask"]).reshape(rewards.shape[0], -1).any(1)
-  metrics["dapo/zero_variance_groups_trained"] = float((flat & trained).sum())
   if g.overlong_buffer > 0:
-    lengths = np.asarray(batch["action_mask"]).sum(1)
-    penalty = adv_lib.overlong_penalty(lengths, config.rollout.token_budget,
+    penalty = adv_lib.overlong_penalty(action.sum(1), config.rollout.token_budget,
                                        g.overlong_buffer, g.overlong_penalty)
     rewards = rewards + penalty.reshape(rewards.shape)
     metrics["dapo/overlong_penalty_mean"] = float(penalty.mean())
+  if g.dynamic_sampling:
+    action = action & ~np.repeat(flat, rewards.shape[1])[:, None]
   if g.mask_truncated:
-    batch["action_mask"] = np.asarray(batch["action_mask"]) & ~truncated[:, None]
+    action = action & ~truncated[:, None]
     metrics["dapo/truncated_masked"] = float(truncated.sum())
+  batch["action_mask"] = action
+  trained = action.reshape(rewards.shape[0], -1).any(1)
+  metrics["dapo/zero_variance_groups_trained"] = float((flat & trained).sum())
   return rewards, metrics
 
 

@@ -125,8 +125,8 @@ def examples_per_step(config) -> int:
 
 
 def _dynamic_groups(config, run, params, answers, plain, g, key):
-  """DAPO's dynamic sampling in one queue: (rows of the chosen groups' members, the first
-  sample's HostEpisodes, dapo/* metrics). See `rollout.schedule` (groups).
+  """DAPO's dynamic sampling in one queue: (the chosen groups, as indices into the step's
+  examples; their members' HostEpisodes; dapo/* metrics). See `rollout.schedule` (groups).
 
   The chosen groups are the first prompts_per_step informative ones in data order (LTE: a
   none-pass group is informative, it will be hinted); when the bound is hit first, the batch

@@ -62,14 +62,26 @@ def base_config() -> ConfigDict:
   # dtype) replicated or tensor-parallel over `tensor`; -1 = the devices left over.
   c.rollout.mesh = ConfigDict(dict(data=-1, tensor=1))
 
+  # tis_cap > 0: token-level truncated importance weights min(pi_old / pi_sampler, C) on
+  # the policy loss (rollout correction: the rollout samples in its own dtype and layout);
+  # 0 = off. The rollout/logp_gap_*, k3_kl and tis_* metrics are logged either way.
   c.ppo = ConfigDict(dict(gamma=1.0, lam=0.99, clip=0.2, value_clip=0.2, kl_coef=0.01,
                           kl_name="k3", kl_clamp=10.0, actor_lr=5e-7, critic_lr=1e-5,
-                          mini_batches=1, micro_batches=1))
+                          mini_batches=1, micro_batches=1, tis_cap=0.0))
   c.grpo = ConfigDict(dict(group_size=8, estimator="grpo", agg="token_mean", clip_low=0.2,
                            clip_high=0.2, kl_coef=0.0, kl_name="k3", entropy_coef=0.0,
                            shaping_gamma=0.1, separate_norm=False, lr=1e-6,
                            cap=-1,  # -1: G - 1
-                           mini_batches=1, micro_batches=1))
+                           mini_batches=1, micro_batches=1, tis_cap=0.0))
+  # DAPO (METHODS.md §3; configs/grpo_qwen.py:dapo). dynamic_sampling: further prompts
+  # (next in the data order) join the same engine queue until prompts_per_step groups have
+  # unequal rewards, at most max_oversample x prompts_per_step extra groups (one process,
+  # continuous engine); groups with equal rewards are never trained on (LTE: a none-pass
+  # group is kept and hinted). overlong_buffer > 0: DAPO's soft length penalty (up to
+  # -overlong_penalty) over the last overlong_buffer tokens of the budget; mask_truncated:
+  # truncated responses leave the loss.
+  c.grpo.update(dict(dynamic_sampling=False, max_oversample=2, overlong_buffer=0,
+                     overlong_penalty=1.0, mask_truncated=False))
   c.optim = ConfigDict(dict(warmup_ratio=0.03, min_lr_ratio=0.1, b1=0.9, b2=0.95,
                             weight_decay=0.0, grad_clip=1.0))
   # The LR schedule spans train.num_steps x (mini-batches per step) optimizer updates.

@@ -108,7 +108,8 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
     p = config.ppo
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
                         kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
-                        temperature=r.temperature, micro_batches=p.micro_batches)
+                        temperature=r.temperature, micro_batches=p.micro_batches,
+                        tis_cap=p.tis_cap)
     return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules,
                           pack_len=config.train.pack_len)
   g = config.grpo
@@ -116,7 +117,7 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                         clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
                         entropy_coef=g.entropy_coef, shaping_gamma=g.shaping_gamma,
                         separate_norm=g.separate_norm, temperature=r.temperature,
-                        micro_batches=g.micro_batches)
+                        micro_batches=g.micro_batches, tis_cap=g.tis_cap)
   return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
                           rules=rules, pack_len=config.train.pack_len)
 

@@ -4,9 +4,11 @@ Reads top to bottom:
   train()            set-up (model, tokenizer, data, verifier, learners), resume, the loop
   ppo_iteration()    multi-attempt (or single-turn, M = 1) PPO on one rollout batch
   group_iteration()  GRPO / LTE / "GRPO + extra rollouts" on one batch of prompt groups
-Each step is deterministic given (seed, step): the data order, the attempt counts and the
-PRNG keys are all derived from them, so a run resumed from a checkpoint reproduces the
-metrics of an uninterrupted one.
+Each step is deterministic given (seed, step, data position): the data order, the attempt
+counts and the PRNG keys are all derived from them, and the position (how many examples of
+the data order earlier steps used: a fixed count per step, except with DAPO's dynamic
+sampling) is checkpointed, so a run resumed from a checkpoint reproduces the metrics of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mar import plots
 from mar import setup
 from mar.lte import hints
 from mar.lte import step as lte_step
+from mar.rollout import schedule
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -44,11 +47,17 @@ def init_state(config, run: setup.Run) -> dict:
 
 
 def batch_indices(config, num_examples: int, step: int) -> np.ndarray:
-  """Example indices of a step: epoch-wise permutations of the data seeded by config.seed."""
+  """Example indices of a step of prompts_per_step examples (`data_indices`)."""
   b = config.rollout.prompts_per_step
-  flat = np.arange(step * b, (step + 1) * b)
+  return data_indices(config, num_examples, step * b, b)
+
+
+def data_indices(config, num_examples: int, position: int, count: int) -> np.ndarray:
+  """Indices of `count` examples from `position` of the data order: epoch-wise permutations
+  of the data seeded by config.seed."""
+  flat = np.arange(position, position + count)
   epochs = flat // num_examples
-  out = np.empty(b, np.int64)
+  out = np.empty(count, np.int64)
   for e in np.unique(epochs):
     perm = np.random.default_rng([config.seed, int(e)]).permutation(num_examples)
     sel = epochs == e
@@ -107,6 +116,42 @@ def _sample_groups(run, params, answers, user_texts, g, key):
   return run.runner.run_host(params, texts, golds, key)
 
 
+def examples_per_step(config) -> int:
+  """Examples a step draws from the data order: with dynamic sampling, the prompts_per_step
+  groups and up to max_oversample times as many to replace uninformative ones."""
+  b, cfg = config.rollout.prompts_per_step, config.grpo
+  dynamic = config.method != "ppo" and cfg.dynamic_sampling
+  return b + (int(round(cfg.max_oversample * b)) if dynamic else 0)
+
+
+def _dynamic_groups(config, run, params, answers, plain, g, key):
+  """DAPO's dynamic sampling in one queue: (the chosen groups, as indices into the step's
+  examples; their members' HostEpisodes; dapo/* metrics). See `rollout.schedule` (groups).
+
+  The chosen groups are the first prompts_per_step informative ones in data order (LTE: a
+  none-pass group is informative, it will be hinted); when the bound is hit first, the batch
+  is filled with the first uninformative ones, which `lte.step.dapo_rewards` keeps out of
+  the loss. dapo/groups_consumed: data positions this step used up (the decided prefix;
+  speculative groups after it come again next step).
+  """
+  needed, keep_none_pass = config.rollout.prompts_per_step, config.method == "lte"
+  texts = [hints.chat_prompt(u) for u in plain for _ in range(g)]
+  golds = [a for a in answers for _ in range(g)]
+  first, verified, admitted = run.runner.run_groups(
+      params, texts, golds, key, group_size=g, needed=needed, keep_none_pass=keep_none_pass)
+  done, informative = schedule.group_verdicts(verified, first.correct, g, keep_none_pass)
+  closed, cutoff = (int(x) for x in schedule.decided_prefix(done, informative, needed))
+  chosen = list(np.flatnonzero(informative[:cutoff])[:needed])
+  fill = [i for i in np.flatnonzero(done) if i not in chosen][:needed - len(chosen)]
+  groups = np.sort(np.asarray(chosen + fill, np.int64))
+  metrics = {"dapo/groups_sampled": float(admitted.reshape(-1, g).any(1).sum()),
+             "dapo/oversample_exhausted": float(not closed),
+             "dapo/groups_consumed": float(cutoff),
+             "dapo/informative_groups": float(len(chosen))}
+  rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
+  return groups, lte_step.select_rows(first, rows), metrics
+
+
 def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   """One GRPO / LTE step on the step's examples (on several hosts: this host's share)."""
   cfg, g = config.grpo, config.grpo.group_size
@@ -116,8 +161,16 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   answers = [ex.answer for ex in examples]
   plain = [hints.plain_prompt(q) for q in questions]
   key_a, key_b = jax.random.split(step_key(config, step))
+  dapo_metrics = {}
   with timer("sample"):
-    first = _sample_groups(run, state["policy"], answers, plain, g, key_a)
+    if cfg.dynamic_sampling:
+      groups, first, dapo_metrics = _dynamic_groups(config, run, state["policy"], answers,
+                                                    plain, g, key_a)
+      questions, answers, plain = ([xs[i] for i in groups] for xs in (questions, answers, plain))
+    else:
+      first = _sample_groups(run, state["policy"], answers, plain, g, key_a)
+      dapo_metrics = {"dapo/groups_sampled": float(len(plain)),
+                      "dapo/oversample_exhausted": 0.0}
   rewards = first.correct.reshape(-1, g).astype(np.float32)
   none_pass = rewards.sum(1) == 0
   rows = np.flatnonzero(none_pass) if config.method in ("lte", "grpo_extra") else []
@@ -155,7 +208,8 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
       "all_pass": float((rewards.sum(1) == g).sum()),
       "response_length": float(np.mean([len(r) for r in first.responses])),
       "truncated_frac": float(first.truncated.mean()),
-      **plan_metrics, **hint_metrics, **learn, **timer.metrics(), **_host_share(run, started),
+      **plan_metrics, **hint_metrics, **dapo_metrics, **learn, **timer.metrics(),
+      **_host_share(run, started),
   }
   m["loss"] = learn.get("loss", np.nan)
   m["tokens_per_s"] = sum(len(r) for r in first.responses) / max(timer.seconds["sample"], 1e-9)
@@ -189,11 +243,12 @@ def train(config, workdir: str) -> dict:
   state = init_state(config, run)
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
   writer = metrics_lib.MetricsWriter.from_config(workdir, config)
-  start = 0
+  start = position = 0
   restored = ckpt.restore(state)
   if restored is not None:
-    start, state, _ = restored
-    logging.info("resumed from checkpoint at step %d", start)
+    start, state, extra = restored
+    position = int(extra.get("data_position", start * config.rollout.prompts_per_step))
+    logging.info("resumed from checkpoint at step %d (data position %d)", start, position)
     writer.truncate_after(start)
   elif config.eval.at_start:
     evaluate.run_eval(config, run, state["policy"], workdir, step=0)
@@ -202,8 +257,9 @@ def train(config, workdir: str) -> dict:
   bar = metrics_lib.progress(config.train.num_steps, desc=f"train[{config.method}]",
                              initial=start)
   for step in range(start, config.train.num_steps):
-    idx = batch_indices(config, len(run.train_data), step)
+    idx = data_indices(config, len(run.train_data), position, examples_per_step(config))
     state, last = iteration(config, run, state, [run.train_data[i] for i in idx], step)
+    position += int(last.get("dapo/groups_consumed", len(idx)))
     last["data/skipped_long_prompts"] = float(run.skipped_long_prompts)
     last.update({f"rollout/reshard_{k}": v for k, v in run.runner.reshard_stats.items()})
     last = parallel.mean_over_hosts(last)
@@ -211,7 +267,7 @@ def train(config, workdir: str) -> dict:
     writer.write(done, last)
     bar.update(1)
     bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))
-    ckpt.save(done, state, extra={"step": done, "data_position": done * len(idx)},
+    ckpt.save(done, state, extra={"step": done, "data_position": position},
               force=done == config.train.num_steps)
     if _should_eval(config, done):
       evaluate.run_eval(config, run, state["policy"], workdir, step=done)

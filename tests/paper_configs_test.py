@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = [
     ("multi_attempt_qwen", None), ("multi_attempt_qwen", "eval"), ("ppo_qwen", None),
     ("hybrid_qwen", None), ("grpo_qwen", None), ("grpo_qwen", "drgrpo"),
-    ("grpo_qwen", "clip_higher"), ("grpo_qwen", "extra"), ("grpo_qwen", "eval"),
+    ("grpo_qwen", "clip_higher"), ("grpo_qwen", "dapo"), ("grpo_qwen", "extra"),
+    ("grpo_qwen", "eval"),
     ("lte_qwen", None), ("lte_qwen", "entropy"), ("lte_qwen", "eval"),
     ("demo", None), ("demo", "single"), ("demo", "lte"), ("demo", "hybrid"),
 ]
@@ -61,6 +62,9 @@ def scaled_overrides(name: str, config, variant=None) -> dict:
   if (name, variant) != SHARDED:
     over.update(_ONE_DEVICE)
   over["model.path"] = shared_model()
+  if config.grpo.overlong_buffer:  # DAPO's buffer, as the same share of the scaled budget
+    share = config.grpo.overlong_buffer / config.rollout.token_budget
+    over["grpo.overlong_buffer"] = max(1, round(share * over["rollout.token_budget"]))
   if name == "demo":
     over.update(_DEMO)
   else:
@@ -82,7 +86,9 @@ class PaperConfigsTest(parameterized.TestCase):
   def test_runs_a_step_and_its_evaluation(self, name, variant):
     config = load_config(name, variant)
     structure = lambda c: (c.method, c.model.dtype, c.model.remat, c.rollout.stop_at_box,
-                           c.rollout.max_attempts, c.eval.kinds, c.eval.benchmarks)
+                           c.rollout.max_attempts, c.eval.kinds, c.eval.benchmarks,
+                           c.grpo.clip_high, c.grpo.agg, c.grpo.dynamic_sampling,
+                           c.grpo.overlong_buffer > 0, c.grpo.mask_truncated)
     paper = structure(config)
     mesh = dict(config.mesh)
     config = apply_overrides(config, scaled_overrides(name, config, variant))
@@ -104,6 +110,10 @@ class PaperConfigsTest(parameterized.TestCase):
       self.assertIn("loss", last)
       if config.method == "lte":
         self.assertIn("lte/hint_shortened", last)
+      if config.grpo.dynamic_sampling:
+        self.assertEqual(last["dapo/zero_variance_groups_trained"], 0.0)
+        self.assertIn("dapo/oversample_exhausted", last)
+      self.assertIn("rollout/logp_gap_max", last)  # every method logs the sampler's gap
     self.assertEqual(eval_benchmarks(work), set(config.eval.benchmarks))
 
 
@@ -136,8 +146,8 @@ class CommandLineTest(absltest.TestCase):
 
   def test_unknown_variant_is_an_error(self):
     for name in ("multi_attempt_qwen", "grpo_qwen", "lte_qwen"):
-      with self.assertRaisesRegex(ValueError, "unknown variant 'dapo'"):
-        load_config(name, "dapo")
+      with self.assertRaisesRegex(ValueError, "unknown variant 'nope'"):
+        load_config(name, "nope")
 
 
 if __name__ == "__main__":

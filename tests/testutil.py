@@ -86,6 +86,12 @@ def shared_model() -> str:
   return _SHARED_MODEL["path"]
 
 
+def replayable_metrics(row: dict) -> dict:
+  """Metrics that must replay exactly (wall-clock figures excluded)."""
+  clock = lambda k: k.startswith("time/") or k.endswith(("_s", "_seconds"))
+  return {k: v for k, v in row.items() if not clock(k)}
+
+
 # ------------------------------------------------- models and HF references
 
 def hf_tiny(model_type: str, seed: int = 0):

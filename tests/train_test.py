@@ -21,12 +21,6 @@ def _cache_size(fn) -> int:
   return fn._cache_size()
 
 
-def _comparable(row: dict) -> dict:
-  """Metrics that must replay exactly (wall-clock figures excluded)."""
-  clock = lambda k: k.startswith("time/") or k.endswith(("_s", "_seconds"))
-  return {k: v for k, v in row.items() if not clock(k)}
-
-
 class TrainerTest(absltest.TestCase):
 
   def test_ppo_iterations_compile_once(self):
@@ -118,7 +112,7 @@ class MainTest(absltest.TestCase):
     resumed = metrics.read_jsonl(os.path.join(work, "metrics.jsonl"))
     self.assertEqual([r["step"] for r in resumed], [1, 2, 3, 4])
     for a, b in zip(reference, resumed):
-      ra, rb = _comparable(a), _comparable(b)
+      ra, rb = testutil.replayable_metrics(a), testutil.replayable_metrics(b)
       self.assertEqual(ra.keys(), rb.keys())
       for k in ra:
         np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar.lte import hints, refine
+from mar.rl import advantages as adv_lib
 from mar.rl import grpo
 from mar.rollout.runner import HostEpisodes
 
@@ -66,6 +67,12 @@ def first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
   return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
 
 
+def select_rows(host: HostEpisodes, rows) -> HostEpisodes:
+  """The host view of `rows` (indices), in that order."""
+  pick = lambda v: [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
+  return HostEpisodes(*(pick(getattr(host, f.name)) for f in dataclasses.fields(host)))
+
+
 def logprobs(run, params, tokens, valid) -> np.ndarray:
   """The learner's log-probs of this host's rows (a program over all hosts' rows; packed
   rows of real tokens unless train.pack_len is 0)."""
@@ -87,6 +94,39 @@ def hinted_logprobs(run, params, hinted_texts, responses) -> np.ndarray:
   return logprobs(run, params, tokens, valid)[:n]
 
 
+def dapo_rewards(config, batch: dict, rewards: np.ndarray):
+  """DAPO's length rules on the refined batch (in place) and its rewards [P, G].
+
+  grpo.overlong_buffer > 0 adds the soft overlong penalty (`advantages.overlong_penalty`)
+  of each member's response length to its reward; grpo.mask_truncated takes truncated
+  responses out of the loss (action mask cleared: DAPO's overlong filtering). Pops the
+  batch's per-member `truncated`. Returns (rewards, dapo/* metrics).
+  """
+  g = config.grpo
+  truncated = batch.pop("truncated")
+  action = np.asarray(batch["action_mask"])
+  metrics = {}
+  # Groups whose (refined) rewards are all equal teach nothing. With dynamic sampling they
+  # are never trained on: only a batch the bound left short holds any (or an LTE group
+  # whose hints all failed), and its members leave the loss. Decided on accuracy, before
+  # the length penalty (as DAPO filters on accuracy).
+  flat = rewards.min(1) == rewards.max(1)
+  if g.overlong_buffer > 0:
+    penalty = adv_lib.overlong_penalty(action.sum(1), config.rollout.token_budget,
+                                       g.overlong_buffer, g.overlong_penalty)
+    rewards = rewards + penalty.reshape(rewards.shape)
+    metrics["dapo/overlong_penalty_mean"] = float(penalty.mean())
+  if g.dynamic_sampling:
+    action = action & ~np.repeat(flat, rewards.shape[1])[:, None]
+  if g.mask_truncated:
+    action = action & ~truncated[:, None]
+    metrics["dapo/truncated_masked"] = float(truncated.sum())
+  batch["action_mask"] = action
+  trained = action.reshape(rewards.shape[0], -1).any(1)
+  metrics["dapo/zero_variance_groups_trained"] = float((flat & trained).sum())
+  return rewards, metrics
+
+
 def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards, none_pass,
                   rng):
   """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
@@ -94,7 +134,10 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   tok = run.tokenizer
   prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
   tokens, valid, action = grpo.pack_sequences(prompt_ids, first.responses, pl, rl, tok.pad_id)
-  original = {"tokens": tokens, "valid": valid, "action_mask": action}
+  original = {"tokens": tokens, "valid": valid, "action_mask": action,
+              "truncated": np.asarray(first.truncated, bool)}
+  if first.logprobs:  # the sampler's log-probs: rollout/logp_gap_* and TIS in the loss
+    original["sampler_logp"] = grpo.pack_response_values(first.logprobs, pl, rl)
   hinted: dict[str, Any] = {}
   metrics = {"lte/num_none_pass": float(none_pass.sum())}
   if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
@@ -109,7 +152,10 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
     rows = np.flatnonzero(none_pass)
     un_ids = [tok.encode(hints.chat_prompt(plain[p])) for p in rows for _ in range(g)]
     h_tokens, h_valid, h_action = grpo.pack_sequences(un_ids, extra.responses, pl, rl, tok.pad_id)
-    hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action}
+    hinted = {"tokens": h_tokens, "valid": h_valid, "action_mask": h_action,
+              "truncated": np.asarray(extra.truncated, bool)}
+    if "sampler_logp" in original:  # sampled under the hinted prompt
+      hinted["sampler_logp"] = grpo.pack_response_values(extra.logprobs, pl, rl)
     if logp_hinted is not None:
       hinted["logp_hinted"] = logp_hinted
     out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
@@ -120,6 +166,8 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   out.setdefault("old_logp_hinted", np.zeros(out["tokens"].shape, np.float32))
   if config.grpo.mini_batches > 1:  # one mini-batch is on-policy: the update's own pi_old
     out["old_logp"] = logprobs(run, policy, out["tokens"], out["valid"])
+  rewards, dapo_metrics = dapo_rewards(config, out, rewards)
+  metrics.update(dapo_metrics)
   out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
   if run.learner.pack_len:  # packed on the host by the learner
     return out, metrics

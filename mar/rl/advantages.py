@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -133,3 +134,19 @@ def group_advantages(name: str, rewards: Array) -> Array:
         f"advantages.py: unknown estimator {name!r}; expected one of {sorted(ADVANTAGE_ESTIMATORS)}"
     )
   return ADVANTAGE_ESTIMATORS[name](rewards)
+
+
+def overlong_penalty(lengths, budget: int, buffer: int, factor: float = 1.0) -> np.ndarray:
+  """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to a response's reward.
+
+  With L_max = `budget` and L_cache = `buffer`: 0 up to L_max - L_cache tokens, then falling
+  linearly to -factor at L_max ((L_max - L_cache - |y|) / L_cache), -factor beyond. Lengths
+  count every sampled token (the EOS included: it counts against the budget). Host-side
+  (numpy); buffer 0: zeros.
+  """
+  lengths = np.asarray(lengths, np.float32)
+  if buffer <= 0:
+    return np.zeros_like(lengths)
+  if buffer > budget:
+    raise ValueError(f"grpo.overlong_buffer {buffer} exceeds rollout.token_budget {budget}")
+  return -factor * np.clip((lengths - (budget - buffer)) / buffer, 0.0, 1.0)

@@ -39,6 +39,9 @@ class GRPOHparams:
   temperature: float = 1.0
   logprob_chunk: int = 512
   micro_batches: int = 1
+  # > 0: token-level truncated importance weights min(pi_old / pi_sampler, tis_cap) on the
+  # policy loss (`losses.rollout_correction`); needs `sampler_logp` in the batch.
+  tis_cap: float = 0.0
 
 
 def pack_sequences(prompts, responses, prompt_len: int, response_len: int, pad_id: int):
@@ -60,6 +63,15 @@ def pack_sequences(prompts, responses, prompt_len: int, response_len: int, pad_i
     valid[i, prompt_len - len(p):prompt_len + len(r)] = True
     action[i, prompt_len:prompt_len + len(r)] = True
   return tokens, valid, action
+
+
+def pack_response_values(values, prompt_len: int, response_len: int) -> np.ndarray:
+  """Host: per-response-token values (e.g. the sampler's log-probs) in `pack_sequences`'
+  layout [N, prompt_len + response_len] (0 on prompt and padding slots)."""
+  out = np.zeros((len(values), prompt_len + response_len), np.float32)
+  for i, v in enumerate(values):
+    out[i, prompt_len:prompt_len + len(v)] = v
+  return out
 
 
 def member_advantages(hp: GRPOHparams, rewards: np.ndarray) -> jax.Array:
@@ -91,7 +103,8 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
         shaping_gamma=hp.shaping_gamma, agg=hp.agg, max_len=max_len,
         separate_norm=hp.separate_norm, ref_logp=mb.get("ref_logp"), kl_coef=hp.kl_coef,
         kl_name=hp.kl_name, kl_clamp=hp.kl_clamp, entropy=entropy,
-        entropy_coef=hp.entropy_coef, **packed)
+        entropy_coef=hp.entropy_coef, sampler_logp=mb.get("sampler_logp"),
+        tis_cap=hp.tis_cap, **packed)
   return loss_fn
 
 

@@ -198,6 +198,38 @@ def entropy_from_logits(logits: Array) -> Array:
   return -(jnp.exp(logp) * logp).sum(axis=-1)
 
 
+def rollout_correction(old_logp: Array, sampler_logp: Array, mask: Array,
+                       tis_cap: float = 0.0) -> tuple[Array, Metrics]:
+  """Truncated importance weights of the learner's pi_old over the sampler's distribution.
+
+  The rollout samples from its own numerics (bf16 weights, a cached decode) while the
+  learner scores the same tokens in its own: w = min(exp(old_logp - sampler_logp), tis_cap)
+  per token (token-level TIS, as verl and TRL apply it), 1 where tis_cap == 0 (off), 0
+  outside the mask. Metrics (no gradient) say how far apart the two are on the mask:
+  rollout/logp_gap_max and _mean (|old - sampler|), rollout/k3_kl (k3 estimate of
+  KL(sampler || learner) from the sampler's tokens), rollout/tis_weight_mean and
+  rollout/tis_clipped_frac (share of tokens whose weight hit the cap).
+  """
+  m = jnp.asarray(mask).astype(bool)
+  old = jax.lax.stop_gradient(jnp.asarray(old_logp, jnp.float32))
+  d = jnp.where(m, old - jnp.asarray(sampler_logp, jnp.float32), 0.0)
+  ratio = jnp.exp(jnp.clip(d, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+  if tis_cap > 0:
+    weight = jnp.minimum(ratio, tis_cap)
+    clipped = m & (ratio > tis_cap)
+  else:
+    weight, clipped = jnp.ones_like(ratio), jnp.zeros_like(m)
+  weight = jnp.where(m, weight, 0.0)
+  metrics = {
+      "rollout/logp_gap_max": jnp.max(jnp.where(m, jnp.abs(d), 0.0)),
+      "rollout/logp_gap_mean": _masked_mean(jnp.abs(d), m),
+      "rollout/k3_kl": _masked_mean(kl_penalty("k3", -d, 0.0, None, m), m),
+      "rollout/tis_weight_mean": _masked_mean(weight, m),
+      "rollout/tis_clipped_frac": _masked_mean(clipped.astype(jnp.float32), m),
+  }
+  return weight, metrics
+
+
 # ---------------------------------------------------------------------------------------
 # Scalar losses.
 
@@ -213,15 +245,20 @@ def ppo_policy_loss(
     *,
     max_len: int | None = None,
     group_norm: float | Array | None = None,
+    token_weight: Array | None = None,
 ) -> tuple[Array, Metrics]:
   """PPO clipped surrogate; advantages [B, T] or per-sequence [B].
 
+  `token_weight` [B, T] (no gradient) multiplies each token's loss: the truncated
+  importance weights of `rollout_correction`.
   Metrics: clipfrac (share of mask tokens where the clipped term is active) and approx_kl,
   the token mean of (r - 1) - log r, an estimate of KL(pi_old || pi).
   """
   loss_bt, clipped, log_ratio = ppo_clip_token_loss(
       logp, old_logp, advantages, mask, clip_low, clip_high
   )
+  if token_weight is not None:
+    loss_bt = loss_bt * jax.lax.stop_gradient(token_weight)
   loss = aggregate(agg, loss_bt, mask, max_len=max_len, group_norm=group_norm)
   metrics = {
       "pg_loss": jax.lax.stop_gradient(loss),
@@ -304,6 +341,8 @@ def grpo_lte_loss(
     entropy: Array | None = None,
     entropy_coef: float = 0.0,
     seq_counts: Array | None = None,
+    sampler_logp: Array | None = None,
+    tis_cap: float = 0.0,
 ) -> tuple[Array, Metrics]:
   """GRPO / LTE actor loss over a batch mixing on-policy and hinted rows.
 
@@ -317,6 +356,11 @@ def grpo_lte_loss(
 
   Packed rows (`rl.packing`): `hinted` and `advantages` are per token [B, T] and
   `seq_counts` is passed to `aggregate`.
+
+  `sampler_logp` [B, T]: the rollout's own log-probs of the tokens; adds the
+  `rollout_correction` metrics against pi_old (old_logp_hinted on hinted tokens, whose
+  sampler saw the hinted prompt) and, with tis_cap > 0, weights each token's policy loss by
+  min(pi_old / pi_sampler, tis_cap).
 
   Optional terms (off when their coef is 0; static Python floats):
     + kl_coef * agg(k_name(logp, ref_logp)), ref_logp required only then;
@@ -339,6 +383,13 @@ def grpo_lte_loss(
   shape_bt, weight = lte_shaping_token_loss(
       logp, old_logp_hinted, advantages, hinted_bt, shaping_gamma
   )
+  correction = {}
+  if sampler_logp is not None:
+    old_any = jnp.where(hinted_bt, jnp.asarray(old_logp_hinted, jnp.float32),
+                        jnp.asarray(old_logp, jnp.float32))
+    tis, correction = rollout_correction(old_any, sampler_logp, m, tis_cap)
+    if tis_cap > 0:
+      clip_bt, shape_bt = clip_bt * tis, shape_bt * tis
   per_token = clip_bt + shape_bt  # disjoint supports
 
   if separate_norm:
@@ -361,6 +412,7 @@ def grpo_lte_loss(
       "approx_kl": _masked_mean(jnp.expm1(log_ratio) - log_ratio, onpolicy_bt),
       "hinted_token_frac": _masked_mean(hinted_bt.astype(jnp.float32), m),
       "shaping_weight": _masked_mean(weight, hinted_bt),
+      **correction,
   }
   if kl_coef != 0.0:
     if ref_logp is None:
@@ -397,14 +449,16 @@ def ppo_actor_loss(
     kl_coef: float = 0.01,
     kl_name: str = "k3",
     kl_clamp: float | None = 10.0,
+    token_weight: Array | None = None,
 ) -> tuple[Array, Metrics]:
   """Multi-attempt PPO actor loss: clip surrogate + kl_coef * KL, both token means.
 
   The KL to the frozen reference is added to the loss, not to the reward (METHODS §1).
-  ref_logp may be None only when kl_coef == 0.
+  ref_logp may be None only when kl_coef == 0. `token_weight`: see `ppo_policy_loss`.
   """
   loss, metrics = ppo_policy_loss(
-      logp, old_logp, advantages, mask, clip_low, clip_high, "token_mean"
+      logp, old_logp, advantages, mask, clip_low, clip_high, "token_mean",
+      token_weight=token_weight,
   )
   if kl_coef != 0.0:
     if ref_logp is None:

@@ -38,10 +38,12 @@ class PPOHparams:
   temperature: float = 1.0
   logprob_chunk: int = 512
   micro_batches: int = 1
+  tis_cap: float = 0.0  # > 0: truncated importance weights on the actor loss (grpo.GRPOHparams)
 
 
 def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes) -> dict:
-  """Everything the PPO losses need, computed once before the update ([B, S] arrays)."""
+  """Everything the PPO losses need, computed once before the update ([B, S] arrays); the
+  sampler's log-probs ride along as `sampler_logp` (TIS weights, rollout/* metrics)."""
   lp = lambda p: scoring.token_logprobs(config, p, ep.tokens, ep.valid, hp.temperature,
                                         hp.logprob_chunk)
   old_logp = lp(policy)
@@ -59,6 +61,7 @@ def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: 
       "old_values": jnp.where(ep.action_mask, values, 0.0),
       "advantages": advantages,
       "returns": returns,
+      "sampler_logp": ep.logprobs,
   }
 
 
@@ -89,6 +92,7 @@ def score_packed(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Ep
       "old_values": jnp.where(action, values, 0.0),
       "advantages": pk(advantages),
       "returns": pk(returns),
+      "sampler_logp": pk(ep.logprobs),
   }
 
 
@@ -103,8 +107,16 @@ def actor_loss_fn(config: QwenConfig, hp: PPOHparams):
     return losses.ppo_actor_loss(
         logp, mb["old_logp"], mb["advantages"], mb["action_mask"], mb["ref_logp"],
         clip_low=hp.clip, clip_high=hp.clip, kl_coef=hp.kl_coef, kl_name=hp.kl_name,
-        kl_clamp=hp.kl_clamp)
+        kl_clamp=hp.kl_clamp, token_weight=_tis_weight(hp, mb))
   return loss_fn
+
+
+def _tis_weight(hp: PPOHparams, mb):
+  """min(pi_old / pi_sampler, tis_cap) per token, or None when off."""
+  if not hp.tis_cap:
+    return None
+  return losses.rollout_correction(mb["old_logp"], mb["sampler_logp"], mb["action_mask"],
+                                   hp.tis_cap)[0]
 
 
 def critic_loss_fn(config: QwenConfig, hp: PPOHparams):
@@ -116,9 +128,9 @@ def critic_loss_fn(config: QwenConfig, hp: PPOHparams):
   return loss_fn
 
 
-# Episode fields the scoring reads; the rest ([M, B] per-turn flags, sampler log-probs) stay
-# on the host side of the step.
-_SCORED = ("tokens", "valid", "action_mask", "feedback_mask", "reward", "last_action")
+# Episode fields the scoring reads; the rest ([M, B] per-turn flags) stay on the host side.
+_SCORED = ("tokens", "valid", "action_mask", "feedback_mask", "reward", "last_action",
+           "logprobs")
 
 
 def scored_fields(ep: Episodes) -> Episodes:
@@ -162,6 +174,9 @@ class PPOLearner:
         score_episodes(c, hp, pol, ref, cri, constrain(ep))))
     self.score_packed = jax.jit(lambda pol, ref, cri, ep, index, seg: constrain(score_packed(
         c, hp, pol, ref, cri, constrain(ep), *constrain((index, seg)))))
+    # rollout/* metrics of the whole batch: the sampler's log-probs against pi_old.
+    self.correction = jax.jit(lambda b: losses.rollout_correction(
+        b["old_logp"], b["sampler_logp"], b["action_mask"], hp.tis_cap)[1])
     self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
                          static_argnums=1)
     actor_loss = parallel.batch_constrained(actor_loss_fn(c, hp), mesh, rules)
@@ -201,13 +216,15 @@ class PPOLearner:
     else:
       index, seg = parallel.put_batch((plan.index, plan.segment_ids), self.mesh, self.rules)
       batch = self.score_packed(policy, ref, critic, episodes, index, seg)
+    correction = self.correction(batch)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
       critic, critic_state, c_metrics = update_critic(critic, critic_state, part)
       policy, actor_state, a_metrics = update_actor(policy, actor_state, part)
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
                       **{f"critic/{k}": v for k, v in c_metrics.items()}})
-    metrics = {**mean_metrics(history), **counts}
+    metrics = {**mean_metrics(history), **counts,
+               **{k: float(v) for k, v in jax.device_get(correction).items()}}
     return policy, actor_state, critic, critic_state, metrics
 
   def plan(self, valid: np.ndarray, num_mini_batches: int) -> packing.PackPlan:

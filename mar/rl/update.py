@@ -81,7 +81,7 @@ def make_update_step(
 
     grad_sum, metrics = jax.lax.scan(body, zeros, micro)
     grads = jax.tree.map(lambda g, p: (g / num).astype(p.dtype), grad_sum, params)
-    metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+    metrics = {k: _reduce(k, jnp)(m.astype(jnp.float32), axis=0) for k, m in metrics.items()}
 
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
@@ -96,10 +96,16 @@ def make_update_step(
   return update
 
 
+def _reduce(name: str, xp):
+  """How a metric combines over micro- and mini-batches: a `*_max` is a max, others a mean."""
+  return xp.max if name.endswith("_max") else xp.mean
+
+
 def mean_metrics(history: list[dict]) -> dict:
-  """Averages per-update metric dicts on the host (values may live on any devices)."""
+  """Averages per-update metric dicts on the host (values may live on any devices);
+  metrics named `*_max` take the max instead."""
   host = jax.device_get(history)
-  return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+  return {k: float(_reduce(k, np)([h[k] for h in host])) for k in host[0]}
 
 
 def mini_batches(batch: Any, num: int, split_fn: Callable | None = None) -> list:

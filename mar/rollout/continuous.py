@@ -60,6 +60,11 @@ class EngineSpec:
   unroll: bool = True  # decode over per-layer weights (see `mar.sampling.sampler`)
   # Widths a prompt is prefilled at (each alone, the smallest that holds it; P when empty).
   prompt_widths: tuple[int, ...] = ()
+  # Dynamic sampling (`schedule` module docstring): groups of group_size queued episodes;
+  # the queue closes once groups_needed of them are informative. 0: off.
+  group_size: int = 0
+  groups_needed: int = 0
+  keep_none_pass: bool = False
 
   def schedule(self, deferred: bool) -> schedule.ScheduleSpec:
     r = self.rollout
@@ -67,7 +72,9 @@ class EngineSpec:
         max_attempts=r.max_attempts, token_budget=r.token_budget,
         refill_rows=min(self.refill_rows or max(1, self.rows // 16), self.rows),
         refill_wait=self.refill_wait, verify_every=self.verify_every,
-        check_every=r.check_every, deferred=deferred, keep_stop_token=r.keep_stop_token)
+        check_every=r.check_every, deferred=deferred, keep_stop_token=r.keep_stop_token,
+        group_size=self.group_size, groups_needed=self.groups_needed,
+        keep_none_pass=self.keep_none_pass)
 
 
 class Outputs(NamedTuple):
@@ -287,7 +294,9 @@ def rollout(config, params, spec: EngineSpec, stop_predicate, verify_fn, prompt_
   run = lambda spec_, first, params_, *args_: _run_queue(  # pylint: disable=g-long-lambda
       config, params_, spec_, stop_predicate, verify_fn, *args_, feedback, key, choose_fn,
       first, q)
-  if not split_over_data(mesh, spec.rows, q, callbacks=verify_fn is not None):
+  # Groups are decided over the whole queue: one engine (a shard would see its sub-queue).
+  if spec.group_size or not split_over_data(mesh, spec.rows, q,
+                                            callbacks=verify_fn is not None):
     return run(spec, 0, params, *args)
   d = mesh.shape["data"]
   local = dataclasses.replace(spec, rows=spec.rows // d)

@@ -40,6 +40,9 @@ class HostEpisodes:
   correct: np.ndarray  # [n] bool: any attempt correct
   truncated: np.ndarray  # [n] bool
   reward: np.ndarray  # [n] float
+  # The sampler's log-prob of each response token (aligned with `responses`): the
+  # distribution it sampled from, at the sampling temperature (`mar.sampling.sample`).
+  logprobs: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 _unstack = jax.jit(qwen.unstack_layers)  # no donation: a no-op reshard returns the input
@@ -147,7 +150,7 @@ class RolloutRunner:
     self._engine_args = dict(refill_rows=refill_rows, refill_wait=refill_wait,
                              verify_every=verify_every)
     self._choose_fn = choose_fn
-    self._continuous: dict[int, object] = {}  # prompt bucket -> its jitted engine
+    self._continuous: dict[tuple, object] = {}  # (prompt bucket, groups) -> its engine
     self._stats: list = []  # the engine's counters of each program since take_stats
 
   def spec_for(self, bucket: int) -> ma.RolloutSpec:
@@ -272,6 +275,7 @@ class RolloutRunner:
     tokens = np.asarray(episodes.tokens)
     action = np.asarray(episodes.action_mask)
     attempt = np.asarray(episodes.attempt_id)
+    logp = np.asarray(episodes.logprobs, np.float32)
     responses, texts, answers = [], [], []
     for b in range(n):
       responses.append(tokens[b][action[b]].tolist())
@@ -286,6 +290,7 @@ class RolloutRunner:
         correct=np.asarray(episodes.correct_turn).any(0)[:n],
         truncated=np.asarray(episodes.truncated)[:n],
         reward=np.asarray(episodes.reward)[:n],
+        logprobs=[logp[b][action[b]] for b in range(n)],
     )
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
@@ -310,7 +315,7 @@ class RolloutRunner:
       return HostEpisodes(*(
           [v[i] for i in back] if isinstance(v, list) else np.asarray(v)[back]
           for v in (out.responses, out.texts, out.answers, out.correct, out.truncated,
-                    out.reward)))
+                    out.reward, out.logprobs)))
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
     for c, (lo, hi) in enumerate(chunks):
@@ -332,6 +337,7 @@ class RolloutRunner:
         correct=np.concatenate([p.correct for p in parts]),
         truncated=np.concatenate([p.truncated for p in parts]),
         reward=np.concatenate([p.reward for p in parts]),
+        logprobs=[x for p in parts for x in p.logprobs],
     )
 
   def _sampling_params(self, params):
@@ -392,19 +398,54 @@ class RolloutRunner:
       return self._finish(local, answers, local_already=True)
     return ma.first_rows(self._with_host_verdicts(local, answers), n)
 
-  def _engine_for(self, bucket: int):
-    """The continuous engine's program for one prompt bucket (one compile each)."""
-    if bucket not in self._continuous:
+  def _engine_for(self, bucket: int, groups: tuple = ()):
+    """The continuous engine's program for one prompt bucket (one compile each); `groups`:
+    (group_size, groups_needed, keep_none_pass) of a dynamic-sampling queue."""
+    if (bucket, groups) not in self._continuous:
       espec = continuous.EngineSpec(self.spec_for(bucket), rows=self._engine_rows,
                                     prompt_widths=tuple(w for w in self.buckets if w < bucket),
                                     **self._engine_args)
-      pred, vfn, choose = self.stop_predicate, None if self.deferred else self.verify_fn, \
+      if groups:
+        espec = dataclasses.replace(espec, group_size=groups[0], groups_needed=groups[1],
+                                    keep_none_pass=groups[2])
+      deferred = self.deferred and not groups  # groups are verified in the program
+      pred, vfn, choose = self.stop_predicate, None if deferred else self.verify_fn, \
           self._choose_fn
       # One engine per data shard of the sampling layout (rows and queue split over 'data').
       mesh = self._local_mesh() if self.per_host else self.sampling_mesh
-      self._continuous[bucket] = jax.jit(lambda params, *args: continuous.rollout(
+      self._continuous[bucket, groups] = jax.jit(lambda params, *args: continuous.rollout(
           self.model_config, params, espec, pred, vfn, *args, choose_fn=choose, mesh=mesh))
-    return self._continuous[bucket]
+    return self._continuous[bucket, groups]
+
+  def run_groups(self, params, prompts: Sequence[str], answers: Sequence[str], key, *,
+                 group_size: int, needed: int, keep_none_pass: bool = False):
+    """Dynamic sampling (DAPO): groups of `group_size` consecutive prompts as one queue that
+    closes once `needed` groups are informative (`rollout.schedule`, groups).
+
+    Verdicts come from the program's own checks (the run-to-EOS rule applied there), so the
+    host view's `correct` is what decided the groups. Returns (HostEpisodes of every queued
+    episode, verified [n] bool: its verdict was given, admitted [n] bool: it entered a row).
+    One process only (the decision needs the whole queue in one program).
+    """
+    if not self.continuous or self.processes > 1 or self.spec.max_attempts != 1:
+      raise ValueError("grpo.dynamic_sampling needs rollout.engine=continuous, one process "
+                       "and single-turn groups")
+    n, rows = len(prompts), self.local_batch
+    q = queue_len(n, rows)
+    tokens, mask = self.encode_prompts(prompts, rows=q, per_row=True)
+    attempts = np.zeros(q, np.int32)
+    attempts[:n] = 1
+    self.verify_fn.set_answers(list(answers) + [""] * (q - n))
+    engine = self._engine_for(tokens.shape[1], (group_size, needed, keep_none_pass))
+    t0 = time.perf_counter()
+    episodes, stats = engine(self._sampling_params(params), tokens, mask, attempts,
+                             *self.feedback, key)
+    if self.timeline is not None:
+      self.timeline.track(episodes, t0)
+    self._stats.append(stats)
+    episodes = ma.first_rows(jax.device_get(episodes), n)
+    return (self.to_host(episodes, n), np.asarray(episodes.attempted_turn)[0],
+            np.asarray(episodes.valid).any(1))
 
   def take_stats(self) -> dict:
     """rollout/* metrics of the continuous programs run since the last call ({} if none)."""

@@ -20,11 +20,23 @@ it waits for the next verification check). Each loop iteration:
   3. decode: one step of every live (SAMPLE / FEED) row.
 
 Single-turn episodes (no verifier: verdicts are given on the host afterwards) retire as soon
-as their attempt ends. Per-turn semantics are those of `multi_attempt.rollout` (METHODS.md §1):
-the stop token counts against the token budget, an attempt ends at a stop token, a fired stop
-predicate (checked every `check_every` tokens and on the last one) or the end of the budget;
+as their attempt ends.
+
+Groups (DAPO's dynamic sampling, `group_size` > 0): the queue is groups of G consecutive
+single-turn episodes, verified in the program. After each check the scheduler looks at the
+queue's groups in order: a group is done when all its members are verified, informative when
+their verdicts differ (or, `keep_none_pass`, when not all are correct: LTE hints a none-pass
+group). Once some prefix of the queue is all done and holds `groups_needed` informative
+groups, the step's groups are decided (`closed`): no new episode is admitted and the rows
+still running are freed (their episodes lie past the prefix, none of them is trained). So
+the decided groups are the same with any B; only the speculative work past them differs.
+
+Per-turn semantics are those of `multi_attempt.rollout` (METHODS.md §1): the stop token
+counts against the token budget, an attempt ends at a stop token, a fired stop predicate
+(checked every `check_every` tokens and on the last one) or the end of the budget;
 `attempts_left` drops by one per verified attempt, a wrong attempt goes on only with attempts
-and budget left, and `truncated` marks a wrong attempt that used up the budget.
+and budget left, and `truncated` marks a wrong attempt that used up the budget (with
+`keep_stop_token`, run to EOS, verified in the program: a response the budget cut is wrong).
 """
 
 from __future__ import annotations
@@ -52,8 +64,14 @@ class ScheduleSpec:
   # Single turn, run to EOS: a response whose last budgeted token is its stop token is
   # complete, not truncated (`multi_attempt.RolloutSpec.keep_stop_token`).
   keep_stop_token: bool = False
+  group_size: int = 0  # G > 0: close the queue once `groups_needed` groups are informative
+  groups_needed: int = 0
+  keep_none_pass: bool = False  # a none-pass group counts as kept (LTE hints it)
 
   def __post_init__(self):
+    if self.group_size and (self.deferred or self.max_attempts != 1 or self.groups_needed < 1):
+      raise ValueError("ScheduleSpec: groups need in-program verification (deferred=False), "
+                       f"max_attempts=1 and groups_needed >= 1, found {self}")
     for name in ("max_attempts", "token_budget", "refill_rows", "refill_wait", "verify_every",
                  "check_every"):
       if getattr(self, name) < 1:
@@ -80,6 +98,8 @@ class Control(NamedTuple):
   correct: jax.Array  # [M, Q] bool
   boxed: jax.Array  # [M, Q] bool
   truncated: jax.Array  # [Q] bool
+  stopped: jax.Array  # [B] bool: the row's attempt ended on a stop token
+  closed: jax.Array  # () bool: the step's groups are decided; admit nothing more
 
 
 def _zero_stats():
@@ -137,6 +157,8 @@ def init_control(spec: ScheduleSpec, rows: int, n_attempts: jax.Array, feed_widt
       correct=jnp.zeros((m, q), bool),
       boxed=jnp.zeros((m, q), bool),
       truncated=jnp.zeros((q,), bool),
+      stopped=jnp.zeros((rows,), bool),
+      closed=jnp.zeros((), bool),
   )
   stats = dict(ctl.stats, prefill_rows=first.sum().astype(jnp.int32),
                prefill_calls=jnp.ones((), jnp.int32))
@@ -188,12 +210,51 @@ def _verdicts(spec: ScheduleSpec, policy, p, ctl: Control, waiting, correct, box
   )
 
 
+def group_verdicts(attempted, correct, group_size: int, keep_none_pass: bool = False):
+  """Per group of G consecutive episodes ([Q] -> [Q // G]): (done, informative).
+
+  done: every member verified; informative: done and the verdicts differ (keep_none_pass:
+  done and not all correct). numpy or jax arrays.
+  """
+  g = group_size
+  n = attempted.shape[0] // g * g
+  att = attempted[:n].reshape(-1, g)
+  hits = (correct[:n] & attempted[:n]).reshape(-1, g).sum(1)
+  done = att.all(1)
+  keep = (hits < g) if keep_none_pass else ((hits > 0) & (hits < g))
+  return done, done & keep
+
+
+def decided_prefix(done, informative, needed: int):
+  """(closed, cutoff): whether a prefix of groups that are all done holds `needed`
+  informative ones, and the shortest such prefix's length (all groups when not closed)."""
+  prefix = jnp.cumprod(jnp.asarray(done).astype(jnp.int32)) > 0
+  hit = jnp.cumsum(jnp.asarray(informative) & prefix) >= needed
+  closed = hit.any()
+  return closed, jnp.where(closed, jnp.argmax(hit) + 1, hit.shape[0]).astype(jnp.int32)
+
+
+def _close_groups(spec: ScheduleSpec, ctl: Control) -> Control:
+  """Closes the queue once its groups are decided: no more refills, running rows freed."""
+  done, informative = group_verdicts(ctl.attempted[0], ctl.correct[0], spec.group_size,
+                                     spec.keep_none_pass)
+  closed = ctl.closed | decided_prefix(done, informative, spec.groups_needed)[0]
+  q = ctl.truncated.shape[0]
+  return ctl._replace(closed=closed, mode=jnp.where(closed, FREE, ctl.mode).astype(jnp.int32),
+                      seq=jnp.where(closed, q, ctl.seq).astype(jnp.int32))
+
+
 def _check(spec, policy, carry):
   p, ctl = carry
   waiting = ctl.mode == WAIT
   correct, boxed = policy.verify(p, ctl, waiting)
   ctl = ctl._replace(stats=_bump(ctl.stats, checks=jnp.ones((), jnp.int32)))
-  return p, _verdicts(spec, policy, p, ctl, waiting, correct, boxed)
+  complete = None
+  if spec.keep_stop_token:  # run to EOS: a response cut by the budget is wrong (truncated)
+    complete = ctl.stopped
+    correct &= complete | (ctl.budget_left > 0)
+  ctl = _verdicts(spec, policy, p, ctl, waiting, correct, boxed, complete)
+  return p, _close_groups(spec, ctl) if spec.group_size else ctl
 
 
 def _refill(spec, policy, order, n_queue, n_attempts, carry):
@@ -238,6 +299,7 @@ def _decode(spec, policy, carry):
   mode = jnp.where(ended, WAIT, jnp.where(fed, SAMPLE, ctl.mode))
   ctl = ctl._replace(
       mode=mode.astype(jnp.int32), num_new=jnp.where(fed, 0, num_new), budget_left=budget_left,
+      stopped=jnp.where(ended, stopped, ctl.stopped),
       feed_idx=feed_idx, step=ctl.step + 1,
       stats=_bump(ctl.stats, decode_steps=jnp.ones((), jnp.int32), sampled=sampling.sum(),
                   busy_row_steps=(sampling | feeding).sum(),
@@ -261,7 +323,7 @@ def run_from(spec: ScheduleSpec, policy, p, ctl: Control, order, n_queue, n_atte
     oldest = jnp.min(jnp.where(free, ctl.idle_since, ctl.step))
     ready = ((free.sum() >= spec.refill_rows) | (ctl.step - oldest >= spec.refill_wait)
              | ~live(ctl).any())
-    return free.any() & (ctl.next_seq < n_queue) & ready
+    return free.any() & (ctl.next_seq < n_queue) & ready & ~ctl.closed
 
   def body(carry):
     p, ctl = carry
@@ -276,7 +338,7 @@ def run_from(spec: ScheduleSpec, policy, p, ctl: Control, order, n_queue, n_atte
 
   def cond(carry):
     ctl = carry[1]
-    return (ctl.mode != FREE).any() | (ctl.next_seq < n_queue)
+    return (ctl.mode != FREE).any() | ((ctl.next_seq < n_queue) & ~ctl.closed)
 
   return jax.lax.while_loop(cond, body, (p, ctl))
 
@@ -328,4 +390,5 @@ def scripted_counts(spec: ScheduleSpec, rows: int, lengths, verdicts, n_attempts
   out["attempts_used"] = ctl.attempted.sum(0)
   out["correct"] = ctl.correct.any(0)
   out["truncated"] = ctl.truncated
+  out["closed"] = bool(ctl.closed)
   return out

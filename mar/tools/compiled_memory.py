@@ -276,7 +276,7 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
   """One mini-batch as `PPOLearner.step` hands it to the updates: what scoring returns."""
   n, s = us.sequences // us.mini_batches, us.seq_len
   ep_dtypes = {"tokens": jnp.int32, "valid": jnp.bool_, "action_mask": jnp.bool_,
-               "feedback_mask": jnp.bool_}
+               "feedback_mask": jnp.bool_, "logprobs": jnp.float32}
   fields = {f: None for f in ma.Episodes._fields}
   fields.update({k: _struct((n, s), d, mesh, rules) for k, d in ep_dtypes.items()})
   fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
@@ -296,13 +296,13 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
 def group_batch(config, us: UpdateShape, mesh, rules) -> dict:
   """One GRPO / LTE mini-batch as `GRPOLearner.step` hands it to the update.
 
-  The fields `lte.step` builds (old_logp with several mini-batches; ref_logp with a KL
-  term), then, packed, those `GRPOLearner.pack_batch` makes of them ([R, L] per slot,
+  The fields `lte.step` builds (the sampler's log-probs always; old_logp with several
+  mini-batches; ref_logp with a KL term), then, packed, those `GRPOLearner.pack_batch` makes of them ([R, L] per slot,
   per-row `loss_norm`, no `valid`).
   """
   r, s = us.rows, us.row_len
   f32, b, i32 = jnp.float32, jnp.bool_, jnp.int32
-  per_slot = {"tokens": i32, "action_mask": b, "old_logp_hinted": f32}
+  per_slot = {"tokens": i32, "action_mask": b, "old_logp_hinted": f32, "sampler_logp": f32}
   if us.mini_batches > 1:
     per_slot["old_logp"] = f32
   if config.grpo.kl_coef:

@@ -496,7 +496,7 @@ _SLOT_BYTES = {
     "update_critic": {"tokens": 4, "segment_ids": 4, "action_mask": 1, "old_values": 4,
                       "returns": 4},
     "update": {"tokens": 4, "segment_ids": 4, "action_mask": 1, "old_logp_hinted": 4,
-               "hinted": 1, "advantages": 4},
+               "sampler_logp": 4, "hinted": 1, "advantages": 4},
 }
 
 
@@ -529,6 +529,8 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
     slot = dict(_SLOT_BYTES[name])
     if not ppo_run and us.mini_batches > 1:
       slot["old_logp"] = 4
+    if name == "update_actor" and config.ppo.tis_cap:
+      slot["sampler_logp"] = 4  # TIS weights: the PPO actor reads it only then
     if not ppo_run and config.grpo.kl_coef:
       slot["ref_logp"] = 4
     if not ppo_run and us.packed and config.grpo.agg == "seq_mean_token_mean":

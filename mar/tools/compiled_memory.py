@@ -35,11 +35,12 @@ from mar.rl import packing
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout import runner as runner_lib
+from mar.rollout import shape as shape_lib
 from mar import sampling
 from mar.sampling import SamplingParams
 from mar.sampling.stop import boxed_stop_predicate
 
-FEEDBACK_LEN = 24  # as plan_memory.FEEDBACK_LEN: one multi-attempt feedback turn, rounded up
+FEEDBACK_LEN = shape_lib.FEEDBACK_LEN  # one multi-attempt feedback turn, rounded up
 STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "all-reduce-start", "all-gather-start", "collective-permute-start",
@@ -67,17 +68,13 @@ class RolloutShape:
 
 
 def rollout_shape(config) -> RolloutShape:
-  r, ppo = config.rollout, config.method == "ppo"
-  attempts = r.max_attempts if ppo else 1
-  rows = r.batch_size or r.prompts_per_step * (1 if ppo else config.grpo.group_size)
-  feedback = max(FEEDBACK_LEN, r.hint_feedback_len) if attempts > 1 else r.hint_feedback_len
+  """`mar.rollout.shape.rollout_shape` with the sampler's spec (Qwen's stop ids)."""
+  r, s = config.rollout, shape_lib.rollout_shape(config)
   spec = ma.RolloutSpec(
-      max_attempts=attempts, token_budget=r.token_budget,
-      cache_len=ma.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
+      max_attempts=s.attempts, token_budget=r.token_budget, cache_len=s.cache_len,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       stop_ids=STOP_IDS, check_every=r.check_every, hint_feedback_len=r.hint_feedback_len)
-  episodes = r.prompts_per_step * (1 if ppo else config.grpo.group_size)
-  return RolloutShape(rows, r.prompt_len, attempts, spec, runner_lib.queue_len(episodes, rows))
+  return RolloutShape(s.rows, s.prompt_len, s.attempts, spec, s.queue)
 
 
 def program_model(config, model: QwenConfig) -> QwenConfig:

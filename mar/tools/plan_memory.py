@@ -46,9 +46,10 @@ from mar.models import sharding as sharding_lib
 from mar.models.config import PRESETS, QwenConfig, dtype_from_name
 from mar.models.init import param_shapes
 from mar.rl import optim
+from mar.rollout import shape as shape_lib
 
 GiB = 2**30
-FEEDBACK_LEN = 24  # tokens of one multi-attempt feedback turn (METHODS.md §1), rounded up
+FEEDBACK_LEN = shape_lib.FEEDBACK_LEN  # one multi-attempt feedback turn (METHODS.md §1)
 
 
 # ----- meshes without devices -----------------------------------------------------------------
@@ -240,9 +241,8 @@ def plan(config, model: QwenConfig, num_devices: int, device_memory_gib: float,
   r, ppo_run = config.rollout, config.method == "ppo"
   lr = config.ppo.actor_lr if ppo_run else config.grpo.lr
   opt = optim.make_optimizer(lr, max(config.train.num_steps, 1))
-  attempts = r.max_attempts if ppo_run else 1
-  slots = r.prompt_len + r.token_budget + (attempts - 1) * feedback_len
-  rollout_rows = r.batch_size or r.prompts_per_step
+  rs = shape_lib.rollout_shape(config, feedback_len)
+  slots, rollout_rows = rs.cache_len, rs.rows
   if ppo_run:
     per_update, mb, micro = r.prompts_per_step, config.ppo.mini_batches, config.ppo.micro_batches
     seq = slots

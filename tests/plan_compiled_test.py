@@ -53,6 +53,14 @@ class CompiledRolloutTest(parameterized.TestCase):
       args = (planned["params_bytes_per_device"] + planned["optimizer_state_bytes_per_device"]
               + planned["batch_bytes_per_device"])
       self.assertAlmostEqual(u["arguments_bytes_per_device"] / args, 1.0, delta=0.01)
+      # FSDP gathers weights, not activations: each layer all-gathers its 4 projection
+      # matrices in the forward and again in the (rematerialised) backward, and reduces its
+      # gradients there (one all-reduce of the layer's gradients, then the local slice).
+      coll = u["collectives"]
+      self.assertEqual(coll["activation_all_gathers"], 0, coll["activation_all_gather_types"])
+      self.assertEqual(coll["per_layer"].get("weight_all_gathers"), 8, coll)
+      self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
+                              + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
     self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})
     self.assertTrue(r["decode_loop_found"])
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
@@ -99,6 +107,11 @@ class TpuTopologyTest(parameterized.TestCase):
     self.assertCountEqual(report["update"], updates)
     for u in report["update"].values():
       self.assertGreater(u["peak_bytes_per_device"], 0)
+      coll = u["collectives"]  # FSDP: weights gathered per layer, gradients reduced there
+      self.assertEqual(coll["activation_all_gathers"], 0, coll["activation_all_gather_types"])
+      self.assertEqual(coll["per_layer"].get("weight_all_gathers"), 8, coll)
+      self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
+                              + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
 
   def test_tensor_parallel_bf16_reductions(self):
     model = _model("qwen3")

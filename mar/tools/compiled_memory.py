@@ -495,6 +495,90 @@ def decode_loop_collectives(hlo: str, num_layers: int) -> dict:
           "ops": ops, "dtypes": sorted(dtypes), "carried": carried}
 
 
+def _array_types(ty: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(dt, tuple(int(d) for d in dims.split(",") if d))
+          for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", ty) if dt in _DTYPE_BYTES]
+
+
+def _loop_parts(ins: Instr) -> tuple[str, str]:
+  return (re.search(r"body=%?([\w.\-]+)", ins.line).group(1),
+          re.search(r"condition=%?([\w.\-]+)", ins.line).group(1))
+
+
+def layer_loops(comps: dict, num_layers: int) -> list[str]:
+  """Body computations of the layer scans: the innermost while loops of `num_layers` trips
+  (XLA's `known_trip_count`; else a counter-only condition) whose body, with what it calls,
+  holds a layer's 4 projections: the forward's layer and the backward's (rematerialised)."""
+  loops = {}  # body -> closure
+  for instrs in comps.values():
+    for ins in instrs:
+      if ins.opcode != "while":
+        continue
+      body, cond = _loop_parts(ins)
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+      layered = (int(trips.group(1)) == num_layers if trips
+                 else _counted_loop(comps.get(cond, [])))
+      closure = _closure(comps, body)
+      if layered and sum(_is_matmul(i) for c in closure for i in comps[c]) >= 4:
+        loops[body] = closure
+  return [b for b, closure in loops.items()
+          if not any(o != b and o in closure for o in loops)]
+
+
+def weight_sizes(model: QwenConfig) -> set[int]:
+  """Element counts of one layer's weights and of the embedding / LM head (the arrays an
+  FSDP program gathers whole: `program_collectives`)."""
+  shapes = param_shapes(model)
+  sizes = {math.prod(v[1:]) for v in shapes["layers"].values()}
+  return sizes | {math.prod(shapes[k]) for k in ("embed", "lm_head") if k in shapes}
+
+
+def program_collectives(hlo: str, weight_sizes: set[int], num_layers: int) -> dict:
+  """The collectives of a compiled update program, classified.
+
+  weight_sizes: element counts of the (gathered) weights, one layer's or top-level. An
+  all-gather or reduce-scatter whose (gathered) array has a weight's element count moves a
+  weight or its gradient; a floating-point one that does not moves activations. `per_layer`
+  counts those inside the layer scans' bodies (`layer_loops`), which run once per layer
+  and micro-batch: the forward's and the backward's (rematerialised) layer.
+  """
+  comps = parse_hlo(hlo)
+  in_layer = set()
+  for body in layer_loops(comps, num_layers):
+    in_layer |= _closure(comps, body)
+  out = {"weight_all_gathers": 0, "activation_all_gathers": 0, "index_all_gathers": 0,
+         "weight_reduce_scatters": 0, "other_reduce_scatters": 0, "all_reduces": 0,
+         "all_to_alls": 0, "other": 0, "per_layer": {}, "activation_all_gather_types": []}
+  for comp, instrs in comps.items():
+    for ins in instrs:
+      op = ins.opcode.removesuffix("-start")
+      if op not in COLLECTIVES:
+        continue
+      arrays = _array_types(ins.type)
+      sizes = {math.prod(d) for _, d in arrays}
+      floating = any(dt.startswith(("f", "bf")) for dt, _ in arrays)
+      if op == "all-gather":
+        key = ("weight_all_gathers" if sizes & weight_sizes else
+               "activation_all_gathers" if floating else "index_all_gathers")
+        if key == "activation_all_gathers":
+          out["activation_all_gather_types"].append(ins.type.split("{")[0])
+      elif op == "reduce-scatter":
+        operand_sizes = set()
+        for s in sizes:  # the result is one shard of the weight's gradient
+          operand_sizes |= {w for w in weight_sizes if w % s == 0 and w // s > 1}
+        key = "weight_reduce_scatters" if operand_sizes else "other_reduce_scatters"
+      elif op == "all-reduce":
+        key = "all_reduces"
+      elif op == "all-to-all":
+        key = "all_to_alls"
+      else:
+        key = "other"
+      out[key] += 1
+      if comp in in_layer:
+        out["per_layer"][key] = out["per_layer"].get(key, 0) + 1
+  return out
+
+
 def loop_kv_bytes(carried, model: QwenConfig, slots: int) -> int:
   """Per-device bytes of the KV cache the decode loop carries (from its loop state's shapes).
 

@@ -616,6 +616,9 @@ def compiled_report(config, model: QwenConfig, num_devices: int | None, topology
   if updates:
     report["training_mesh"] = dict(train_mesh.shape)
     report["update"] = {u.name: _update_entry(u, on_cpu) for u in updates}
+    for u in updates:
+      report["update"][u.name]["collectives"] = cm.program_collectives(
+          u.hlo, cm.weight_sizes(model), model.num_layers)
     planned_updates = update_program_plan(config, model, dict(train_mesh.shape))
     report["plan"]["update"] = planned_updates
     for u in updates:

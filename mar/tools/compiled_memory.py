@@ -115,6 +115,14 @@ class CompiledRollout:
   kv_bytes_all_rows: int
   hlo: str
   compile_s: float = 0.0
+  cost: dict | None = None  # XLA's cost analysis (a while loop's body counted once)
+
+
+def cost_figures(compiled) -> dict:
+  """flops and bytes accessed from XLA's cost analysis of a compiled program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost}
 
 
 def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
@@ -160,7 +168,7 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
   shards = data if rs.rows % data == 0 else 1
   tp = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] == 0 else 1
   return CompiledRollout(rs, dict(mesh.shape), memory, kv_all // shards // tp, kv_all,
-                         compiled.as_text(), seconds)
+                         compiled.as_text(), seconds, cost_figures(compiled))
 
 
 def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool,
@@ -324,6 +332,7 @@ class CompiledUpdate:
   memory: dict
   hlo: str
   compile_s: float = 0.0
+  cost: dict | None = None
 
 
 def memory_figures(compiled) -> dict:
@@ -362,8 +371,50 @@ def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdat
     start = time.perf_counter()
     compiled = fn.lower(params, state, batch).compile()
     out.append(CompiledUpdate(name, us, dict(mesh.shape), memory_figures(compiled),
-                              compiled.as_text(), time.perf_counter() - start))
+                              compiled.as_text(), time.perf_counter() - start,
+                              cost_figures(compiled)))
   return out
+
+
+def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
+  """Compiles the learner's scoring of a whole step's batch (one program before the
+  updates): PPO's pi_old / pi_ref log-probs, values and advantages (`score_packed` /
+  `score`); GRPO / LTE's log-probs of every sequence (`packed_logprobs` / `logprobs`)."""
+  from mar import setup  # pylint: disable=g-import-not-at-top
+
+  cfg = program_model(config, model)
+  rules = parallel.rules_from_config(config)
+  learner = setup.make_learner(config, cfg, mesh, rules)
+  us = update_shape(config, parallel.batch_shards(mesh, rules))
+  sh = learner.shardings
+  policy = _sharded(_f32(param_shapes(cfg)), sh.params)
+  rows = us.rows * us.mini_batches if us.packed else us.sequences
+  if config.method == "ppo":
+    n, s = us.sequences, us.seq_len
+    fields = {f: None for f in ma.Episodes._fields}
+    fields.update({k: _struct((n, s), d, mesh, rules) for k, d in (
+        ("tokens", jnp.int32), ("valid", jnp.bool_), ("action_mask", jnp.bool_),
+        ("feedback_mask", jnp.bool_))})
+    fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
+                  last_action=_struct((n,), jnp.int32, mesh, rules))
+    critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)
+    args = (policy, policy, critic, ma.Episodes(**fields))
+    if us.packed:
+      idx = _struct((rows, us.row_len), jnp.int32, mesh, rules)
+      fn, args = learner.score_packed, args + (idx, idx)
+    else:
+      fn = learner.score
+  else:
+    tokens = _struct((rows, us.row_len), jnp.int32, mesh, rules)
+    if us.packed:
+      fn, args = learner.packed_logprobs, (policy, tokens, tokens)
+    else:
+      fn, args = learner.logprobs, (policy, tokens, _struct((rows, us.row_len), jnp.bool_,
+                                                            mesh, rules))
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return CompiledUpdate("scoring", us, dict(mesh.shape), memory_figures(compiled),
+                        compiled.as_text(), time.perf_counter() - start, cost_figures(compiled))
 
 
 # ----- optimized HLO: collectives in the decode loop -----------------------------------------

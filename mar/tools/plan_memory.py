@@ -335,6 +335,14 @@ _COMPILED = flags.DEFINE_bool(
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "With --compiled: compile for this TPU topology ahead of time (e.g. "
     "v5p:2x2x2; needs libtpu, jax[tpu]) instead of --devices simulated CPU devices.")
+_FIT = flags.DEFINE_bool(
+    "fit", False, "Choose rollout.batch_size and the update's micro-batches that fit (a "
+    "config's sizes are upper bounds, -1: the whole step), compile every program at them "
+    "(rollout, scoring, updates) and print them as --config.* overrides with a roofline "
+    "(mar.tools.fit); exit 1 naming the program and its bytes when nothing fits.")
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", None, "With --fit: usable GiB per device, in place of mesh.hbm_fraction x the "
+    "chip's memory (e.g. 74 for an 80 GB GPU, with a TPU topology of as many chips).")
 _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "With --compiled: write the optimized HLO "
                                 "of each program here (rollout.txt, update*.txt).")
 
@@ -677,7 +685,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   config = _CONFIG.value
   model = model_config(config, _MODEL.value)
-  if _COMPILED.value and not _TOPOLOGY.value:
+  if (_COMPILED.value or _FIT.value) and not _TOPOLOGY.value:
     _use_simulated_devices(_DEVICES.value)
   devices = _DEVICES.value or jax.device_count()
   if _TOPOLOGY.value:
@@ -686,6 +694,9 @@ def main(argv: Sequence[str]) -> None:
     devices = len(topologies.get_topology_desc(_TOPOLOGY.value, "tpu").devices)
   name = _MODEL.value or config.model.path or "demo model"
   title = f"{flags.FLAGS['config'].config_filename} ({config.method}), {name}"
+  if _FIT.value:
+    _print_fit(config, model, devices)
+    return
   pl = plan(config, model, devices, _MEMORY.value, title=title)
   if not _COMPILED.value:
     print(json.dumps(pl.as_dict(), indent=1) if _JSON.value else format_plan(pl))
@@ -712,6 +723,44 @@ def main(argv: Sequence[str]) -> None:
           f"{p['update'][name]['peak_bytes_per_device'] / GiB:.2f} GiB")
   print("planned / compiled: " + ", ".join(
       f"{k} {v:.3f}" for k, v in report["plan_over_compiled"].items()))
+
+
+def _print_fit(config, model: QwenConfig, num_devices: int) -> None:
+  """--fit: the fitted sizes as overrides, every program's bytes, the roofline; exit 1 when
+  nothing fits."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  # fit imports this module by name: run as __main__, let it find this one (its flags are
+  # defined once).
+  sys.modules.setdefault("mar.tools.plan_memory", sys.modules[__name__])
+  from mar.tools import fit  # pylint: disable=g-import-not-at-top
+
+  if _TOPOLOGY.value:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    devices = list(topologies.get_topology_desc(_TOPOLOGY.value, "tpu").devices)
+  else:
+    _use_simulated_devices(_DEVICES.value)
+    devices = jax.devices()[:num_devices]
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  try:
+    report = fit.fit_report(config, model, devices, _TOPOLOGY.value, _HBM_GIB.value, log=log)
+  except fit.NoFit as e:
+    if _JSON.value:
+      print(json.dumps({"fit": None, "error": str(e)}, indent=1))
+    print(f"does not fit: {e}", file=sys.stderr)
+    sys.exit(1)
+  if _JSON.value:
+    print(json.dumps({"fit": report}, indent=1))
+    return
+  print(f"fits {report['target']} in {report['hbm_bytes_per_device'] / GiB:.2f} GiB per device "
+        f"with {report['flags']}")
+  for name, nbytes in report["programs"].items():
+    print(f"  {name}: {nbytes / GiB:.2f} GiB per device")
+  if "roofline" in report:
+    rf = report["roofline"]
+    print(f"  roofline: {rf['step_s']:.1f} s per step, {rf['tokens_per_s_per_chip']:.0f} "
+          "tokens/s per chip")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,28 @@ class TpuTopologyTest(parameterized.TestCase):
       self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
                               + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
 
+  def test_fit_with_roofline(self):
+    """--fit for a TPU v4-8 (libtpu lists its 2 TensorCores per chip as devices)."""
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    config = _small(lte_qwen)
+    config.rollout.batch_size = -1
+    devices = list(topologies.get_topology_desc("v4:2x2x1", "tpu").devices)
+    report = fit.fit_report(config, _model("qwen3"), devices, "v4:2x2x1", None,
+                            log=lambda _: None)
+    self.assertEqual(report["devices_per_chip"], 2)
+    self.assertEqual(report["hbm_bytes_per_device"], int(0.9 * 16 * GiB))
+    self.assertCountEqual(report["programs"], ["rollout", "update", "scoring"])
+    for name, nbytes in report["programs"].items():
+      self.assertLessEqual(nbytes, report["hbm_bytes_per_device"], name)
+      self.assertGreater(report["details"][name]["xla_flops"], 0)
+    self.assertEqual(report["overrides"]["rollout.batch_size"], 1024)  # tiny: all rows fit
+    rf = report["roofline"]
+    self.assertGreater(rf["step_s"], 0)
+    self.assertAlmostEqual(rf["tokens_per_s_per_chip"],
+                           rf["tokens_per_step"] / rf["step_s"] / 4, delta=1e-6 * rf[
+                               "tokens_per_s_per_chip"])
+
   def test_tensor_parallel_bf16_reductions(self):
     model = _model("qwen3")
     r = pm.compiled_report(_small(lte_qwen, tensor=2), model, None, "v5p:2x2x2",

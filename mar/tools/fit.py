@@ -214,8 +214,10 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
     for u in updates:
       total = resident - pm.program_state(by, u.name) + pm._peak(u.memory, on_cpu)  # pylint: disable=protected-access
       programs[u.name] = total
-      details[u.name] = _detail(u.memory, u.compile_s, on_cpu, u, micro_batches=m,
-                                micro_rows=u.shape.micro_rows, planned=plans[m][u.name])
+      details[u.name] = _detail(
+          u.memory, u.compile_s, on_cpu, u, micro_batches=m, micro_rows=u.shape.micro_rows,
+          planned=plans[m][u.name],
+          collectives=cm.program_collectives(u.hlo, cm.weight_sizes(model), model.num_layers))
       if total > budget and (worst is None or total > programs[worst]):
         worst = u.name
     if worst is None:

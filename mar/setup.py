@@ -104,6 +104,11 @@ def load_train_data(config) -> list:
 def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=None,
                   rules=None):
   r = config.rollout
+  micro = config.ppo.micro_batches if config.method == "ppo" else config.grpo.micro_batches
+  if micro < 1:
+    key = "ppo" if config.method == "ppo" else "grpo"
+    raise ValueError(f"config.{key}.micro_batches={micro}: -1 (fit to device memory) must be "
+                     "resolved first (python -m mar.tools.plan_memory --fit prints the count)")
   if config.method == "ppo":
     p = config.ppo
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,

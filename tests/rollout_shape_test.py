@@ -86,6 +86,10 @@ class RolloutShapeTest(parameterized.TestCase):
     config.rollout.batch_size = -1
     with self.assertRaisesRegex(ValueError, "rollout.batch_size=-1"):
       shape_lib.rollout_shape(config)
+    config = lte_qwen.get_config()
+    config.grpo.micro_batches = -1
+    with self.assertRaisesRegex(ValueError, "config.grpo.micro_batches=-1"):
+      setup.make_learner(config, self.model)
 
 
 if __name__ == "__main__":

@@ -444,17 +444,27 @@ def _mesh_axes(mesh, rules, logical: str, size: int = 2**30) -> tuple[str, ...]:
 
 
 def _gathered_rows(rows: int, mesh, rules) -> int:
-  """Rows of a micro-batch one device computes the big matmuls of, as XLA partitions them.
+  """Rows of a micro-batch one device computes the big matmuls of.
 
-  Weights are split over 'fsdp' along the model dim (`embed`), which the projections
-  contract; XLA's SPMD partitioner then all-gathers the activations of the rows of every
-  'fsdp' shard and all-reduces each projection's output (seen in the v5p compiles'
-  collectives: bf16[rows, S, 2, F] all-reduces) instead of gathering the weights, so those
-  outputs hold the rows of all 'fsdp' shards.
+  The learners gather each layer's FSDP-split weights (`mar.models.fsdp`), so a device
+  computes its own rows only. (Before, XLA's SPMD partitioner all-gathered the activations of
+  every 'fsdp' shard's rows and all-reduced each projection's output instead.)
   """
-  local = math.ceil(rows / _split(rows, mesh, rules, "batch"))
-  shared = set(_mesh_axes(mesh, rules, "embed")) & set(_mesh_axes(mesh, rules, "batch", rows))
-  return local * math.prod(mesh.shape[a] for a in shared)
+  return math.ceil(rows / _split(rows, mesh, rules, "batch"))
+
+
+def layer_weight_bytes(model: QwenConfig, mesh, rules, dtype) -> int:
+  """Per-device bytes of one layer's weights gathered over the batch's mesh axes (FSDP),
+  still split over 'tensor'."""
+  gathered = {a: (1 if a in _mesh_axes(mesh, rules, "batch") else n)
+              for a, n in mesh.shape.items()}
+  shapes = {k: jax.ShapeDtypeStruct(v[1:], dtype)
+            for k, v in param_shapes(model)["layers"].items()}
+  axes = {k: v[1:] for k, v in sharding_lib.param_logical_axes(model)["layers"].items()}
+  am = abstract_mesh(gathered)
+  sh = {k: NamedSharding(am, sharding_lib.logical_to_spec(axes[k], am, rules, v.shape))
+        for k, v in shapes.items()}
+  return sharded_bytes(shapes, sh)
 
 
 def update_activation_bytes(model: QwenConfig, mesh, rows: int, seq: int, remat: bool,
@@ -552,7 +562,10 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
     cast = params * np.dtype(compute).itemsize // 4
     act = update_activation_bytes(cfg, mesh, us.micro_rows, us.row_len, remat, rules, compute,
                                   logits=not critic)
-    phases = {"logits": act["logits"], "backward": params + act["layer"]}
+    # The backward's layer also holds that layer's gathered weights and their full
+    # (not yet reduced) gradient, in the compute dtype.
+    gathered = 2 * layer_weight_bytes(cfg, mesh, rules, compute) if us.micro_rows else 0
+    phases = {"logits": act["logits"], "backward": params + act["layer"] + gathered}
     whole = params + state + batch + params + cast + act["residuals"]
     out[name] = {"params_bytes_per_device": params, "optimizer_state_bytes_per_device": state,
                  "batch_bytes_per_device": batch, "gradient_accumulator_bytes_per_device": params,

@@ -119,6 +119,17 @@ class FitTest(parameterized.TestCase):
     self.assertEqual(report["programs"]["rollout"], report["resident_state_bytes_per_device"]
                      + pm._peak(cr.memory, True))  # pylint: disable=protected-access
 
+  def test_xla_out_of_memory_is_a_size_that_does_not_fit(self):
+    err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                       "required for HLO temporaries (202.40G) exceeds available HBM (15.75G).")
+
+    def compile_fails():
+      raise err
+
+    with self.assertRaises(fit._CompileOOM) as ctx:  # pylint: disable=protected-access
+      fit._compile(compile_fails)  # pylint: disable=protected-access
+    self.assertEqual(ctx.exception.nbytes, int(202.40 * GiB))
+
   def test_nothing_fits_exits_1_naming_program_and_bytes(self):
     out = subprocess.run(
         [sys.executable, "-m", "mar.tools.plan_memory", "--config=configs/demo.py:lte",

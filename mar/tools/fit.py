@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import numpy as np
 
@@ -56,7 +57,33 @@ def _gib(nbytes: int) -> str:
 
 
 class NoFit(Exception):
-  """Nothing fits: the message names the program and its bytes."""
+  """Nothing fits: the message names the program and its bytes; `report` holds what was
+  compiled before (programs, details)."""
+
+  def __init__(self, message: str, report: dict | None = None):
+    super().__init__(message)
+    self.report = report or {}
+
+
+class _CompileOOM(Exception):
+  def __init__(self, nbytes: int, message: str):
+    super().__init__(message)
+    self.nbytes = nbytes
+
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED: (.*?required for [\w ]+ \(([\d.]+)([KMGT])\).*?)(?:\n|$)")
+
+
+def _compile(fn, *args):
+  """fn(*args), with XLA:TPU's "ran out of memory" compile error as `_CompileOOM` (bytes)."""
+  try:
+    return fn(*args)
+  except Exception as e:  # pylint: disable=broad-except
+    m = _OOM.search(str(e))
+    if not m:
+      raise
+    unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(3)]
+    raise _CompileOOM(int(float(m.group(2)) * unit), m.group(1)) from e
 
 
 def chip_for(topology: str | None) -> Chip | None:
@@ -153,7 +180,10 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
 
   def refuse(program: str, nbytes: int, how: str):
     raise NoFit(f"{program} needs {_gib(nbytes)} per device ({how}), over the budget of "
-                f"{_gib(budget)} per device: nothing fits on {topology or 'these devices'}")
+                f"{_gib(budget)} per device: nothing fits on {topology or 'these devices'}",
+                {"hbm_bytes_per_device": budget, "overrides": overrides,
+                 "programs": programs, "details": details,
+                 "resident_state_bytes_per_device": resident})
 
   # The update programs: their state alone must fit (exact figures; no size changes them).
   for name in ("update_actor", "update_critic") if config.method == "ppo" else ("update",):
@@ -178,8 +208,14 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
     last = r
     c = _with(config, **{rows_key: r})
     log(f"compiling the rollout at {r} rows (planned {planned[r] / GiB:.2f} GiB per device)")
-    cr = cm.compile_rollout(c, model, sample_mesh)
     tries += 1
+    try:
+      cr = _compile(cm.compile_rollout, c, model, sample_mesh)
+    except _CompileOOM as e:
+      programs["rollout"] = resident + e.nbytes
+      details["rollout"] = {"rows": r, "planned": planned[r], "xla_error": str(e)}
+      scale = max(scale, programs["rollout"] / planned[r])
+      continue
     total = resident + pm._peak(cr.memory, on_cpu)  # pylint: disable=protected-access
     details["rollout"] = _detail(cr.memory, cr.compile_s, on_cpu, cr, rows=r, planned=planned[r])
     programs["rollout"] = total
@@ -208,8 +244,15 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
     c = _with(config, **{mkey: m})
     log(f"compiling the update(s) at {m} micro-batches (planned "
         f"{max(plans[m].values()) / GiB:.2f} GiB per device)")
-    updates = cm.compile_updates(c, model, train_mesh)
     tries += 1
+    try:
+      updates = _compile(cm.compile_updates, c, model, train_mesh)
+    except _CompileOOM as e:
+      worst = max(plans[m], key=plans[m].get)  # XLA does not say which; the planner's larger
+      programs[worst] = resident + e.nbytes
+      details[worst] = {"micro_batches": m, "planned": plans[m][worst], "xla_error": str(e)}
+      scale = max(scale, programs[worst] / plans[m][worst])
+      continue
     worst = None
     for u in updates:
       total = resident - pm.program_state(by, u.name) + pm._peak(u.memory, on_cpu)  # pylint: disable=protected-access
@@ -232,11 +275,18 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
 
   # Scoring: one program over the whole step (no size of its own).
   log("compiling the scoring program")
-  cs = cm.compile_scoring(config, model, train_mesh)
+  try:
+    cs = _compile(cm.compile_scoring, config, model, train_mesh)
+  except _CompileOOM as e:
+    programs["scoring"] = resident + e.nbytes
+    details["scoring"] = {"xla_error": str(e)}
+    refuse("scoring", programs["scoring"], "one program over the whole step's batch; XLA:TPU "
+           f"refused to compile it: {e}; plus the resident training state")
   programs["scoring"] = resident + pm._peak(cs.memory, on_cpu)  # pylint: disable=protected-access
   details["scoring"] = _detail(cs.memory, cs.compile_s, on_cpu, cs)
   if programs["scoring"] > budget:
-    refuse("scoring", programs["scoring"], "XLA's peak plus the resident training state")
+    refuse("scoring", programs["scoring"], "one program over the whole step's batch: XLA's "
+           "peak plus the resident training state")
   out = {"hbm_bytes_per_device": budget, "overrides": overrides, "programs": programs,
          "target": topology or f"{len(devices)} x {devices[0].platform}",
          "training_mesh": train_shape, "sampling_mesh": sampling_shape,

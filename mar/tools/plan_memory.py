@@ -760,7 +760,7 @@ def _print_fit(config, model: QwenConfig, num_devices: int) -> None:
     report = fit.fit_report(config, model, devices, _TOPOLOGY.value, _HBM_GIB.value, log=log)
   except fit.NoFit as e:
     if _JSON.value:
-      print(json.dumps({"fit": None, "error": str(e)}, indent=1))
+      print(json.dumps({"fit": None, "error": str(e), **e.report}, indent=1))
     print(f"does not fit: {e}", file=sys.stderr)
     sys.exit(1)
   if _JSON.value:

@@ -599,7 +599,8 @@ def program_collectives(hlo: str, weight_sizes: set[int], num_layers: int) -> di
     in_layer |= _closure(comps, body)
   out = {"weight_all_gathers": 0, "activation_all_gathers": 0, "index_all_gathers": 0,
          "weight_reduce_scatters": 0, "other_reduce_scatters": 0, "all_reduces": 0,
-         "all_to_alls": 0, "other": 0, "per_layer": {}, "activation_all_gather_types": []}
+         "all_to_alls": 0, "other": 0, "other_ops": {}, "per_layer": {},
+         "activation_all_gather_types": []}
   for comp, instrs in comps.items():
     for ins in instrs:
       op = ins.opcode.removesuffix("-start")
@@ -624,6 +625,7 @@ def program_collectives(hlo: str, weight_sizes: set[int], num_layers: int) -> di
         key = "all_to_alls"
       else:
         key = "other"
+        out["other_ops"][ins.opcode] = out["other_ops"].get(ins.opcode, 0) + 1
       out[key] += 1
       if comp in in_layer:
         out["per_layer"][key] = out["per_layer"].get(key, 0) + 1

@@ -179,11 +179,16 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
   programs, details, overrides = {}, {}, {}
 
   def refuse(program: str, nbytes: int, how: str):
+    partial = {}
+    if chip is not None and len(overrides) == 2:  # sized; the refusal is the scoring program
+      partial["roofline_at_fitted_sizes"] = roofline(
+          _with(config, **overrides), model, chip, len(devices) // cores,
+          sampling_shape["data"], cores)
     raise NoFit(f"{program} needs {_gib(nbytes)} per device ({how}), over the budget of "
                 f"{_gib(budget)} per device: nothing fits on {topology or 'these devices'}",
                 {"hbm_bytes_per_device": budget, "overrides": overrides,
                  "programs": programs, "details": details,
-                 "resident_state_bytes_per_device": resident})
+                 "resident_state_bytes_per_device": resident, **partial})
 
   # The update programs: their state alone must fit (exact figures; no size changes them).
   for name in ("update_actor", "update_critic") if config.method == "ppo" else ("update",):

@@ -4,6 +4,8 @@
       --devices=8 --config.mesh.fsdp=8 --config.mesh.data=1 --device_memory_gib=80
   python -m mar.tools.plan_memory --config=configs/multi_attempt_qwen.py \\
       --model=qwen2_5_math_1_5b --compiled --devices=8 --json   # or --topology=v5p:2x2x2
+  python -m mar.tools.plan_memory --config=configs/lte_qwen.py --model=qwen3_8b_base \
+      --topology=v5p:2x2x2 --hbm_gib=74 --fit --compiled --json   # sizes that fit (fit.py)
 
 With --compiled the rollout program (sampling layout) and the learner's update programs
 (training layout) are compiled from shapes only (no weights; for simulated CPU devices, or

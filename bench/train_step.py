@@ -343,7 +343,7 @@ def packing_counts(sequences: int = 1024, prompt_len: int = 1024, token_budget: 
 
 def planner_check(name: str) -> dict:
   """XLA's compiled temp bytes of one GRPO update vs the planner (activations + gradients)."""
-  from mar.tools import plan_memory as pm  # pylint: disable=g-import-not-at-top
+  from mar.tools import memory_plan as pm  # pylint: disable=g-import-not-at-top
   from mar.models.init import param_shapes  # pylint: disable=g-import-not-at-top
 
   c = CONFIGS[name]

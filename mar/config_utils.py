@@ -39,6 +39,8 @@ def common_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Share of a device's memory the fitted sizes may use (plan_memory --fit; -1 sizes).
+    c.mesh.hbm_fraction = 0.9
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3

@@ -37,7 +37,7 @@ def base_config() -> ConfigDict:
 
   c.rollout = ConfigDict(dict(
       prompts_per_step=8,  # prompts per training step (PPO: episodes; GRPO: groups)
-      batch_size=0,  # rows per rollout program; 0 = prompts_per_step
+      batch_size=0,  # rows per rollout program; 0 = the step's episodes (prompts x G for GRPO)
       prompt_len=256,  # largest left-padded prompt bucket (smaller: powers of two from 64)
       token_budget=512,  # generated tokens shared by all attempts
       max_attempts=5,  # M

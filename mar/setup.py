@@ -24,6 +24,7 @@ from mar.lte import hints
 from mar.models import model as qwen
 from mar.rl import grpo, optim, ppo
 from mar.rollout.runner import RolloutRunner
+from mar.rollout import shape as rollout_shape
 from mar.sampling import SamplingParams
 from mar.verify import BatchVerifier
 
@@ -104,6 +105,11 @@ def load_train_data(config) -> list:
 def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=None,
                   rules=None):
   r = config.rollout
+  micro = config.ppo.micro_batches if config.method == "ppo" else config.grpo.micro_batches
+  if micro < 1:
+    key = "ppo" if config.method == "ppo" else "grpo"
+    raise ValueError(f"config.{key}.micro_batches={micro}: -1 (fit to device memory) must be "
+                     "resolved first (python -m mar.tools.plan_memory --fit prints the count)")
   if config.method == "ppo":
     p = config.ppo
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
@@ -145,6 +151,25 @@ def make_learner(config, cfg: models.QwenConfig, mesh=None, rules=None):
   return _make_learner(config, cfg, _optimizer(config, policy_lr), critic_opt, mesh, rules)
 
 
+def make_runner(config, cfg: models.QwenConfig, tokenizer, verifier, mesh=None,
+                timeline=None) -> RolloutRunner:
+  """The config's rollout runner, sized by `mar.rollout.shape` (as the planners size it).
+
+  One rollout call per step: PPO runs one episode per prompt, GRPO a group of G.
+  """
+  r = config.rollout
+  return RolloutRunner(
+      cfg, tokenizer, verifier, batch_size=rollout_shape.rollout_rows(config),
+      prompt_len=r.prompt_len,
+      max_attempts=r.max_attempts if config.method == "ppo" else 1,
+      token_budget=r.token_budget,
+      sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
+      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len,
+      feedback_text=hints.hint_feedback_text, mesh=mesh, timeline=timeline,
+      stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
+      sampling_dtype=parallel.sampling_dtype(cfg), **engine_args(config))
+
+
 def build_run(config, workdir: str) -> Run:
   if config.model.get("demo") and config.model.demo.enabled:
     from mar import demo
@@ -158,7 +183,6 @@ def build_run(config, workdir: str) -> Run:
   tokenizer = Tokenizer.from_dir(config.model.path)
   train_data = load_train_data(config) if config.mode == "train" else []
   verifier = BatchVerifier(num_workers=config.verify.workers, timeout=config.verify.timeout)
-  r = config.rollout
   policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
   actor_opt = _optimizer(config, policy_lr)
   critic_opt = _optimizer(config, config.ppo.critic_lr) if config.method == "ppo" else None
@@ -179,17 +203,7 @@ def build_run(config, workdir: str) -> Run:
   if critic_opt is not None:
     critic_opt = parallel.sharded_init(critic_opt, sh.critic_opt)
   timeline = overlap.DeviceTimeline()
-  # One rollout call per step: PPO runs one episode per prompt, GRPO a group of G.
-  batch = r.prompts_per_step * (1 if config.method == "ppo" else config.grpo.group_size)
-  runner = RolloutRunner(
-      cfg, tokenizer, verifier, batch_size=r.batch_size or batch, prompt_len=r.prompt_len,
-      max_attempts=r.max_attempts if config.method == "ppo" else 1,
-      token_budget=r.token_budget,
-      sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len,
-      feedback_text=hints.hint_feedback_text, mesh=mesh, timeline=timeline,
-      stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
-      sampling_dtype=parallel.sampling_dtype(cfg), **engine_args(config))
+  runner = make_runner(config, cfg, tokenizer, verifier, mesh, timeline)
   train_data, skipped = drop_long_prompts(config, runner, train_data)
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))

@@ -201,7 +201,8 @@ class ConfigUtilsTest(absltest.TestCase):
         c = config_utils.common_config()
         self.assertEqual(
             config_utils.config_to_dict(c),
-            {"seed": 0, "train": {"num_steps": 100}, "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+            {"seed": 0, "train": {"num_steps": 100},
+             "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "hbm_fraction": 0.9},
              "checkpoint": {"every_steps": 50, "keep": 3, "async_save": True}, "metrics": {}},
         )
 

@@ -267,7 +267,12 @@ class ShardedStepTest(absltest.TestCase):
     for k in keys:
       ref, val = self.single[k], got[k]
       self.assertEqual(ref.shape, val.shape, k)
-      if ref.dtype.kind == "f":
+      if k.endswith("clipfrac']"):
+        # A fraction of tokens whose clipped and unclipped errors compare: on the first
+        # mini-batch V == V_old up to f32 reassociation (scoring vs update program, FSDP
+        # gathers), which decides ties. One token of ~95 may flip.
+        np.testing.assert_allclose(val, ref, atol=0.015, err_msg=k)
+      elif ref.dtype.kind == "f":
         scale = max(float(np.abs(ref).max()), 1e-6)
         np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=k)
       else:

@@ -7,7 +7,10 @@ MAR_TPU_PAPER_SHAPES=1 also at the paper shapes (minutes per program).
 """
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -15,8 +18,14 @@ from absl.testing import parameterized
 import jax
 
 from configs import lte_qwen, multi_attempt_qwen
+from mar import parallel
 from mar.models.config import PRESETS, QwenConfig
-from mar.tools import plan_memory as pm
+from mar.tools import compiled_memory as cm
+from mar.tools import fit
+from mar.tools import memory_plan as pm
+import testutil
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small(config_module, tensor: int = 1):
@@ -53,6 +62,14 @@ class CompiledRolloutTest(parameterized.TestCase):
       args = (planned["params_bytes_per_device"] + planned["optimizer_state_bytes_per_device"]
               + planned["batch_bytes_per_device"])
       self.assertAlmostEqual(u["arguments_bytes_per_device"] / args, 1.0, delta=0.01)
+      # FSDP gathers weights, not activations: each layer all-gathers its 4 projection
+      # matrices in the forward and again in the (rematerialised) backward, and reduces its
+      # gradients there (one all-reduce of the layer's gradients, then the local slice).
+      coll = u["collectives"]
+      self.assertEqual(coll["activation_all_gathers"], 0, coll["activation_all_gather_types"])
+      self.assertEqual(coll["per_layer"].get("weight_all_gathers"), 8, coll)
+      self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
+                              + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
     self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})
     self.assertTrue(r["decode_loop_found"])
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
@@ -70,6 +87,58 @@ class CompiledRolloutTest(parameterized.TestCase):
     # layer (XLA:CPU runs bf16 all-reduces in f32; TPU keeps bf16, see bench/README.md).
     self.assertEqual(set(r["decode_loop_collective_ops"]), {"all-reduce"})
     self.assertBetween(r["decode_loop_collectives"], 1, 2 * model.num_layers)
+
+
+class FitTest(parameterized.TestCase):
+  """plan_memory --fit on 8 simulated CPU devices (XLA:CPU's buffer sums stand in for a
+  chip's peak; the budget is set with hbm_gib)."""
+
+  def test_auto_sizes_fit_and_every_program_compiled(self):
+    config = _small(lte_qwen)
+    config.rollout.batch_size = -1
+    config.grpo.micro_batches = -1
+    budget = 0.08  # GiB: XLA:CPU needs more than this for the whole step's rows at once
+    report = fit.fit_report(config, _model("qwen3"), jax.devices(), None, budget,
+                            log=lambda _: None)
+    self.assertEqual(report["hbm_bytes_per_device"], int(budget * GiB))
+    self.assertCountEqual(report["programs"], ["rollout", "update", "scoring"])
+    for name, nbytes in report["programs"].items():
+      self.assertIsInstance(nbytes, int)
+      self.assertLessEqual(nbytes, report["hbm_bytes_per_device"], name)
+    rows, micro = report["overrides"]["rollout.batch_size"], report["overrides"][
+        "grpo.micro_batches"]
+    episodes = config.rollout.prompts_per_step * config.grpo.group_size
+    self.assertEqual(rows % 8, 0)  # a multiple of the sampling layout's data shards
+    self.assertLessEqual(rows, episodes)
+    self.assertGreaterEqual(micro, 1)
+    self.assertEqual(report["flags"], f"--config.rollout.batch_size={rows} "
+                     f"--config.grpo.micro_batches={micro}")
+    # The rollout's figure is what XLA compiles at those rows, plus the resident state.
+    config.rollout.batch_size = rows
+    cr = cm.compile_rollout(config, _model("qwen3"), parallel.sampling_mesh(config))
+    self.assertEqual(report["programs"]["rollout"], report["resident_state_bytes_per_device"]
+                     + pm._peak(cr.memory, True))  # pylint: disable=protected-access
+
+  def test_xla_out_of_memory_is_a_size_that_does_not_fit(self):
+    err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                       "required for HLO temporaries (202.40G) exceeds available HBM (15.75G).")
+
+    def compile_fails():
+      raise err
+
+    with self.assertRaises(fit._CompileOOM) as ctx:  # pylint: disable=protected-access
+      fit._compile(compile_fails)  # pylint: disable=protected-access
+    self.assertEqual(ctx.exception.nbytes, int(202.40 * GiB))
+
+  def test_nothing_fits_exits_1_naming_program_and_bytes(self):
+    out = subprocess.run(
+        [sys.executable, "-m", "mar.tools.plan_memory", "--config=configs/demo.py:lte",
+         "--devices=8", "--hbm_gib=0.0001", "--fit", "--compiled", "--json"],
+        capture_output=True, text=True, cwd=_REPO, env=testutil.subprocess_env())
+    self.assertEqual(out.returncode, 1, out.stderr[-2000:])
+    self.assertIn("does not fit: update needs", out.stderr)
+    self.assertRegex(out.stderr, r"\([\d,]+ bytes\) per device")
+    self.assertIsNone(json.loads(out.stdout)["fit"])
 
 
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -99,6 +168,33 @@ class TpuTopologyTest(parameterized.TestCase):
     self.assertCountEqual(report["update"], updates)
     for u in report["update"].values():
       self.assertGreater(u["peak_bytes_per_device"], 0)
+      coll = u["collectives"]  # FSDP: weights gathered per layer, gradients reduced there
+      self.assertEqual(coll["activation_all_gathers"], 0, coll["activation_all_gather_types"])
+      self.assertEqual(coll["per_layer"].get("weight_all_gathers"), 8, coll)
+      self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
+                              + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
+
+  def test_fit_with_roofline(self):
+    """--fit for a TPU v4-8 (libtpu lists its 2 TensorCores per chip as devices)."""
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+    config = _small(lte_qwen)
+    config.rollout.batch_size = -1
+    devices = list(topologies.get_topology_desc("v4:2x2x1", "tpu").devices)
+    report = fit.fit_report(config, _model("qwen3"), devices, "v4:2x2x1", None,
+                            log=lambda _: None)
+    self.assertEqual(report["devices_per_chip"], 2)
+    self.assertEqual(report["hbm_bytes_per_device"], int(0.9 * 16 * GiB))
+    self.assertCountEqual(report["programs"], ["rollout", "update", "scoring"])
+    for name, nbytes in report["programs"].items():
+      self.assertLessEqual(nbytes, report["hbm_bytes_per_device"], name)
+      self.assertGreater(report["details"][name]["xla_flops"], 0)
+    self.assertEqual(report["overrides"]["rollout.batch_size"], 1024)  # tiny: all rows fit
+    rf = report["roofline"]
+    self.assertGreater(rf["step_s"], 0)
+    self.assertAlmostEqual(rf["tokens_per_s_per_chip"],
+                           rf["tokens_per_step"] / rf["step_s"] / 4, delta=1e-6 * rf[
+                               "tokens_per_s_per_chip"])
 
   def test_tensor_parallel_bf16_reductions(self):
     model = _model("qwen3")

@@ -24,7 +24,7 @@ from mar import models, parallel  # noqa: E402
 from mar.models import model as qwen  # noqa: E402
 from mar.models import sharding  # noqa: E402
 from mar.rl import optim  # noqa: E402
-from mar.tools import plan_memory as pm  # noqa: E402
+from mar.tools import memory_plan as pm  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ((2, 2, 2), (1, 8, 1), (1, 4, 2), (8, 1, 1), (2, 1, 4))

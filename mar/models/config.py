@@ -46,6 +46,9 @@ class QwenConfig:
   # Cached attention reads the KV cache in blocks of this many slots, only up to the live
   # length (a loop with a traced trip count), when the cache holds more than one block.
   attn_block: int = 256
+  # Training meshes only: where FSDP-split weights are gathered for their layer
+  # (`mar.models.fsdp.FsdpLayout`, set by `sharding.with_fsdp` for the learners); None: as stored.
+  fsdp: Any = None
 
   @property
   def qkv_bias(self) -> bool:

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mar.models import fsdp
 from mar.models.config import QwenConfig
 
 _MASK_VALUE = -1e30  # finite, so a row with no valid key gives uniform weights, not NaN
@@ -301,6 +302,7 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
   array (it already covers validity and causality by slot), or to its live blocks only when
   `mask` is a `LiveSlots`.
   """
+  lp, x = fsdp.gather(config.fsdp, lp, config.dtype), fsdp.rows(config.fsdp, x)
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
   q, k, v = _project_qkv(config, lp, h, rope_cs)
   per_layer = kv is not None and layer is None  # keys stored [B, K, Dh, S]
@@ -388,15 +390,15 @@ def _run_layers(config: QwenConfig, params, x, rope_cs, mask, kv=None, slots=Non
 
 
 def _embed(config: QwenConfig, params, tokens):
-  return params["embed"][tokens].astype(config.dtype)
+  table = fsdp.gather(config.fsdp, {"embed": params["embed"]}, config.dtype)["embed"]
+  return fsdp.rows(config.fsdp, table[tokens].astype(config.dtype))
 
 
 def logits_from_hidden(config: QwenConfig, params, h: jax.Array) -> jax.Array:
   """Final-normed hidden [..., D] -> f32 logits [..., V]."""
-  if config.tie_word_embeddings:
-    w, spec = params["embed"], "...d,vd->...v"
-  else:
-    w, spec = params["lm_head"], "...d,dv->...v"
+  name = "embed" if config.tie_word_embeddings else "lm_head"
+  spec = "...d,vd->...v" if config.tie_word_embeddings else "...d,dv->...v"
+  w = fsdp.gather(config.fsdp, {name: params[name]}, h.dtype)[name]
   if w.dtype != h.dtype and jnp.finfo(w.dtype).bits < jnp.finfo(h.dtype).bits:
     h = h.astype(w.dtype)
   return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
@@ -508,4 +510,5 @@ def value_forward(config: QwenConfig, params, tokens, positions=None, attention_
                   segment_ids=None):
   """Critic: backbone + value head. params = {'backbone': ..., 'value_head': [D]} -> [B, T]."""
   h = hidden_states(config, params["backbone"], tokens, positions, attention_mask, segment_ids)
-  return jnp.einsum("btd,d->bt", h.astype(jnp.float32), params["value_head"].astype(jnp.float32))
+  head = fsdp.gather(config.fsdp, {"value_head": params["value_head"]}, jnp.float32)
+  return jnp.einsum("btd,d->bt", h.astype(jnp.float32), head["value_head"].astype(jnp.float32))

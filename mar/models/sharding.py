@@ -18,6 +18,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mar.models.config import QwenConfig
+from mar.models.fsdp import FsdpLayout
 from mar.models.init import param_shapes
 from mar.models.model import KVCache
 
@@ -174,3 +175,34 @@ def make_mesh(
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices, dtype=object).reshape(sizes)  # no topology info: plain order
   return Mesh(grid, MESH_AXES)
+
+
+def fsdp_layout(config: QwenConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> FsdpLayout | None:
+  """Each weight's stored spec on a training mesh and its spec with the batch's mesh axes
+  dropped (gathered for use: `mar.models.fsdp`); None when no weight is split over them."""
+  target = dict(rules).get("batch")
+  targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  batch_axes = tuple(a for a in targets if mesh.shape.get(a, 1) > 1)
+  axes, shapes = param_logical_axes(config), param_shapes(config)
+  named = [(n, a, shapes["layers"][n], 1) for n, a in axes["layers"].items()]
+  named += [(n, axes[n], shapes[n], 0) for n in ("embed", "lm_head") if n in axes]
+  named.append(("value_head", ("embed",), (config.hidden_size,), 0))  # the PPO critic's
+  weights = []
+  for name, logical, shape, skip in named:
+    stored = tuple(logical_to_spec(logical, mesh, rules, shape))[skip:]
+    flat = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    if not any(set(flat(e)) & set(batch_axes) for e in stored):
+      continue
+    gathered = []
+    for e in stored:
+      kept = tuple(a for a in flat(e) if a not in batch_axes)
+      gathered.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    weights.append((name, PartitionSpec(*stored), PartitionSpec(*gathered)))
+  return FsdpLayout(mesh, batch_axes, tuple(weights)) if weights else None
+
+
+def with_fsdp(config: QwenConfig, mesh: Mesh | None, rules: Rules | None = None) -> QwenConfig:
+  """The model config a learner on `mesh` trains with: FSDP weights gathered per layer."""
+  if mesh is None:
+    return config
+  return config.replace(fsdp=fsdp_layout(config, mesh, DEFAULT_RULES if rules is None else rules))

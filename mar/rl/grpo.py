@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar import parallel
+from mar.models import sharding
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
@@ -146,6 +147,8 @@ class GRPOLearner:
   pack_len: int = 0
 
   def __post_init__(self):
+    # Each layer all-gathers its FSDP-split weights and reduce-scatters their gradients.
+    self.config = sharding.with_fsdp(self.config, self.mesh, self.rules)
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     if self.pack_len and hp.separate_norm and hp.agg == "seq_mean_token_sum_norm":
       raise ValueError("grpo: separate_norm with agg=seq_mean_token_sum_norm needs unpacked "

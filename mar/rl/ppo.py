@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar import parallel
+from mar.models import sharding
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
@@ -158,6 +159,8 @@ class PPOLearner:
   pack_len: int = 0
 
   def __post_init__(self):
+    # Each layer all-gathers its FSDP-split weights and reduce-scatters their gradients.
+    self.config = sharding.with_fsdp(self.config, self.mesh, self.rules)
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
     self.shardings = None

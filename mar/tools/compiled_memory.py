@@ -35,11 +35,12 @@ from mar.rl import packing
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout import runner as runner_lib
+from mar.rollout import shape as shape_lib
 from mar import sampling
 from mar.sampling import SamplingParams
 from mar.sampling.stop import boxed_stop_predicate
 
-FEEDBACK_LEN = 24  # as plan_memory.FEEDBACK_LEN: one multi-attempt feedback turn, rounded up
+FEEDBACK_LEN = shape_lib.FEEDBACK_LEN  # one multi-attempt feedback turn, rounded up
 STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "all-reduce-start", "all-gather-start", "collective-permute-start",
@@ -67,17 +68,13 @@ class RolloutShape:
 
 
 def rollout_shape(config) -> RolloutShape:
-  r, ppo = config.rollout, config.method == "ppo"
-  attempts = r.max_attempts if ppo else 1
-  rows = r.batch_size or r.prompts_per_step * (1 if ppo else config.grpo.group_size)
-  feedback = max(FEEDBACK_LEN, r.hint_feedback_len) if attempts > 1 else r.hint_feedback_len
+  """`mar.rollout.shape.rollout_shape` with the sampler's spec (Qwen's stop ids)."""
+  r, s = config.rollout, shape_lib.rollout_shape(config)
   spec = ma.RolloutSpec(
-      max_attempts=attempts, token_budget=r.token_budget,
-      cache_len=ma.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
+      max_attempts=s.attempts, token_budget=r.token_budget, cache_len=s.cache_len,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       stop_ids=STOP_IDS, check_every=r.check_every, hint_feedback_len=r.hint_feedback_len)
-  episodes = r.prompts_per_step * (1 if ppo else config.grpo.group_size)
-  return RolloutShape(rows, r.prompt_len, attempts, spec, runner_lib.queue_len(episodes, rows))
+  return RolloutShape(s.rows, s.prompt_len, s.attempts, spec, s.queue)
 
 
 def program_model(config, model: QwenConfig) -> QwenConfig:
@@ -118,6 +115,14 @@ class CompiledRollout:
   kv_bytes_all_rows: int
   hlo: str
   compile_s: float = 0.0
+  cost: dict | None = None  # XLA's cost analysis (a while loop's body counted once)
+
+
+def cost_figures(compiled) -> dict:
+  """flops and bytes accessed from XLA's cost analysis of a compiled program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost}
 
 
 def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
@@ -163,7 +168,7 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
   shards = data if rs.rows % data == 0 else 1
   tp = mesh.shape["tensor"] if model.num_kv_heads % mesh.shape["tensor"] == 0 else 1
   return CompiledRollout(rs, dict(mesh.shape), memory, kv_all // shards // tp, kv_all,
-                         compiled.as_text(), seconds)
+                         compiled.as_text(), seconds, cost_figures(compiled))
 
 
 def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool,
@@ -327,6 +332,7 @@ class CompiledUpdate:
   memory: dict
   hlo: str
   compile_s: float = 0.0
+  cost: dict | None = None
 
 
 def memory_figures(compiled) -> dict:
@@ -365,8 +371,50 @@ def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdat
     start = time.perf_counter()
     compiled = fn.lower(params, state, batch).compile()
     out.append(CompiledUpdate(name, us, dict(mesh.shape), memory_figures(compiled),
-                              compiled.as_text(), time.perf_counter() - start))
+                              compiled.as_text(), time.perf_counter() - start,
+                              cost_figures(compiled)))
   return out
+
+
+def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
+  """Compiles the learner's scoring of a whole step's batch (one program before the
+  updates): PPO's pi_old / pi_ref log-probs, values and advantages (`score_packed` /
+  `score`); GRPO / LTE's log-probs of every sequence (`packed_logprobs` / `logprobs`)."""
+  from mar import setup  # pylint: disable=g-import-not-at-top
+
+  cfg = program_model(config, model)
+  rules = parallel.rules_from_config(config)
+  learner = setup.make_learner(config, cfg, mesh, rules)
+  us = update_shape(config, parallel.batch_shards(mesh, rules))
+  sh = learner.shardings
+  policy = _sharded(_f32(param_shapes(cfg)), sh.params)
+  rows = us.rows * us.mini_batches if us.packed else us.sequences
+  if config.method == "ppo":
+    n, s = us.sequences, us.seq_len
+    fields = {f: None for f in ma.Episodes._fields}
+    fields.update({k: _struct((n, s), d, mesh, rules) for k, d in (
+        ("tokens", jnp.int32), ("valid", jnp.bool_), ("action_mask", jnp.bool_),
+        ("feedback_mask", jnp.bool_))})
+    fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
+                  last_action=_struct((n,), jnp.int32, mesh, rules))
+    critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)
+    args = (policy, policy, critic, ma.Episodes(**fields))
+    if us.packed:
+      idx = _struct((rows, us.row_len), jnp.int32, mesh, rules)
+      fn, args = learner.score_packed, args + (idx, idx)
+    else:
+      fn = learner.score
+  else:
+    tokens = _struct((rows, us.row_len), jnp.int32, mesh, rules)
+    if us.packed:
+      fn, args = learner.packed_logprobs, (policy, tokens, tokens)
+    else:
+      fn, args = learner.logprobs, (policy, tokens, _struct((rows, us.row_len), jnp.bool_,
+                                                            mesh, rules))
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return CompiledUpdate("scoring", us, dict(mesh.shape), memory_figures(compiled),
+                        compiled.as_text(), time.perf_counter() - start, cost_figures(compiled))
 
 
 # ----- optimized HLO: collectives in the decode loop -----------------------------------------
@@ -496,6 +544,92 @@ def decode_loop_collectives(hlo: str, num_layers: int) -> dict:
              for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", best[3])]
   return {"found": True, "body": best[1], "matmuls": best[0], "count": count, "bytes": nbytes,
           "ops": ops, "dtypes": sorted(dtypes), "carried": carried}
+
+
+def _array_types(ty: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(dt, tuple(int(d) for d in dims.split(",") if d))
+          for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", ty) if dt in _DTYPE_BYTES]
+
+
+def _loop_parts(ins: Instr) -> tuple[str, str]:
+  return (re.search(r"body=%?([\w.\-]+)", ins.line).group(1),
+          re.search(r"condition=%?([\w.\-]+)", ins.line).group(1))
+
+
+def layer_loops(comps: dict, num_layers: int) -> list[str]:
+  """Body computations of the layer scans: the innermost while loops of `num_layers` trips
+  (XLA's `known_trip_count`; else a counter-only condition) whose body, with what it calls,
+  holds a layer's 4 projections: the forward's layer and the backward's (rematerialised)."""
+  loops = {}  # body -> closure
+  for instrs in comps.values():
+    for ins in instrs:
+      if ins.opcode != "while":
+        continue
+      body, cond = _loop_parts(ins)
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+      layered = (int(trips.group(1)) == num_layers if trips
+                 else _counted_loop(comps.get(cond, [])))
+      closure = _closure(comps, body)
+      if layered and sum(_is_matmul(i) for c in closure for i in comps[c]) >= 4:
+        loops[body] = closure
+  return [b for b, closure in loops.items()
+          if not any(o != b and o in closure for o in loops)]
+
+
+def weight_sizes(model: QwenConfig) -> set[int]:
+  """Element counts of one layer's weights and of the embedding / LM head (the arrays an
+  FSDP program gathers whole: `program_collectives`)."""
+  shapes = param_shapes(model)
+  sizes = {math.prod(v[1:]) for v in shapes["layers"].values()}
+  return sizes | {math.prod(shapes[k]) for k in ("embed", "lm_head") if k in shapes}
+
+
+def program_collectives(hlo: str, weight_sizes: set[int], num_layers: int) -> dict:
+  """The collectives of a compiled update program, classified.
+
+  weight_sizes: element counts of the (gathered) weights, one layer's or top-level. An
+  all-gather or reduce-scatter whose (gathered) array has a weight's element count moves a
+  weight or its gradient; a floating-point one that does not moves activations. `per_layer`
+  counts those inside the layer scans' bodies (`layer_loops`), which run once per layer
+  and micro-batch: the forward's and the backward's (rematerialised) layer.
+  """
+  comps = parse_hlo(hlo)
+  in_layer = set()
+  for body in layer_loops(comps, num_layers):
+    in_layer |= _closure(comps, body)
+  out = {"weight_all_gathers": 0, "activation_all_gathers": 0, "index_all_gathers": 0,
+         "weight_reduce_scatters": 0, "other_reduce_scatters": 0, "all_reduces": 0,
+         "all_to_alls": 0, "other": 0, "other_ops": {}, "per_layer": {},
+         "activation_all_gather_types": []}
+  for comp, instrs in comps.items():
+    for ins in instrs:
+      op = ins.opcode.removesuffix("-start")
+      if op not in COLLECTIVES:
+        continue
+      arrays = _array_types(ins.type)
+      sizes = {math.prod(d) for _, d in arrays}
+      floating = any(dt.startswith(("f", "bf")) for dt, _ in arrays)
+      if op == "all-gather":
+        key = ("weight_all_gathers" if sizes & weight_sizes else
+               "activation_all_gathers" if floating else "index_all_gathers")
+        if key == "activation_all_gathers":
+          out["activation_all_gather_types"].append(ins.type.split("{")[0])
+      elif op == "reduce-scatter":
+        operand_sizes = set()
+        for s in sizes:  # the result is one shard of the weight's gradient
+          operand_sizes |= {w for w in weight_sizes if w % s == 0 and w // s > 1}
+        key = "weight_reduce_scatters" if operand_sizes else "other_reduce_scatters"
+      elif op == "all-reduce":
+        key = "all_reduces"
+      elif op == "all-to-all":
+        key = "all_to_alls"
+      else:
+        key = "other"
+        out["other_ops"][ins.opcode] = out["other_ops"].get(ins.opcode, 0) + 1
+      out[key] += 1
+      if comp in in_layer:
+        out["per_layer"][key] = out["per_layer"].get(key, 0) + 1
+  return out
 
 
 def loop_kv_bytes(carried, model: QwenConfig, slots: int) -> int:

@@ -33,6 +33,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   config_utils.split_comma_strings(config)
+  config_utils.enable_compilation_cache()  # a second run loads its programs, compiles none
   if config.get("distributed"):
     jax.distributed.initialize()
   logging.info("config:\n%s", config)

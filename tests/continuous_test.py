@@ -14,12 +14,10 @@ from mar.data import prompts
 from mar.data.tiny_tokenizer import build_tiny_tokenizer
 from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.lte import hints
-from mar.models import model as qwen
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
 from mar.rollout.render import dialogue_text
-from mar.sampling import refill
 import rollout_test
 import sampling_test as st
 from scripted import counting_predicate, scripted_decode
@@ -73,34 +71,6 @@ class SingleTurnTest(parameterized.TestCase):
     super().setUpClass()
     cls.hf, cls.config, cls.params = st.hf_tiny("qwen2")
     cls.prompts = st.prompts_for(lens=PROMPT_LENS)
-
-  @parameterized.parameters(False, True)
-  def test_fill_rows_in_one_batch_equals_each_row_alone(self, unstacked):
-    """One width: all rows prefill in one batch; each row's cache and logits are its own."""
-    p = max(PROMPT_LENS)
-    toks, mask = sampling.pad_prompts(self.prompts, p, len(self.prompts))
-    toks, mask = jnp.asarray(toks), jnp.asarray(mask)
-    b, s = len(self.prompts) + 1, p + 4
-    params = qwen.unstack_layers(self.params) if unstacked else self.params
-    empty = qwen.init_cache(self.config, b, s)
-    if unstacked:
-      empty = qwen.unstack_cache(empty)
-    rows = jnp.asarray([4, 0, 7, b, 2, 1, 8, 3], jnp.int32)  # b: skipped
-    fill = jax.jit(lambda c, r, t, m: refill.fill_rows(self.config, params, c, r, t, m))
-    cache, logits, rope = fill(empty, rows, toks, mask)
-    cache = qwen.stack_cache(cache)
-    for i, row in enumerate(np.asarray(rows)):
-      alone, alone_logits, alone_rope = fill(empty, rows[i:i + 1], toks[i:i + 1], mask[i:i + 1])
-      alone = qwen.stack_cache(alone)
-      np.testing.assert_allclose(logits[i], alone_logits[0], atol=1e-5)
-      self.assertEqual(int(rope[i]), int(alone_rope[0]))
-      if row < b:
-        np.testing.assert_array_equal(cache.valid[row], alone.valid[row])
-        np.testing.assert_allclose(cache.k[:, row], alone.k[:, row], atol=1e-5)
-        np.testing.assert_allclose(cache.v[:, row], alone.v[:, row], atol=1e-5)
-      else:
-        self.assertFalse(np.asarray(logits[i]).any())  # a skipped row computes nothing
-    self.assertFalse(np.asarray(cache.valid[5]).any())  # no prompt went to row 5
 
   @parameterized.parameters(((),),  # every prompt prefilled at the queue's width P = 17
                             ((4, 8, 16),))  # its own: 1 -> 4, 5..7 -> 8, 9..14 -> 16, 17 -> P

@@ -76,8 +76,6 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   """
   r, p = prompt_tokens.shape
   widths = tuple(w for w in widths if w < p) + (p,)
-  if len(widths) == 1:  # every prompt takes width P: the same per-row work in one batch
-    return _fill_rows_at_p(config, params, cache, rows, prompt_tokens, prompt_mask)
 
   def prefill_at(w, toks, mask):
     st = prefill(config, params, toks[None, p - w:], mask[None, p - w:], w)
@@ -99,21 +97,6 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
 
   logits = jnp.zeros((r, config.vocab_size), jnp.float32)
   return jax.lax.fori_loop(0, r, one, (cache, logits, jnp.zeros((r,), jnp.int32)))
-
-
-def _fill_rows_at_p(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_tokens,
-                    prompt_mask):
-  """`fill_rows` when P is the only width: one prefill of all R rows instead of R alone.
-
-  Each row computes what it would alone (attention and RoPE follow its own mask), but the R
-  forwards run as one batch, not one after another: R-fold fewer, larger matmuls. Skipped
-  rows (rows == B) are computed, then dropped, and their logits are zeros as alone.
-  """
-  st = prefill(config, params, prompt_tokens, prompt_mask, prompt_tokens.shape[1])
-  keep = rows < cache.valid.shape[0]
-  logits = jnp.where(keep[:, None], st.logits, 0.0)
-  rope = prompt_mask.sum(-1).astype(jnp.int32)
-  return write_rows(cache, rows, st.cache), logits, rope
 
 
 def token_keys(key: jax.Array, seq: jax.Array, index: jax.Array) -> jax.Array:

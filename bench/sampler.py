@@ -337,7 +337,8 @@ def live_length_case(name: str, repeats: int, idle_wait_s: float = 0.0, prompt: 
   cfg = QwenConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
                    num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv"],
                    head_dim=c["hidden"] // c["heads"])
-  params = qwen.unstack_layers(init_lib.init_params(cfg, jax.random.key(0)))
+  # Stacked params, as a user calls `sampling.prefill` / `decode`: the layout decode converts.
+  params = init_lib.init_params(cfg, jax.random.key(0))
   toks = jnp.asarray(np.random.RandomState(1).randint(0, c["vocab"], (b, prompt)), jnp.int32)
   mask = np.ones((b, prompt), bool)
   greedy = sampling.SamplingParams(temperature=0.0)

@@ -14,7 +14,7 @@ def get_config(arg: str | None = None):
   c.train.num_steps = 40
   # The warm start teaches a careless habit: most first attempts are off by one, and after
   # the feedback turn the retry is right. RL has to teach getting it right the first time.
-  c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=150, sft_batch=64, sft_len=96,
+  c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=64, sft_len=96,
                       sft_lr=3e-3, p_wrong=0.6, wrong_deltas=(1,), style="multi_attempt")
   c.data.synthetic = dict(enabled=True, num_examples=4096, seed=0, min_digits=1, max_digits=1)
   c.rollout.update(dict(prompts_per_step=64, prompt_len=64, token_budget=24, max_attempts=2,

@@ -3,6 +3,7 @@
   python bench/grpo_vs_trl.py                 # steps 0..8, median of steps 3..8, both sides
   python bench/grpo_vs_trl.py --side=mar      # one side only
   python bench/grpo_vs_trl.py --pack_len=0    # mar with padded learner batches
+  python bench/grpo_vs_trl.py --side=mar --profile=/tmp/trace   # + XLA op time per program
 
 The work: `configs/demo.py:lte` with method=grpo on the demo model (one model folder both
 load): 16 prompts x G = 8 samples, 24 new tokens, temperature 1, f32, no KL (beta = 0), one
@@ -65,15 +66,61 @@ def _median(rows, key):
   return float(np.median([r[key] for r in rows[FIRST_TIMED:]]))
 
 
-def bench_mar(model_path: str, pack_len: int) -> dict:
+PROFILED = 3  # steps FIRST_TIMED.. traced with --profile
+
+
+def trace_summary(trace_dir: str, steps: int, top: int = 15) -> dict:
+  """XLA:CPU op time per step from a JAX profiler trace: per program, per op kind, top ops.
+
+  Op events nest (a while loop contains its body's ops), so loops and conditionals are left
+  out of the sums; kinds are the fusion names' first word (`ynn` / `dot`: matmuls).
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  path = sorted(glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz")))[-1]
+  with gzip.open(path) as f:
+    events = [e for e in json.load(f)["traceEvents"]
+              if e.get("ph") == "X" and "hlo_module" in e.get("args", {})]
+  programs = collections.defaultdict(lambda: collections.defaultdict(float))
+  ops = collections.defaultdict(float)
+  for e in events:
+    name = e["args"]["hlo_op"]
+    base = re.sub(r"\.\d+$", "", name)
+    if base.split("_")[0] in ("while", "cond", "call", "conditional"):
+      continue
+    kind = "matmul" if ("ynn" in base or "dot" in base) else base.split("_")[0]
+    ms = e["dur"] / 1e3 / steps
+    programs[e["args"]["hlo_module"]][kind] += ms
+    ops[(e["args"]["hlo_module"], name)] += ms
+  out = {}
+  for prog, kinds in sorted(programs.items(), key=lambda kv: -sum(kv[1].values())):
+    total = sum(kinds.values())
+    if total < 1.0:
+      continue
+    out[prog] = {"op_ms_per_step": round(total, 1),
+                 "by_kind_ms": {k: round(v, 1) for k, v in
+                                sorted(kinds.items(), key=lambda kv: -kv[1]) if v >= 0.5}}
+  out["top_ops_ms"] = [[p, o, round(v, 1)] for (p, o), v in
+                       sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
+  return out
+
+
+def bench_mar(model_path: str, pack_len: int, profile_dir: str = "") -> dict:
   config = grpo_config(model_path, pack_len)
   run = setup.build_run(config, tempfile.mkdtemp())
   state = train.init_state(config, run)
   rows = []
   for step in range(STEPS):
+    if profile_dir and step == FIRST_TIMED:
+      jax.profiler.start_trace(profile_dir)
     t0 = time.perf_counter()
     state, m = train.group_iteration(config, run, state, step_prompts(config, run, step), step)
     total = time.perf_counter() - t0
+    if profile_dir and step == FIRST_TIMED + PROFILED - 1:
+      jax.profiler.stop_trace()
     rows.append({"step": total, "generation": m["time/sample"], "update": m["time/update"],
                  "other": total - m["time/sample"] - m["time/update"],
                  "response_length": m["response_length"], "reward": m["reward_mean"],
@@ -87,6 +134,9 @@ def bench_mar(model_path: str, pack_len: int) -> dict:
                  [r["padded_positions"] / r["real_tokens"] for r in rows])),
              pack_len=pack_len, jax=jax.__version__,
              steps=[{k: round(float(v), 4) for k, v in r.items()} for r in rows])
+  if profile_dir:
+    out["profile"] = {"steps": f"{FIRST_TIMED}..{FIRST_TIMED + PROFILED - 1}",
+                      **trace_summary(profile_dir, PROFILED)}
   return out
 
 
@@ -175,6 +225,9 @@ def main():
   ap.add_argument("--pack_len", type=int, default=-1)
   ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mar_grpo_vs_trl"))
   ap.add_argument("--model_path", default="", help="a demo model folder (default: build one)")
+  ap.add_argument("--profile", default="",
+                  help="trace mar's steps 3-5 with the JAX profiler into this folder and add "
+                       "their XLA op time per program / kind / op to the JSON (slows them)")
   args = ap.parse_args()
   model_path = args.model_path or demo.ensure_demo_model(demo_config.get_config("lte"),
                                                          args.workdir)
@@ -182,7 +235,7 @@ def main():
             "work": "configs/demo.py:lte method=grpo: 16 prompts x 8, 24 new tokens, f32, "
                     "beta 0, one update over 128 sequences; median of steps 3-8"}
   if args.side in ("both", "mar"):
-    result["mar"] = bench_mar(model_path, args.pack_len)
+    result["mar"] = bench_mar(model_path, args.pack_len, args.profile)
   if args.side in ("both", "trl"):
     result["trl"] = bench_trl(model_path)
   if "mar" in result and "trl" in result:

@@ -3,7 +3,7 @@
   python bench/sampler.py                      # tiny and medium, f32 and bf16 weights
   python bench/sampler.py --configs=medium --weights=bf16 --idle_wait_s=60
   python bench/sampler.py --configs= --compile_1p5b   # compile time, Qwen2.5-1.5B shapes
-  python bench/sampler.py --configs= --live_length=tiny   # decode step at S = 8,192 vs 512
+  python bench/sampler.py --configs= --live_length=tiny   # decode at S = 8,192 vs 512
 
 Prints one JSON object. Per config: steady-state tokens/s of both (whole call, and decode
 only), mar's compile time (separately), and the share of the machine's limits measured in
@@ -319,48 +319,62 @@ def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
   return out
 
 
-def live_length_case(name: str, repeats: int, idle_wait_s: float = 0.0, prompt: int = 192,
-                     new: int = 64, lengths=(512, 8192)) -> dict:
-  """Decode step cost vs cache size at a fixed live length (prompt + new <= 256 tokens).
+def live_length_case(name: str, repeats: int, idle_wait_s: float = 0.0, prompt: int = 256,
+                     news=(32, 96), lengths=(512, 8192), batch: int = 16) -> dict:
+  """Decode cost vs cache size at a fixed live length, per step and per call.
 
-  The same prompts decoded greedily into caches of each of `lengths` slots, with blockwise
-  live-length attention (the default `attn_block`) and with one dense pass over the whole
-  cache (`attn_block` >= S), all timed round-robin in this process. The ratio of the largest
-  to the smallest cache is what reading only live blocks buys; dense shows the old cost.
+  The same prompts [batch, prompt] decoded greedily through `sampling.decode` into caches of
+  each of `lengths` slots, with the cached attention the model picks for that length
+  (`auto`: dense for short caches, live blocks for long ones, `models.model.reads_live_blocks`)
+  and with one dense pass over the whole cache (`attn_block` >= S), all timed round-robin in
+  this process. Each is timed at two call lengths (`news` new tokens) and differenced: the
+  per-step cost is (t[n2] - t[n1]) / (n2 - n1) and the per-call fixed cost is what is left of
+  t[n1] (a whole-cache copy or convert per call shows there). Ratios: largest over smallest
+  cache, per step and per call of n1 tokens.
   """
   c = CONFIGS[name]
-  b = c["batch"]
+  b = batch or c["batch"]
   cfg = QwenConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
                    num_layers=c["layers"], num_heads=c["heads"], num_kv_heads=c["kv"],
                    head_dim=c["hidden"] // c["heads"])
-  params = qwen.unstack_layers(init_lib.init_params(cfg, jax.random.key(0)))
+  # Stacked params, as a user calls `sampling.prefill` / `decode`: the layout decode converts.
+  params = init_lib.init_params(cfg, jax.random.key(0))
   toks = jnp.asarray(np.random.RandomState(1).randint(0, c["vocab"], (b, prompt)), jnp.int32)
   mask = np.ones((b, prompt), bool)
-  max_new = jnp.full((b,), new, jnp.int32)
   greedy = sampling.SamplingParams(temperature=0.0)
   fns, outs = {}, {}
-  for mode, block in (("live", cfg.attn_block), ("dense", max(lengths))):
+  for mode, block in (("auto", cfg.attn_block), ("dense", max(lengths))):
     mcfg = cfg.replace(attn_block=block)
     for s in lengths:
-      def timed(mcfg=mcfg, s=s, tag=f"{mode}_{s}"):
-        state = jax.block_until_ready(sampling.prefill(mcfg, params, toks, mask, s))
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(sampling.decode(mcfg, params, state, max_new=max_new,
-                                                    sampling=greedy))
-        dt = time.perf_counter() - t0
-        outs[tag] = np.asarray(out.tokens[:, prompt:prompt + new])
-        return dt
-      timed()  # compile
-      fns[f"{mode}_{s}"] = timed
+      for new in news:
+        def timed(mcfg=mcfg, s=s, new=new, tag=f"{mode}_{s}_{new}"):
+          state = jax.block_until_ready(sampling.prefill(mcfg, params, toks, mask, s))
+          t0 = time.perf_counter()
+          out = jax.block_until_ready(sampling.decode(
+              mcfg, params, state, max_new=jnp.full((b,), new, jnp.int32), sampling=greedy))
+          dt = time.perf_counter() - t0
+          outs[tag] = np.asarray(out.tokens[:, prompt:prompt + min(news)])
+          return dt
+        timed()  # compile
+        fns[f"{mode}_{s}_{new}"] = timed
   t = interleaved_best(fns, repeats, idle_wait_s)
   lo, hi = min(lengths), max(lengths)
-  same = all((o == outs[f"live_{lo}"]).all() for o in outs.values())
+  n1, n2 = min(news), max(news)
+  step = {f"{m}_{s}": (t[f"{m}_{s}_{n2}"] - t[f"{m}_{s}_{n1}"]) / (n2 - n1)
+          for m in ("auto", "dense") for s in lengths}
+  fixed = {k: t[f"{k}_{n1}"] - n1 * v for k, v in step.items()}
+  same = all((o == outs[f"auto_{lo}_{n1}"]).all() for o in outs.values())
   return {
-      "config": name, "batch": b, "prompt": prompt, "new": new, "live_tokens_at_end":
-          prompt + new, "attn_block": cfg.attn_block,
-      "step_ms": {k: v / new * 1e3 for k, v in t.items()},
-      f"live_ratio_{hi}_over_{lo}": t[f"live_{hi}"] / t[f"live_{lo}"],
-      f"dense_ratio_{hi}_over_{lo}": t[f"dense_{hi}"] / t[f"dense_{lo}"],
+      "config": name, "batch": b, "prompt": prompt, "new": list(news), "lengths": list(lengths),
+      "attn_block": cfg.attn_block, "dense_max_blocks": qwen.DENSE_MAX_BLOCKS,
+      "auto_path": {str(s): "live" if qwen.reads_live_blocks(cfg, s, 1) else "dense"
+                    for s in lengths},
+      "call_ms": {k: v * 1e3 for k, v in t.items()},
+      "step_ms": {k: v * 1e3 for k, v in step.items()},
+      "call_fixed_ms": {k: v * 1e3 for k, v in fixed.items()},
+      f"step_ratio_{hi}_over_{lo}": step[f"auto_{hi}"] / step[f"auto_{lo}"],
+      f"call_ratio_{hi}_over_{lo}": t[f"auto_{hi}_{n1}"] / t[f"auto_{lo}_{n1}"],
+      f"dense_step_ratio_{hi}_over_{lo}": step[f"dense_{hi}"] / step[f"dense_{lo}"],
       "greedy_tokens_equal": bool(same),
   }
 
@@ -401,7 +415,8 @@ def main():
   ap.add_argument("--unroll", default="auto", choices=["auto", "yes", "no"])
   ap.add_argument("--compile_1p5b", action="store_true")
   ap.add_argument("--live_length", default="",
-                  help="config for the decode-step-vs-cache-size case (S = 8,192 vs 512)")
+                  help="config for the decode-vs-cache-size case (S = 8,192 vs 512, per step and "
+                  "per call)")
   ap.add_argument("--idle_wait_s", type=float, default=0.0,
                   help="shared machine: before each timed run wait up to this long for idle CPUs")
   args = ap.parse_args()

@@ -20,9 +20,33 @@ import numpy as np
 CONFIG_FILE = "config.json"
 
 
-
 class ConfigError(ValueError):
     """A config value that cannot run: `mar.main` reports it as one line and exits 1."""
+
+
+def cache_root() -> str:
+    """`$MAR_CACHE`, else `$XDG_CACHE_HOME/mar`, else `~/.cache/mar`."""
+    if os.environ.get("MAR_CACHE"):
+        return os.environ["MAR_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mar")
+
+
+# Programs that compile faster than this are not worth a cache entry (a read costs ~ms).
+COMPILE_CACHE_MIN_SECONDS = 0.2
+
+
+def enable_compilation_cache() -> str:
+    """JAX's persistent compilation cache in `<cache_root>/xla`, unless one is already set.
+
+    A second run of the same programs (the demo, replicate's arms, the tests) loads the compiled
+    executables instead of compiling them again. `JAX_COMPILATION_CACHE_DIR` (or an earlier
+    `jax_compilation_cache_dir`) wins. Returns the directory in use.
+    """
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    return jax.config.jax_compilation_cache_dir
 
 
 def common_config() -> ml_collections.ConfigDict:

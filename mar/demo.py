@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mar import config_utils
 from mar import models
 from mar.data import prompts, synthetic
 from mar.data.tiny_tokenizer import build_tiny_tokenizer
@@ -167,14 +168,6 @@ def _warm_start_seed(config) -> int:
   return config.model.demo.get("seed", config.seed)
 
 
-def cache_root() -> str:
-  """`$MAR_CACHE`, else `$XDG_CACHE_HOME/mar`, else `~/.cache/mar`."""
-  if os.environ.get("MAR_CACHE"):
-    return os.environ["MAR_CACHE"]
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "mar")
-
-
 def warm_start_key(config) -> str:
   """Hash of everything the demo folder depends on: warm-start config, task, M, seed."""
   d = config.model.demo.to_dict() if hasattr(config.model.demo, "to_dict") else dict(config.model.demo)
@@ -243,7 +236,7 @@ def ensure_demo_model(config, workdir: str) -> str:
   if os.path.isfile(os.path.join(legacy, "model.safetensors")):
     return legacy
   key = warm_start_key(config)
-  root = os.path.join(cache_root(), "demo_models")
+  root = os.path.join(config_utils.cache_root(), "demo_models")
   path = os.path.join(root, key)
   if verify_cached(path, key):
     logging.info("demo: warm-started model from the cache %s", path)

@@ -42,6 +42,7 @@ def main(argv):
 def run(config, workdir: str) -> None:
   """Trains or evaluates as `config.mode` says."""
   config_utils.split_comma_strings(config)
+  config_utils.enable_compilation_cache()  # a second run loads its programs, compiles none
   if config.get("distributed"):
     jax.distributed.initialize()
   logging.info("config:\n%s", config)

@@ -143,11 +143,21 @@ def _numeric_series(rows: Sequence[dict], key: str) -> tuple[list[int], list[flo
     return xs, ys
 
 
+# TensorBoard's default smoothing weight: the training plots' trend line.
+TRAINING_SMOOTHING = 0.6
+
+
 def _ema(ys: list[float], smoothing: float) -> list[float]:
-    out, acc = [], None
+    """TensorBoard's smoothing: an exponential moving average divided by its weights' sum
+    (1 - smoothing**n), so the first points are not pulled toward 0 or the first value.
+    Non-finite points are drawn as they are and left out of the average."""
+    out, acc, n = [], 0.0, 0
     for y in ys:
-        acc = y if acc is None else smoothing * acc + (1.0 - smoothing) * y
-        out.append(acc)
+        if not math.isfinite(y):
+            out.append(y)
+            continue
+        acc, n = smoothing * acc + (1.0 - smoothing) * y, n + 1
+        out.append(acc / (1.0 - smoothing**n))
     return out
 
 
@@ -155,8 +165,9 @@ def plot_training_curves(
     metrics_rows: Sequence[dict], keys: Sequence[str], out_path: str | os.PathLike,
     smoothing: float = 0.0,
 ) -> str | None:
-    """One panel per metric key vs step; with `smoothing` in (0, 1) the raw curve is faint
-    and an exponential moving average is drawn over it. Keys with no numbers are skipped."""
+    """One panel per metric key vs step; with `smoothing` in (0, 1) the raw points are faint
+    and TensorBoard's smoothed line (`_ema`) is drawn over them, so the trend shows through
+    the step-to-step noise. Keys with no numbers are skipped."""
     series = {k: _numeric_series(metrics_rows, k) for k in keys}
     series = {k: v for k, v in series.items() if v[0]}
     missing = [k for k in keys if k not in series]
@@ -167,8 +178,11 @@ def plot_training_curves(
     fig, axes = _grid(len(series), ncols=3, size=(4.2, 2.9))
     for ax, (key, (xs, ys)) in zip(axes, series.items()):
         if 0.0 < smoothing < 1.0:
-            ax.plot(xs, ys, color="C0", alpha=0.3, linewidth=1.0)
-            ax.plot(xs, _ema(ys, smoothing), color="C0", linewidth=1.8)
+            ax.plot(xs, ys, color="C0", alpha=0.3, linewidth=1.0,
+                    marker="." if len(xs) < 50 else None, label="raw")
+            ax.plot(xs, _ema(ys, smoothing), color="C0", linewidth=1.8,
+                    label=f"smoothed ({smoothing:g})")
+            ax.legend(fontsize="x-small")
         else:
             ax.plot(xs, ys, color="C0", linewidth=1.5, marker="." if len(xs) < 50 else None)
         ax.set_title(key)
@@ -190,15 +204,17 @@ def default_training_keys(metrics_rows: Sequence[dict], limit: int = 12) -> list
 
 
 def plot_all(workdir: str | os.PathLike, training_keys: Sequence[str] | None = None) -> list[str]:
-    """Writes training.png, attempts.png and passk.png under `<workdir>/plots` from the run's
-    metrics.jsonl and eval.jsonl (whichever exist); returns the paths written."""
+    """Writes training.png (raw points and a smoothed line), attempts.png and passk.png under
+    `<workdir>/plots` from the run's metrics.jsonl and eval.jsonl (whichever exist); returns
+    the paths written."""
     workdir = os.fspath(workdir)
     out = plots_dir(workdir)
     written = []
     metrics_rows = read_jsonl(os.path.join(workdir, METRICS_FILE))
     if metrics_rows:
         keys = list(training_keys) if training_keys else default_training_keys(metrics_rows)
-        written.append(plot_training_curves(metrics_rows, keys, os.path.join(out, "training.png")))
+        written.append(plot_training_curves(metrics_rows, keys, os.path.join(out, "training.png"),
+                                            smoothing=TRAINING_SMOOTHING))
     eval_file = report.eval_path(workdir)
     if os.path.exists(eval_file):
         rows = report.read_eval_rows(eval_file)

@@ -5,7 +5,6 @@ process (XLA reads the device count once); single-device code simply uses device
 Subprocesses that run `mar.main` get a clean XLA_FLAGS (see `testutil.subprocess_env`).
 """
 import os
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +14,9 @@ os.environ.setdefault("MAR_NO_PROGRESS", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
-# Subprocess runs of the trainer compile the same programs again: share compiled executables.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "mar_test_jax_cache"))
+
+# JAX's persistent compilation cache under $MAR_CACHE (as mar.main uses it): a second run of
+# the suite, and the trainer's subprocesses, load compiled executables instead of compiling.
+from mar import config_utils  # noqa: E402  (imports jax: after the environment above)
+
+config_utils.enable_compilation_cache()

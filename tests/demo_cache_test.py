@@ -1,14 +1,19 @@
 """The demo's warm-start cache: built once per (warm-start config, seed), verified on load."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
 from absl.testing import absltest
+import testutil
 
 from configs import demo as demo_config
 from configs import miniature
 from mar import demo
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(seed=0):
@@ -73,6 +78,42 @@ class DemoCacheTest(absltest.TestCase):
       self.assertEqual(tok.decode(row[t].tolist()), f"\\boxed{{{ex.answer}}}<|im_end|>")
       context = tok.decode(row[v & ~t].tolist())
       self.assertNotIn(f"\\boxed{{{ex.answer}}}", context)
+
+
+_COMPILE_TWICE = """
+import jax, jax.numpy as jnp
+from mar import config_utils
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+print(config_utils.enable_compilation_cache())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even tiny programs
+jax.jit(lambda x: jnp.sin(x) @ x.T + 1.5)(jnp.ones((8, 8))).block_until_ready()
+print(len(hits))
+"""
+
+
+class CompilationCacheTest(absltest.TestCase):
+
+  def _run(self, env):
+    out = subprocess.run([sys.executable, "-c", _COMPILE_TWICE], env=env, cwd=_REPO,
+                         check=True, capture_output=True, text=True, timeout=300).stdout.split()
+    return out[-2], int(out[-1])
+
+  def test_second_run_loads_from_mar_cache(self):
+    cache = tempfile.mkdtemp()
+    env = testutil.subprocess_env(MAR_CACHE=cache)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    self.assertEqual(self._run(env), (os.path.join(cache, "xla"), 0))  # compiled, stored
+    self.assertTrue(os.listdir(os.path.join(cache, "xla")))
+    where, hits = self._run(env)
+    self.assertEqual(where, os.path.join(cache, "xla"))
+    self.assertGreater(hits, 0)  # loaded, not compiled
+
+  def test_an_explicit_directory_wins(self):
+    own = tempfile.mkdtemp()
+    env = testutil.subprocess_env(MAR_CACHE=tempfile.mkdtemp(), JAX_COMPILATION_CACHE_DIR=own)
+    self.assertEqual(self._run(env)[0], own)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,22 @@ class LiveAttentionTest(parameterized.TestCase):
     self.assertTrue(np.isfinite(np.asarray(h_poisoned)).all())
     np.testing.assert_array_equal(np.asarray(h), np.asarray(h_poisoned))
 
+  def test_static_choice_of_path(self):
+    """Dense up to DENSE_MAX_BLOCKS blocks (and for prefill), live blocks beyond."""
+    cfg = QwenConfig.tiny("qwen3", vocab_size=64).replace(attn_block=8)
+    most_dense = qwen.DENSE_MAX_BLOCKS * 8
+    self.assertFalse(qwen.reads_live_blocks(cfg, most_dense, 1))
+    self.assertTrue(qwen.reads_live_blocks(cfg, most_dense + 1, 1))
+    self.assertFalse(qwen.reads_live_blocks(cfg, 4096, 4096))  # prefill: one dense pass
+    # A short cache takes the dense path: NaN past the live length reaches the output.
+    params = init_params(cfg, jax.random.key(1))
+    cache = _random_cache(cfg, 2, most_dense, seed=0)
+    cache = cache._replace(v=cache.v.at[:, :, :, 16:].set(jnp.nan))  # 0 * NaN in probs @ v
+    start = jnp.asarray([10, 13], jnp.int32)
+    args = (jnp.ones((2, 1), jnp.int32), start[:, None], jnp.ones((2, 1), bool))
+    h, _ = jax.jit(qwen.forward_cached, static_argnums=0)(cfg, params, *args, cache, start)
+    self.assertFalse(np.isfinite(np.asarray(h)).all())
+
   @parameterized.parameters("qwen2", "qwen3")
   def test_greedy_matches_hf_with_small_blocks(self, model_type):
     model, config, params = hf_tiny(model_type)

@@ -68,6 +68,16 @@ class PlotsTest(absltest.TestCase):
         none_path = os.path.join(self.workdir, "none.png")
         self.assertIsNone(plots.plot_training_curves(rows, ["absent"], none_path))
 
+    def test_smoothing_is_tensorboards_debiased_ema(self):
+        w = 0.6
+        got = plots._ema([2.0, 2.0, 4.0, float("nan"), 1.0], w)
+        self.assertAlmostEqual(got[0], 2.0)  # debiased: starts at the first point
+        self.assertAlmostEqual(got[1], 2.0)  # a constant stays constant
+        self.assertAlmostEqual(got[2], (w * w * 2 + w * 2 + 4) / (1 + w + w * w))
+        self.assertTrue(np.isnan(got[3]))  # drawn as is, left out of the average
+        acc = (w**3 * 2 + w**2 * 2 + w * 4 + 1) * (1 - w)
+        self.assertAlmostEqual(got[4], acc / (1 - w**4))
+
     def test_plot_all_from_workdir_files(self):
         with metrics.MetricsWriter(self.workdir) as w:
             for s in range(1, 21):

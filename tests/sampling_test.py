@@ -1,5 +1,6 @@
 """Sampler: greedy parity with HF generate, state semantics, and sampling statistics."""
 
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -10,6 +11,7 @@ import numpy as np
 from mar import sampling
 import testutil
 from mar.models import model as qwen
+from mar.sampling import sampler
 
 
 def chi_square_pvalue(observed, expected) -> float:
@@ -39,13 +41,31 @@ class GreedyParityTest(parameterized.TestCase):
     outs = []
     for unroll in (False, True):
       p = qwen.unstack_layers(params) if unroll else params
-      st = sampling.prefill(config, p, toks, mask, 64)
+      st = sampling.prefill(config, p, toks, mask, 64, per_layer=unroll)
       st = sampling.decode(config, p, st, max_new=24, sampling=sampling.SamplingParams(0.0),
                            unroll=unroll)
       outs.append((np.asarray(st.tokens), np.asarray(st.logprobs)))
       self.assertEqual(qwen.is_unstacked(st.cache.k), unroll)
     np.testing.assert_array_equal(outs[0][0], outs[1][0])
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+  def test_prefill_makes_the_decode_layout(self):
+    """Stacked params: the cache is per layer already, so unrolled decode converts none."""
+    _, config, params = testutil.hf_tiny("qwen2")
+    toks, mask = sampling.pad_prompts(testutil.prompts_for(), 32, 4)
+    st = sampling.prefill(config, params, toks, mask, 64)
+    self.assertTrue(qwen.is_unstacked(st.cache.k))
+    hlo = sampler._decode.lower(  # pylint: disable=protected-access
+        config, params, st, jnp.full((4,), 8, jnp.int32), None,
+        sampling=sampling.SamplingParams(0.0), stop_ids=(), check_every=1,
+        unroll=True).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    kv = {"f32[4,%d,%d,64]" % (config.num_kv_heads, config.head_dim),  # keys [B, K, Dh, S]
+          "f32[4,%d,64,%d]" % (config.num_kv_heads, config.head_dim)}  # values [B, K, S, Dh]
+    ops = re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} ([\w-]+)\(", entry)
+    # Outside the loop a layer's cache is only passed in and out: never copied or transposed.
+    self.assertTrue({op for shape, op in ops if shape in kv} <= {"parameter", "get-tuple-element",
+                                                                  "bitcast"}, ops)
 
   def test_stop_ids_match_hf_eos(self):
     model, config, params = testutil.hf_tiny("qwen3")

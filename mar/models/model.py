@@ -199,6 +199,20 @@ class LiveSlots(NamedTuple):
   n_blocks: jax.Array
 
 
+# A cache of at most this many blocks is read in one dense pass. The live-block loop pays a
+# fixed cost per block (slices, online-softmax rescaling, a loop trip), which on short caches
+# outweighs the slots it skips (CPU, S = 512: the live step cost 1.2x the dense one).
+DENSE_MAX_BLOCKS = 4
+
+
+def reads_live_blocks(config: QwenConfig, cache_len: int, t: int) -> bool:
+  """Static choice of the cached attention path: live blocks for a long cache, else dense.
+
+  Prefill into a cache of its own length (t == cache_len) is always one dense pass.
+  """
+  return t < cache_len and cache_len > DENSE_MAX_BLOCKS * config.attn_block
+
+
 def live_slots(config: QwenConfig, valid: jax.Array, q_slots: jax.Array) -> LiveSlots:
   s, bs = valid.shape[1], config.attn_block
   live = jnp.minimum(jnp.max(q_slots) + 1, s)
@@ -356,14 +370,22 @@ def _layer_params(layers, i: int) -> dict:
   return layers[i] if is_unstacked(layers) else jax.tree.map(lambda a: a[i], layers)
 
 
+# Stacked layers of a model this shallow run unrolled too: a scan's per-layer weight slices and
+# its stacked residuals (zero-filled [L, ...] buffers, written and read per layer) cost more
+# than the compile time it saves (CPU, the demo's 2-layer GRPO update: ~15 % of its time).
+UNROLL_MAX_LAYERS = 4
+
+
 def _run_layers(config: QwenConfig, params, x, rope_cs, mask, kv=None, slots=None):
   """All decoder layers; kv = (k, v) of the cache or None. Returns (x, kv).
 
-  Scans when the layers and the cache are stacked; otherwise runs an unrolled loop
-  (per-layer tuples are read in place, stacked ones by static slices).
+  Scans when the layers and the cache are stacked and there are more than
+  `UNROLL_MAX_LAYERS`; otherwise runs an unrolled loop (per-layer tuples are read in place,
+  stacked ones by static slices).
   """
   layers = params["layers"]
-  unrolled = is_unstacked(layers) or (kv is not None and is_unstacked(kv[0]))
+  unrolled = (is_unstacked(layers) or (kv is not None and is_unstacked(kv[0]))
+              or config.num_layers <= UNROLL_MAX_LAYERS)
   layer_fn = _layer
   if config.remat:
     layer_fn = jax.checkpoint(_layer, static_argnums=(0,), prevent_cse=False)
@@ -475,9 +497,10 @@ def forward_cached(
   Writes the valid tokens' k/v at slots start[b] + (0..T-1) in place and marks them valid;
   invalid tokens (padding, finished rows) write nothing, and slots >= S are dropped, so a
   padded or finished row never disturbs its cache. Each query attends to valid slots at or
-  before its own slot. When the cache holds more than `config.attn_block` slots and more
-  than T, attention reads it in blocks only up to the batch's largest query slot (the live
-  length, start + T), so a step's cost follows the live tokens, not S.
+  before its own slot. When the cache holds more than `DENSE_MAX_BLOCKS` blocks of
+  `config.attn_block` slots and more than T (`reads_live_blocks`, static), attention reads it
+  in blocks only up to the batch's largest query slot (the live length, start + T), so a
+  step's cost follows the live tokens, not S; shorter caches take one dense pass.
   Returns (final-normed hidden [B, T, D], updated cache).
   Works with stacked or per-layer (`unstack_layers`, tuple `KVCache.k/v`) layouts.
   """
@@ -486,9 +509,9 @@ def forward_cached(
   slots = start[:, None] + jnp.arange(t, dtype=start.dtype)[None]  # [B, T]
   write_slots = jnp.where(token_valid.astype(bool), slots, s)
   valid = set_at_slots(cache.valid, write_slots, True)
-  if s > config.attn_block and t < s:  # decode and appends: read the live blocks only
+  if reads_live_blocks(config, s, t):  # decode and appends into a long cache
     mask = live_slots(config, valid, slots)
-  else:  # prefill into a cache of its own length: one dense pass
+  else:  # prefill, or a short cache: one dense pass
     mask = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
   rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x = _embed(config, params, tokens)

@@ -19,7 +19,7 @@ XLA copies the per-layer dynamic slices a scan over stacked weights makes, every
 CPU and on GPU alike (H100, Qwen2.5-1.5B shapes, batch 64: 12.1k tok/s scanned, 25.4k
 unrolled; bench/accelerator.py). Pass params already unstacked to skip the per-call
 conversion copy; the cache comes back in the layout it came in (prefill makes it per-layer
-when the params are).
+unless told otherwise, so decode converts no cache).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _rows(x, b: int, dtype=jnp.int32) -> jax.Array:
 # ----- prefill -------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "per_layer"))
 def prefill(
     config: QwenConfig,
     params,
@@ -88,12 +88,16 @@ def prefill(
     *,
     key: Any = 0,
     stop_predicate: StopPredicate | None = None,
+    per_layer: bool | None = None,
 ) -> SamplerState:
   """Runs the prompts [B, P] (left-padded, mask [B, P]) into a fresh cache of S = cache_len.
 
   pos = P for every row, rope_pos = number of real tokens, logits = after the last real
   token. With `stop_predicate`, stop_state holds its state (so the SamplerState keeps one
   pytree structure across decode calls, e.g. as a scan carry).
+  The cache is made in the layout decode runs in: per layer (`per_layer` None: when the params
+  are per layer or decode unrolls by default), else stacked. A stacked cache would be
+  converted to per layer and back by every unrolled decode call: two whole-cache copies.
   """
   b, p = prompt_tokens.shape
   if cache_len < p:
@@ -101,7 +105,9 @@ def prefill(
   mask = prompt_mask.astype(bool)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   cache = qwen.init_cache(config, b, p)
-  if qwen.is_unstacked(params["layers"]):
+  if per_layer is None:
+    per_layer = qwen.is_unstacked(params["layers"]) or _default_unroll()
+  if per_layer:
     cache = qwen.unstack_cache(cache)
   positions = qwen.default_positions(mask)
   h, cache = qwen.forward_cached(config, params, prompt_tokens, positions, mask, cache,

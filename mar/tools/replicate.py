@@ -257,15 +257,6 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _enable_compile_cache() -> None:
-  import jax
-  from mar import demo
-
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(demo.cache_root(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv):
   del argv
   root, seeds = _WORKDIR.value, [int(s) for s in _SEEDS.value]
@@ -276,7 +267,9 @@ def main(argv):
     raise app.UsageError(f"--arms: unknown {bad}; expected some of {known}")
   os.makedirs(root, exist_ok=True)
   if _COMPILE_CACHE.value:
-    _enable_compile_cache()
+    from mar import config_utils  # imports jax: after the flags are parsed
+
+    config_utils.enable_compilation_cache()
   if _SUITE.value == "miniature" and not _REPORT_ONLY.value:
     runs = run_miniature(root, arms, seeds, _TINY.value, _SET.value)
   else:

@@ -228,7 +228,7 @@ class ConfigUtilsTest(absltest.TestCase):
         with open(path) as f:
             saved = json.load(f)
         self.assertEqual(saved["checkpoint"]["every_steps"], 9)
-        self.assertEqual(saved["mesh"], {"data": -1, "fsdp": 1, "tensor": 1})
+        self.assertEqual(saved["mesh"], {"data": -1, "fsdp": 1, "tensor": 1, "hbm_fraction": 0.9})
 
     def test_check_paths_names_key_and_path(self):
         c = config_utils.common_config()

@@ -19,6 +19,7 @@ import jax
 
 from configs import lte_qwen, multi_attempt_qwen
 from mar import parallel
+from mar.models import model as qwen
 from mar.models.config import PRESETS, QwenConfig
 from mar.tools import compiled_memory as cm
 from mar.tools import fit
@@ -38,7 +39,10 @@ def _small(config_module, tensor: int = 1):
 
 
 def _model(model_type: str) -> QwenConfig:
-  return QwenConfig.tiny(model_type, vocab_size=256).replace(num_layers=2)
+  # One layer more than the models that run unrolled: the layers are scanned, as at the paper
+  # shapes, so per-layer collectives are counted in the scan body.
+  return QwenConfig.tiny(model_type, vocab_size=256).replace(
+      num_layers=qwen.UNROLL_MAX_LAYERS + 1)
 
 
 class CompiledRolloutTest(parameterized.TestCase):

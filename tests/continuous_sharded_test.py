@@ -30,13 +30,10 @@ _FIELDS = ("tokens", "valid", "action_mask", "feedback_mask", "attempt_id", "rew
 
 def _child() -> dict:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from mar import models  # pylint: disable=g-import-not-at-top
-  from mar.data.tiny_tokenizer import build_tiny_tokenizer  # pylint: disable=g-import-not-at-top
-  from mar.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from mar.models import sharding  # pylint: disable=g-import-not-at-top
   from mar.sampling import generation  # pylint: disable=g-import-not-at-top
   import testutil  # pylint: disable=g-import-not-at-top
@@ -59,9 +56,7 @@ def _child() -> dict:
     for rows in (len(prompts), 3):
       out[f"single_t{temperature}_rows{rows}"] = compare(ref, run(placed, rows))
 
-  d = tempfile.mkdtemp()
-  build_tiny_tokenizer(d)
-  tok = Tokenizer.from_dir(d)
+  tok = testutil.tiny_tokenizer()
   cfg = models.QwenConfig.tiny("qwen3", vocab_size=tok.vocab_size)
   p0 = models.init_params(cfg, jax.random.PRNGKey(0))
   ref = testutil.engine_multi_attempt_sampled(cfg, p0, tok, rows=6)
@@ -99,17 +94,13 @@ class DataSplitTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     # pylint: disable=g-import-not-at-top
-    import tempfile
     import jax
     from mar import models
-    from mar.data.tiny_tokenizer import build_tiny_tokenizer
-    from mar.data.tokenizer import Tokenizer
     from mar.models import sharding
+    import testutil
     # pylint: enable=g-import-not-at-top
     cls.mesh = sharding.make_mesh(8, 1, 1)
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
+    cls.tok = testutil.tiny_tokenizer()
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 

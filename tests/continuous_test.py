@@ -1,7 +1,6 @@
 """The continuous rollout engine: schedule-independent results, HF parity, multi-attempt semantics."""
 
 import functools
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -11,8 +10,7 @@ import numpy as np
 
 from mar import models, sampling
 from mar.data import prompts
-from mar.data.tiny_tokenizer import build_tiny_tokenizer
-from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.data.tokenizer import feedback_table
 from mar.lte import hints
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
@@ -76,9 +74,7 @@ class MultiAttemptTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
+    cls.tok = testutil.tiny_tokenizer()
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
@@ -210,9 +206,7 @@ class RunnerTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
+    cls.tok = testutil.tiny_tokenizer()
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 

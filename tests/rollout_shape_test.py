@@ -5,7 +5,6 @@ For every variant of every config in configs/, `setup.make_runner` (what trainin
 prompt widths and cache length `mar.rollout.shape.rollout_shape` gives.
 """
 
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,12 +12,12 @@ import jax
 
 from configs import demo, grpo_qwen, hybrid_qwen, lte_qwen, miniature, multi_attempt_qwen, ppo_qwen
 from mar import parallel, setup
-from mar.data.tiny_tokenizer import build_tiny_tokenizer
-from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.data.tokenizer import feedback_table
 from mar.models.config import QwenConfig
 from mar.rollout import shape as shape_lib
 from mar.tools import compiled_memory as cm
 from mar.tools import memory_plan as pm
+import testutil
 
 VARIANTS = (
     [(demo, v) for v in (None, "single", "hybrid", "lte")]
@@ -39,9 +38,7 @@ class RolloutShapeTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
+    cls.tok = testutil.tiny_tokenizer()
     cls.model = QwenConfig.tiny("qwen2", vocab_size=cls.tok.vocab_size).replace(num_layers=1)
 
   def test_every_config_agrees(self):

@@ -1,7 +1,6 @@
 """The multi-attempt rollout driven by a scripted policy: dialogue text, masks, rewards, calls."""
 
 import functools
-import tempfile
 
 from absl.testing import absltest
 import jax
@@ -10,8 +9,7 @@ import numpy as np
 
 from mar import models, sampling
 from mar.data import prompts
-from mar.data.tiny_tokenizer import build_tiny_tokenizer
-from mar.data.tokenizer import Tokenizer, feedback_table
+from mar.data.tokenizer import feedback_table
 from mar.lte import hints
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
@@ -27,9 +25,7 @@ class _TinyModel(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    d = tempfile.mkdtemp()
-    build_tiny_tokenizer(d)
-    cls.tok = Tokenizer.from_dir(d)
+    cls.tok = testutil.tiny_tokenizer()
     cls.cfg = models.QwenConfig.tiny("qwen3", vocab_size=cls.tok.vocab_size)
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 

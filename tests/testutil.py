@@ -17,7 +17,8 @@ from mar import demo
 from mar import models
 from mar import sampling
 from mar.data import prompts
-from mar.data.tokenizer import feedback_table
+from mar.data.tiny_tokenizer import build_tiny_tokenizer
+from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.rollout import continuous
 from mar.rollout import multi_attempt as ma
 from mar.rollout.host import AttemptVerifier
@@ -93,6 +94,13 @@ def replayable_metrics(row: dict) -> dict:
 
 
 # ------------------------------------------------- models and HF references
+
+
+def tiny_tokenizer() -> Tokenizer:
+  """The tiny byte-level BPE tokenizer (`mar.data.tiny_tokenizer`), built in a temp folder."""
+  d = tempfile.mkdtemp()
+  build_tiny_tokenizer(d)
+  return Tokenizer.from_dir(d)
 
 def hf_tiny(model_type: str, seed: int = 0):
   """A random tiny HF model (f32) and the same weights loaded into mar."""

@@ -342,18 +342,24 @@ def memory_figures(compiled) -> dict:
       "alias_size_in_bytes", "peak_memory_in_bytes")}
 
 
-def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdate]:
-  """Lowers and compiles the learner's jitted update step(s) of `config` on `mesh` (the
-  training layout, `config.mesh`) from shapes: f32 params and optimizer states placed as
-  `parallel.TrainShardings` places them, one mini-batch of `update_shape`."""
+def _learner_program(config, model: QwenConfig, mesh: Mesh):
+  """(model config, learner, update shape, f32 policy shapes placed as the learner places
+  them) for compiling the learner's programs from shapes."""
   from mar import setup  # pylint: disable=g-import-not-at-top
 
   cfg = program_model(config, model)
   rules = parallel.rules_from_config(config)
   learner = setup.make_learner(config, cfg, mesh, rules)
   us = update_shape(config, parallel.batch_shards(mesh, rules))
-  sh = learner.shardings
-  policy = _sharded(_f32(param_shapes(cfg)), sh.params)
+  return cfg, learner, us, _sharded(_f32(param_shapes(cfg)), learner.shardings.params)
+
+
+def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdate]:
+  """Lowers and compiles the learner's jitted update step(s) of `config` on `mesh` (the
+  training layout, `config.mesh`) from shapes: f32 params and optimizer states placed as
+  `parallel.TrainShardings` places them, one mini-batch of `update_shape`."""
+  cfg, learner, us, policy = _learner_program(config, model, mesh)
+  rules, sh = parallel.rules_from_config(config), learner.shardings
   if config.method == "ppo":
     batch = ppo_batch(learner, us, mesh, rules)
     actor, critic_fn = ((learner.packed_updates(us.micro_rows)) if us.packed else
@@ -380,14 +386,8 @@ def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
   """Compiles the learner's scoring of a whole step's batch (one program before the
   updates): PPO's pi_old / pi_ref log-probs, values and advantages (`score_packed` /
   `score`); GRPO / LTE's log-probs of every sequence (`packed_logprobs` / `logprobs`)."""
-  from mar import setup  # pylint: disable=g-import-not-at-top
-
-  cfg = program_model(config, model)
-  rules = parallel.rules_from_config(config)
-  learner = setup.make_learner(config, cfg, mesh, rules)
-  us = update_shape(config, parallel.batch_shards(mesh, rules))
-  sh = learner.shardings
-  policy = _sharded(_f32(param_shapes(cfg)), sh.params)
+  cfg, learner, us, policy = _learner_program(config, model, mesh)
+  rules, sh = parallel.rules_from_config(config), learner.shardings
   rows = us.rows * us.mini_batches if us.packed else us.sequences
   if config.method == "ppo":
     n, s = us.sequences, us.seq_len

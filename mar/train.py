@@ -32,6 +32,7 @@ from mar import setup
 from mar.lte import hints
 from mar.lte import step as lte_step
 from mar.rollout import schedule
+from mar.rollout.runner import select_rows
 
 
 # ----- state -------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _dynamic_groups(config, run, params, answers, plain, g, key):
              "dapo/groups_consumed": float(cutoff),
              "dapo/informative_groups": float(len(chosen))}
   rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
-  return groups, lte_step.select_rows(first, rows), metrics
+  return groups, select_rows(first, rows), metrics
 
 
 def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
@@ -161,7 +162,6 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   answers = [ex.answer for ex in examples]
   plain = [hints.plain_prompt(q) for q in questions]
   key_a, key_b = jax.random.split(step_key(config, step))
-  dapo_metrics = {}
   with timer("sample"):
     if cfg.dynamic_sampling:
       groups, first, dapo_metrics = _dynamic_groups(config, run, state["policy"], answers,

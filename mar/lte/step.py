@@ -67,12 +67,6 @@ def first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
   return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
 
 
-def select_rows(host: HostEpisodes, rows) -> HostEpisodes:
-  """The host view of `rows` (indices), in that order."""
-  pick = lambda v: [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
-  return HostEpisodes(*(pick(getattr(host, f.name)) for f in dataclasses.fields(host)))
-
-
 def logprobs(run, params, tokens, valid) -> np.ndarray:
   """The learner's log-probs of this host's rows (a program over all hosts' rows; packed
   rows of real tokens unless train.pack_len is 0)."""

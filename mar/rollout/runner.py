@@ -45,6 +45,12 @@ class HostEpisodes:
   logprobs: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
+def select_rows(host: HostEpisodes, rows) -> HostEpisodes:
+  """The host view of `rows` (indices), in that order."""
+  pick = lambda v: [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
+  return HostEpisodes(*(pick(getattr(host, f.name)) for f in dataclasses.fields(host)))
+
+
 _unstack = jax.jit(qwen.unstack_layers)  # no donation: a no-op reshard returns the input
 
 
@@ -312,10 +318,7 @@ class RolloutRunner:
       out = self.run_host(params, [prompts[i] for i in order], [answers[i] for i in order],
                           key, [n_attempts[i] for i in order], _sorted=True)
       back = np.argsort(order)
-      return HostEpisodes(*(
-          [v[i] for i in back] if isinstance(v, list) else np.asarray(v)[back]
-          for v in (out.responses, out.texts, out.answers, out.correct, out.truncated,
-                    out.reward, out.logprobs)))
+      return select_rows(out, back)
     chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
     parts, pending = [], None
     for c, (lo, hi) in enumerate(chunks):

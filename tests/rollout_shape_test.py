@@ -1,7 +1,7 @@
 """One rollout shape for the trainer, the planner and the compiled programs (issue 24).
 
 For every variant of every config in configs/, `setup.make_runner` (what training runs),
-`plan_memory.plan` and `compiled_memory.rollout_shape` / `update_shape` must see the rows,
+`memory_plan.plan` and `compiled_memory.rollout_shape` / `update_shape` must see the rows,
 prompt widths and cache length `mar.rollout.shape.rollout_shape` gives.
 """
 

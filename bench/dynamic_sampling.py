@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from configs import demo as demo_config  # noqa: E402
+from mar import algorithms
 from mar import setup, train  # noqa: E402
 from mar.lte import hints  # noqa: E402
 from mar.rollout import schedule  # noqa: E402
@@ -139,13 +140,13 @@ def main(argv=None):
   config.mesh.update(dict(data=1, fsdp=1, tensor=1))
   run = setup.build_run(config, tempfile.mkdtemp())
   params = run.params
-  per = train.examples_per_step(config)
+  per = algorithms.family(config).examples_per_step(config)
   totals = {m: {} for m in ("in_engine", "regenerate")}
   started = time.perf_counter()
   for w in range(args.windows):
     idx = train.data_indices(config, len(run.train_data), w * per, per)
     examples = [run.train_data[i] for i in idx]
-    key = train.step_key(config, w)
+    key = algorithms.common.step_key(config, w)
     for name, fn in (("in_engine", in_engine), ("regenerate", regenerate)):
       r = fn(run, params, examples, args.group, args.prompts, key, args.rows, config)
       for k, v in r.items():

@@ -38,6 +38,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import demo as demo_config  # noqa: E402
+from mar import algorithms
 from mar import demo, setup, train  # noqa: E402
 from mar.lte import hints  # noqa: E402
 from mar.verify import equivalence, extract  # noqa: E402
@@ -111,13 +112,13 @@ def trace_summary(trace_dir: str, steps: int, top: int = 15) -> dict:
 def bench_mar(model_path: str, pack_len: int, profile_dir: str = "") -> dict:
   config = grpo_config(model_path, pack_len)
   run = setup.build_run(config, tempfile.mkdtemp())
-  state = train.init_state(config, run)
+  state = algorithms.family(config).init_state(config, run)
   rows = []
   for step in range(STEPS):
     if profile_dir and step == FIRST_TIMED:
       jax.profiler.start_trace(profile_dir)
     t0 = time.perf_counter()
-    state, m = train.group_iteration(config, run, state, step_prompts(config, run, step), step)
+    state, m = algorithms.group.iteration(config, run, state, step_prompts(config, run, step), step)
     total = time.perf_counter() - t0
     if profile_dir and step == FIRST_TIMED + PROFILED - 1:
       jax.profiler.stop_trace()

@@ -1,23 +1,19 @@
-"""Rollout scheduling: the continuous engine against today's static batches.
+"""Rollout scheduling: the engine's scheduler against static batches, in decode steps.
 
-`python bench/rollout.py --scripted` (counts only, seconds on a CPU) draws the two workloads of
+`python bench/rollout.py` (counts only, seconds on a CPU) draws the two workloads of
 issue 15 with seed 0, runs the continuous engine's own scheduler (`mar.rollout.schedule`, the
 loop the real engine runs, with the model replaced by scripted lengths) at B = 256 rows, and
 prints one JSON object; for each of `grpo` and `multi_attempt`:
 
   rows, sequences, tokens (sampled, stop tokens included), decode_steps (the engine's),
   ideal_steps (first-in-first-out continuous schedule with free prefill, verification and
-  feedback), static_steps (today's engine: sequential chunks of B, each waiting for its
+  feedback), static_steps (a static engine: sequential chunks of B, each waiting for its
   longest; multi-attempt turns each waiting for the longest live row), slot_utilization
   (tokens / (rows x decode_steps)), prefill_rows, prefill_calls, checks.
 
-`python bench/rollout.py` (timed, minutes on a CPU) runs the same two workloads with lengths
-divided by `--scale` on a randomly initialised medium model (bench/sampler.py's "medium"), old
-engine (`multi_attempt.rollout` in chunks of B) against the continuous engine, in one process:
-tokens are sampled from the model (temperature 1) and each attempt is stopped at its scripted
-length, so every decode step costs what a real one costs; verdicts come from the workload's
-table through a host callback. Prints per workload: decode steps, utilisation, wall seconds
-(compile excluded: each program runs once to compile, then timed), and old / new ratios.
+The static engine those counts compare with (one program per chunk of B rows, a scan over
+turns) left the library with issue 25; its wall-time comparison on the medium model, measured
+before then, stays in bench/results/cpu_rollout.json.
 """
 
 from __future__ import annotations
@@ -88,7 +84,7 @@ def ideal_steps(busy: list[int], rows: int) -> int:
 
 
 def static_steps(attempts: list[list[int]], rows: int) -> int:
-  """Today's engine: chunks of `rows` episodes; each turn waits for its longest live row."""
+  """A static engine (the library's before issue 15): chunks of `rows` episodes; each turn waits for its longest live row."""
   total = 0
   for lo in range(0, len(attempts), rows):
     chunk = attempts[lo:lo + rows]
@@ -127,141 +123,6 @@ def scripted(rows: int = ROWS, seed: int = 0, refill_rows: int | None = None,
   return out
 
 
-# ----- the timed run: real forward passes, scripted lengths ------------------------------------
-
-
-MEDIUM = dict(vocab_size=8192, hidden_size=768, intermediate_size=2048, num_layers=8,
-              num_heads=12, num_kv_heads=4, head_dim=64)
-PROMPT_LEN = 64
-
-
-class TableVerifier:
-  """Verdicts from a workload table [Q, M]: the old engine's per-turn callback and the new one's."""
-
-  def __init__(self, verdicts):
-    self.verdicts = np.asarray(verdicts, bool)
-    self.offset = 0  # the old engine's chunk: example ids are chunk rows
-    self.stalled = 0.0
-
-  def __call__(self, example_ids, tokens, start, end, live, turn=0):
-    ids = np.asarray(example_ids) + self.offset
-    ok = self.verdicts[np.minimum(ids, len(self.verdicts) - 1), int(turn)]
-    return ok & live, live.copy()
-
-  def verify_rows(self, seq_ids, tokens, start, end, live, turns):
-    ok = self.verdicts[np.asarray(seq_ids), np.minimum(np.asarray(turns), self.verdicts.shape[1] - 1)]
-    return ok & live, live.copy()
-
-
-def scaled(w: dict, scale: float) -> dict:
-  lengths = np.maximum(np.round(w["lengths"] / scale), 1).astype(np.int32)
-  return dict(w, lengths=lengths, budget=max(1, int(round(w["budget"] / scale))))
-
-
-def timed(rows: int, n: int, scale: float, seed: int = 0, feedback_len: int = 8) -> dict:
-  """Old engine vs continuous engine on the medium model; see the module docstring."""
-  import functools  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mar import sampling  # pylint: disable=g-import-not-at-top
-  from mar.models import init as init_lib  # pylint: disable=g-import-not-at-top
-  from mar.models import model as qwen  # pylint: disable=g-import-not-at-top
-  from mar.models.config import QwenConfig  # pylint: disable=g-import-not-at-top
-  from mar.rollout import continuous  # pylint: disable=g-import-not-at-top
-  from mar.rollout import multi_attempt as ma  # pylint: disable=g-import-not-at-top
-  from mar.sampling import refill  # pylint: disable=g-import-not-at-top
-
-  cfg = QwenConfig(model_type="qwen3", **MEDIUM)
-  params = qwen.unstack_layers(init_lib.init_params(cfg, jax.random.key(seed)))
-  rng = np.random.default_rng(seed)
-  out = {"rows": rows, "sequences": n, "scale": scale, "model": MEDIUM,
-         "device": jax.devices()[0].device_kind}
-  temp = sampling.SamplingParams(temperature=1.0)
-  for name, w in (("grpo", grpo_workload(seed, n)), ("multi_attempt",
-                                                      multi_attempt_workload(seed, n))):
-    w = scaled(w, scale)
-    m, budget = w["max_attempts"], w["budget"]
-    lengths = jnp.asarray(w["lengths"])
-    plen = rng.integers(PROMPT_LEN // 4, PROMPT_LEN + 1, n)
-    ptoks = rng.integers(1, cfg.vocab_size, (n, PROMPT_LEN)).astype(np.int32)
-    pmask = np.arange(PROMPT_LEN)[None] >= (PROMPT_LEN - plen)[:, None]
-    fb_t = np.full((m, feedback_len), 7, np.int32)
-    fb_l = np.array([0] + [feedback_len] * (m - 1), np.int32)
-    spec = ma.RolloutSpec(m, budget, ma.cache_len_for(PROMPT_LEN, budget, m, feedback_len),
-                          temp, stop_ids=())
-    verifier = TableVerifier(w["verdicts"])
-    vfn = None if m == 1 else verifier
-    counter = sampling.StopPredicate(
-        (), lambda t, b: jnp.zeros((b,), jnp.int32), lambda t, s, tok, live: (s, live & False),
-        "count")
-
-    decode = sampling.decode
-
-    def forced_decode(table, config, params, state, *, max_new, sampling, stop_ids,  # pylint: disable=redefined-outer-name
-                      stop_predicate, check_every):
-      del stop_ids, stop_predicate, check_every
-      b = state.pos.shape[0]
-      turn = jnp.minimum(state.stop_state, m - 1)
-      lim = jnp.where(max_new > 0, jnp.minimum(max_new, table[jnp.arange(b), turn]), 0)
-      st = decode(config, params, state, max_new=lim, sampling=sampling)
-      return st._replace(stop_state=state.stop_state + (max_new > 0).astype(jnp.int32))
-
-    old = jax.jit(lambda params, table, *a: ma.rollout(
-        cfg, params, spec, counter, vfn, *a, decode_fn=functools.partial(forced_decode, table)))
-
-    def choose(logits, keys, ctl):
-      tok, lp = refill.sample_rows(logits, keys, temp)
-      q = jnp.minimum(ctl.seq, n - 1)
-      return tok, lp, ctl.num_new + 1 >= lengths[q, jnp.minimum(ctl.attempt, m - 1)]
-
-    espec = continuous.EngineSpec(spec, rows=rows)
-    new = jax.jit(lambda params, *a: continuous.rollout(
-        cfg, params, espec, None, vfn, *a, choose_fn=choose))
-    attempts = jnp.asarray(w["n_attempts"])
-
-    def run_old():
-      for c, lo in enumerate(range(0, n, rows)):
-        verifier.offset = lo
-        sl = slice(lo, lo + rows)
-        ep = old(params, lengths[sl], ptoks[sl], pmask[sl], attempts[sl],
-                 jnp.arange(rows, dtype=jnp.int32), fb_t, fb_l, jax.random.key(c))
-        jax.block_until_ready(ep)
-
-    def run_new():
-      return jax.block_until_ready(new(params, ptoks, pmask, attempts, fb_t, fb_l,
-                                       jax.random.key(0)))
-
-    t0 = time.perf_counter()
-    run_old()
-    t1 = time.perf_counter()
-    run_old()
-    t2 = time.perf_counter()
-    run_new()
-    t3 = time.perf_counter()
-    _, stats = run_new()
-    t4 = time.perf_counter()
-    stats = {k: int(v) for k, v in jax.device_get(stats).items()}
-    attempts_made = episode_attempts(w)
-    tokens = sum(map(sum, attempts_made))
-    static = static_steps(attempts_made, rows)
-    out[name] = {
-        "tokens": tokens, "lengths_median": float(np.median(w["lengths"][:, 0])),
-        "budget": budget,
-        "old": {"decode_steps": static, "slot_utilization": round(tokens / (rows * static), 4),
-                "wall_s": round(t2 - t1, 2), "first_call_s": round(t1 - t0, 2)},
-        "new": {"decode_steps": stats["decode_steps"],
-                "slot_utilization": round(stats["sampled"] / (rows * stats["decode_steps"]), 4),
-                "prefill_rows": stats["prefill_rows"], "prefill_calls": stats["prefill_calls"],
-                "wall_s": round(t4 - t3, 2), "first_call_s": round(t3 - t2, 2)},
-        "ideal_steps": ideal_steps([sum(a) for a in attempts_made], rows),
-    }
-    out[name]["wall_ratio_old_new"] = round((t2 - t1) / max(t4 - t3, 1e-9), 2)
-    out[name]["step_ratio_old_new"] = round(static / stats["decode_steps"], 2)
-    print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
-  return out
-
-
 def verify_every_sweep(rows: int = ROWS, seed: int = 0, ks=(1, 2, 4, 8, 16, 32)) -> dict:
   """Multi-attempt: decode steps and verification callbacks against the check interval k."""
   w = multi_attempt_workload(seed)
@@ -278,22 +139,16 @@ def verify_every_sweep(rows: int = ROWS, seed: int = 0, ks=(1, 2, 4, 8, 16, 32))
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scripted", action="store_true", help="counts only (no model, no timing)")
+  parser.add_argument("--scripted", action="store_true", help="accepted for old command lines")
   parser.add_argument("--rows", type=int, default=ROWS)
   parser.add_argument("--k_sweep", action="store_true",
                       help="with --scripted: multi-attempt counts against verify_every")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--sequences", type=int, default=64, help="timed run: queue length")
-  parser.add_argument("--timed_rows", type=int, default=16, help="timed run: rows B")
-  parser.add_argument("--scale", type=float, default=30.0, help="timed run: lengths / scale")
   args = parser.parse_args(argv)
-  if args.scripted:
-    out = scripted(args.rows, args.seed)
-    if args.k_sweep:
-      out["multi_attempt"]["verify_every_sweep"] = verify_every_sweep(args.rows, args.seed)
-    print(json.dumps(out))
-    return
-  print(json.dumps(timed(args.timed_rows, args.sequences, args.scale, args.seed)))
+  out = scripted(args.rows, args.seed)
+  if args.k_sweep:
+    out["multi_attempt"]["verify_every_sweep"] = verify_every_sweep(args.rows, args.seed)
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@
   python bench/train_step.py --configs=tiny --repeats=5
   python bench/train_step.py --reshard                 # + layout change cost on 8 CPU devices
   python bench/train_step.py --configs= --host_fraction  # host share of demo trainer steps
-  python bench/train_step.py --configs= --engines  # demo step, static vs continuous engine
   python bench/train_step.py --configs= --packing        # padding of packed batches, paper mix
 
 Prints one JSON object. For each config (Qwen2 shapes below; batch x sequence stated in the
@@ -42,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mar import algorithms
 from mar.models import hf_io  # noqa: E402
 from mar.models.config import QwenConfig  # noqa: E402
 from mar.rl import grpo, optim, ppo, scoring  # noqa: E402
@@ -377,8 +377,8 @@ def planner_check(name: str) -> dict:
 def host_fraction(steps: int = 6) -> dict:
   """Share of a trainer step's wall time in which the device waited for the host.
 
-  Runs `train.ppo_iteration` (multi-attempt: verification inside the rollout, the device
-  stalls on it) and `train.group_iteration` (LTE: single-turn chunks verified on the host
+  Runs `algorithms.ppo.iteration` (multi-attempt: verification inside the rollout, the device
+  stalls on it) and `algorithms.group.iteration` (LTE: single-turn chunks verified on the host
   while the device samples the next chunk) of configs/demo.py on the demo model, and reads
   the trainer's own `time/host_critical` / `time/host_fraction` (mar.overlap). LTE runs a
   second time with the verification inside the rollout (`defer_verify=False`, no overlap)
@@ -412,8 +412,8 @@ def host_fraction(steps: int = 6) -> dict:
           prompt_len=r.prompt_len, max_attempts=1, token_budget=r.spec.token_budget,
           sampling=r.spec.sampling, check_every=r.spec.check_every, mesh=run.mesh,
           defer_verify=False, timeline=run.timeline)
-    state = train.init_state(config, run)
-    iteration = train.ppo_iteration if name == "ppo" else train.group_iteration
+    state = algorithms.family(config).init_state(config, run)
+    iteration = algorithms.ppo.iteration if name == "ppo" else algorithms.group.iteration
     rows = []
     for step in range(steps):
       idx = train.batch_indices(config, len(run.train_data), step)
@@ -426,51 +426,6 @@ def host_fraction(steps: int = 6) -> dict:
     out[name]["steps"] = [{k: round(float(v), 4) for k, v in r.items() if k.startswith("time/")}
                           for r in rows]
     out[name]["rollout_rows_per_call"] = run.runner.batch_size
-  return out
-
-
-def engine_steps(steps: int = 8) -> dict:
-  """The demo's trainer step with each rollout engine, in one process, steps interleaved.
-
-  configs/demo.py (multi-attempt PPO) and its `:lte` variant on the demo model (the cached
-  warm start), one Run per `rollout.engine`; step i of the static run, then step i of the
-  continuous one, so both see the same machine load. The first step (compiles) is dropped;
-  medians of the step's wall time and of its sampling and update times, and continuous /
-  static.
-  """
-  from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
-  from mar import demo, setup, train  # pylint: disable=g-import-not-at-top
-
-  work = tempfile.mkdtemp()
-  model_path = demo.ensure_demo_model(demo_config.get_config(), work)
-  keys = ("time/total_step", "time/sampling", "time/update")  # sampling: + LTE's hinted
-  out = {}
-  for method in (None, "lte"):
-    runs = {}
-    for engine in ("static", "continuous"):
-      config = demo_config.get_config(method)
-      config.model.demo.enabled = False
-      config.model.path = model_path
-      config.rollout.engine = engine
-      config.verify.workers = 1
-      run = setup.build_run(config, os.path.join(work, f"{method}_{engine}"))
-      runs[engine] = [config, run, train.init_state(config, run), []]
-    iteration = train.group_iteration if method else train.ppo_iteration
-    for step in range(steps):
-      for engine, (config, run, state, rows) in runs.items():
-        idx = train.batch_indices(config, len(run.train_data), step)
-        t0 = time.perf_counter()
-        state, m = iteration(config, run, state, [run.train_data[i] for i in idx], step)
-        runs[engine][2] = state
-        rows.append({**m, "time/total_step": time.perf_counter() - t0,
-                     "time/sampling": m["time/sample"] + m.get("time/sample_extra", 0.0)})
-    name = method or "ppo"
-    out[name] = {}
-    for engine, (_, run, _, rows) in runs.items():
-      run.close()
-      out[name][engine] = {k: float(np.median([r[k] for r in rows[1:]])) for k in keys}
-    out[name]["continuous_over_static"] = {
-        k: out[name]["continuous"][k] / out[name]["static"][k] for k in keys}
   return out
 
 
@@ -524,8 +479,6 @@ def main():
                   help="also count positions vs real tokens of packed batches (paper mix)")
   ap.add_argument("--host_fraction", action="store_true",
                   help="also measure the host's share of trainer steps (demo config)")
-  ap.add_argument("--engines", action="store_true",
-                  help="also time the demo's trainer step with each rollout engine")
   args = ap.parse_args()
   if args.reshard_child:
     print(json.dumps(reshard_child()))
@@ -557,8 +510,6 @@ def main():
     result["host_fraction"] = host_fraction()
   if args.packing:
     result["packing"] = packing_counts()
-  if args.engines:
-    result["engines"] = engine_steps()
   result["machine"]["loadavg_at_end"] = os.getloadavg()[0]
   print(json.dumps(result, indent=1))
 

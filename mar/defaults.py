@@ -49,14 +49,12 @@ def base_config() -> ConfigDict:
       # to EOS or the budget, the EOS kept as a trained action (verl / LTE).
       stop_at_box=True,
       hint_feedback_len=0,  # > 0: hybrid, feedback turns list the wrong answers so far
-      # continuous: the step's episodes as one queue over B rows, in-program refills and
-      # per-row turns (rows split over rollout.mesh.data, except multi-attempt with
-      # rollout.mesh.tensor > 1). static: one program per chunk of B rows, turns as a scan,
-      # every row waits for the chunk's longest (kept for comparison, bench/rollout.py).
-      engine="continuous",
+      # The engine runs the step's episodes as one queue over B rows, with in-program
+      # refills and per-row turns (rows split over rollout.mesh.data, except multi-attempt
+      # with rollout.mesh.tensor > 1).
       refill_rows=0,  # rows one in-program refill prefills; 0 = batch_size // 16 (>= 1)
       refill_wait=16,  # decode steps a freed row may wait for others before a refill
-      verify_every=8,  # decode steps between the continuous engine's verification checks
+      verify_every=8,  # decode steps between the engine's verification checks
   ))
   # The rollout's own layout: rows (and KV cache) over `data`, weights (in the sampling
   # dtype) replicated or tensor-parallel over `tensor`; -1 = the devices left over.

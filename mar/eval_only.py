@@ -14,7 +14,7 @@ from mar import checkpoint as ckpt_lib
 from mar import config_utils
 from mar import evaluate
 from mar import setup
-from mar import train
+from mar.algorithms import family
 
 
 def evaluate_checkpoint(config, workdir: str) -> list[dict]:
@@ -30,7 +30,7 @@ def evaluate_checkpoint(config, workdir: str) -> list[dict]:
   if os.path.isdir(ckpt_path):
     ckpt = ckpt_lib.Checkpointer(ckpt_path, async_save=False)
     # The target must be the whole training state: restore checks every leaf against it.
-    target = train.init_state(config, run)
+    target = family(config).init_state(config, run)
     if wanted >= 0:
       restored = ckpt.restore(target, step=wanted)
     else:

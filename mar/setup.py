@@ -8,21 +8,21 @@ first (`mar.demo`), so the same loading code runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 
+from mar import algorithms
 from mar import config_utils
+from mar import methods
 from mar import models
 from mar import overlap
 from mar import parallel
-from mar.data import prompts, sources
+from mar.data import sources
 from mar.data.tokenizer import Tokenizer
 from mar.lte import hints
-from mar.models import model as qwen
-from mar.rl import grpo, optim, ppo
 from mar.rollout.runner import RolloutRunner
 from mar.rollout import shape as rollout_shape
 from mar.sampling import SamplingParams
@@ -35,12 +35,11 @@ class Run:
   tokenizer: Tokenizer
   params: Any
   ref: Any
-  critic: Any
+  critic: Any  # PPO's value model (None for the group family)
   actor_opt: Any
   critic_opt: Any
   learner: Any
   runner: RolloutRunner
-  prompt_fn: Callable[[str, int], str]
   train_data: list
   verifier: BatchVerifier
   _eval_runners: dict = dataclasses.field(default_factory=dict)
@@ -52,42 +51,32 @@ class Run:
   def eval_runner(self, config, kind: str) -> RolloutRunner:
     """Greedy multi-attempt runner ('attempts') or the sampling runner ('passk'), cached."""
     if kind not in self._eval_runners:
-      e = config.eval
-      if kind == "attempts":
-        sp, m = SamplingParams(temperature=0.0), e.max_attempts
-      else:
-        sp, m = SamplingParams(temperature=e.temperature, top_p=e.top_p), 1
-      self._eval_runners[kind] = RolloutRunner(
-          self.model_config, self.tokenizer, self.verifier, batch_size=e.batch_size,
-          prompt_len=config.rollout.prompt_len, max_attempts=m,
-          token_budget=config.rollout.token_budget, sampling=sp,
-          check_every=config.rollout.check_every,
-          hint_feedback_len=config.rollout.hint_feedback_len if kind == "attempts" else 0,
-          feedback_text=hints.hint_feedback_text,
-          mesh=self.mesh, stop_at_box=e.stop_at_box, sampling_mesh=self.runner.sampling_mesh,
-          sampling_dtype=self.runner.sampling_dtype, **engine_args(config))
+      e, attempts = config.eval, kind == "attempts"
+      self._eval_runners[kind] = _runner(
+          config, self.model_config, self.tokenizer, self.verifier, rows=e.batch_size,
+          max_attempts=e.max_attempts if attempts else 1,
+          sampling=(SamplingParams(temperature=0.0) if attempts else
+                    SamplingParams(temperature=e.temperature, top_p=e.top_p)),
+          hint_feedback_len=config.rollout.hint_feedback_len if attempts else 0,
+          stop_at_box=e.stop_at_box, mesh=self.mesh, sampling_mesh=self.runner.sampling_mesh,
+          sampling_dtype=self.runner.sampling_dtype)
     return self._eval_runners[kind]
 
   def close(self):
     self.verifier.close()
 
 
-def engine_args(config) -> dict:
-  """The rollout engine keys of the config, as RolloutRunner arguments."""
+def _runner(config, cfg, tokenizer, verifier, *, rows: int, max_attempts: int, sampling,
+            hint_feedback_len: int, stop_at_box: bool, **kw) -> RolloutRunner:
+  """A rollout runner with the config's prompt, budget and engine keys (training's and the
+  evaluations' differ only in the keyword arguments)."""
   r = config.rollout
-  return dict(engine=r.engine, refill_rows=r.refill_rows, refill_wait=r.refill_wait,
-              verify_every=r.verify_every)
-
-
-def prompt_function(config) -> Callable[[str, int], str]:
-  """Initial dialogue text for (question, N) by the config's prompt style."""
-  style = config.rollout.prompt
-  if style == "multi_attempt":
-    return prompts.multi_attempt_prompt
-  if style == "single_turn":
-    return lambda q, n: prompts.single_turn_prompt(q)
-  raise config_utils.ConfigError(f"config.rollout.prompt: unknown style {style!r} "
-                   "(expected 'multi_attempt' or 'single_turn')")
+  return RolloutRunner(
+      cfg, tokenizer, verifier, batch_size=rows, prompt_len=r.prompt_len,
+      max_attempts=max_attempts, token_budget=r.token_budget, sampling=sampling,
+      check_every=r.check_every, hint_feedback_len=hint_feedback_len,
+      feedback_text=hints.hint_feedback_text, stop_at_box=stop_at_box,
+      refill_rows=r.refill_rows, refill_wait=r.refill_wait, verify_every=r.verify_every, **kw)
 
 
 def load_train_data(config) -> list:
@@ -102,53 +91,10 @@ def load_train_data(config) -> list:
                             answer_from_solution=d.answer_from_solution, tfds_dir=d.tfds_dir)
 
 
-def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=None,
-                  rules=None):
-  r = config.rollout
-  micro = config.ppo.micro_batches if config.method == "ppo" else config.grpo.micro_batches
-  if micro < 1:
-    key = "ppo" if config.method == "ppo" else "grpo"
-    raise ValueError(f"config.{key}.micro_batches={micro}: -1 (fit to device memory) must be "
-                     "resolved first (python -m mar.tools.plan_memory --fit prints the count)")
-  if config.method == "ppo":
-    p = config.ppo
-    hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
-                        kl_coef=p.kl_coef, kl_name=p.kl_name, kl_clamp=p.kl_clamp,
-                        temperature=r.temperature, micro_batches=p.micro_batches,
-                        tis_cap=p.tis_cap)
-    return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules,
-                          pack_len=config.train.pack_len)
-  g = config.grpo
-  hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
-                        clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
-                        entropy_coef=g.entropy_coef, shaping_gamma=g.shaping_gamma,
-                        separate_norm=g.separate_norm, temperature=r.temperature,
-                        micro_batches=g.micro_batches, tis_cap=g.tis_cap)
-  return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
-                          rules=rules, pack_len=config.train.pack_len)
-
-
-def updates_per_step(config) -> int:
-  """Optimizer updates one training step makes: one per mini-batch (PPO: actor and critic)."""
-  return config.ppo.mini_batches if config.method == "ppo" else config.grpo.mini_batches
-
-
-def _optimizer(config, lr: float):
-  o = config.optim
-  return optim.make_optimizer(lr, config.train.num_steps * updates_per_step(config),
-                              warmup_ratio=o.warmup_ratio, min_lr_ratio=o.min_lr_ratio,
-                              b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                              grad_clip=o.grad_clip)
-
-
 def make_learner(config, cfg: models.QwenConfig, mesh=None, rules=None):
-  """The config's learner (PPO or GRPO/LTE) with its own optimizers, as `build_run` makes it.
-
-  `mar.tools.compiled_memory` compiles its update programs from shapes.
-  """
-  policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
-  critic_opt = _optimizer(config, config.ppo.critic_lr) if config.method == "ppo" else None
-  return _make_learner(config, cfg, _optimizer(config, policy_lr), critic_opt, mesh, rules)
+  """The config's learner with its own optimizers, as `build_run` makes it
+  (`mar.tools.compiled_memory` compiles its update programs from shapes)."""
+  return algorithms.family(config).make_learner(config, cfg, mesh, rules)
 
 
 def make_runner(config, cfg: models.QwenConfig, tokenizer, verifier, mesh=None,
@@ -158,16 +104,13 @@ def make_runner(config, cfg: models.QwenConfig, tokenizer, verifier, mesh=None,
   One rollout call per step: PPO runs one episode per prompt, GRPO a group of G.
   """
   r = config.rollout
-  return RolloutRunner(
-      cfg, tokenizer, verifier, batch_size=rollout_shape.rollout_rows(config),
-      prompt_len=r.prompt_len,
-      max_attempts=r.max_attempts if config.method == "ppo" else 1,
-      token_budget=r.token_budget,
+  return _runner(
+      config, cfg, tokenizer, verifier, rows=rollout_shape.rollout_rows(config),
+      max_attempts=methods.of(config).max_attempts(config),
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-      check_every=r.check_every, hint_feedback_len=r.hint_feedback_len,
-      feedback_text=hints.hint_feedback_text, mesh=mesh, timeline=timeline,
-      stop_at_box=r.stop_at_box, sampling_mesh=parallel.sampling_mesh(config),
-      sampling_dtype=parallel.sampling_dtype(cfg), **engine_args(config))
+      hint_feedback_len=r.hint_feedback_len, stop_at_box=r.stop_at_box, mesh=mesh,
+      timeline=timeline, sampling_mesh=parallel.sampling_mesh(config),
+      sampling_dtype=parallel.sampling_dtype(cfg))
 
 
 def build_run(config, workdir: str) -> Run:
@@ -183,22 +126,13 @@ def build_run(config, workdir: str) -> Run:
   tokenizer = Tokenizer.from_dir(config.model.path)
   train_data = load_train_data(config) if config.mode == "train" else []
   verifier = BatchVerifier(num_workers=config.verify.workers, timeout=config.verify.timeout)
-  policy_lr = config.ppo.actor_lr if config.method == "ppo" else config.grpo.lr
-  actor_opt = _optimizer(config, policy_lr)
-  critic_opt = _optimizer(config, config.ppo.critic_lr) if config.method == "ppo" else None
-  learner = _make_learner(config, cfg, actor_opt, critic_opt, mesh, rules)
-  sh = learner.shardings
-  critic = None
-  if config.method == "ppo":
-    # Its own buffers (the policy's are donated), placed by the critic's sharding rules.
-    critic = parallel.shard_tree(
-        {"backbone": jax.tree.map(jnp.copy, params),
-         "value_head": qwen.init_value_head(cfg, jax.random.PRNGKey(config.seed + 1))},
-        sh.critic)
-  needs_ref = (config.method == "ppo" and config.ppo.kl_coef) or (
-      config.method != "ppo" and config.grpo.kl_coef)
-  ref = jax.tree.map(jnp.copy, params) if needs_ref else None  # keeps the params' sharding
-  # opt.init(params) (train.init_state) then builds the moments sharded like the params.
+  algorithm = algorithms.family(config)
+  learner = algorithm.make_learner(config, cfg, mesh, rules)
+  critic = algorithm.make_critic(config, cfg, params, learner)
+  # keeps the params' sharding
+  ref = jax.tree.map(jnp.copy, params) if methods.of(config).needs_reference(config) else None
+  # opt.init(params) (the family's init_state) then builds the moments sharded like the params.
+  sh, (actor_opt, critic_opt) = learner.shardings, algorithm.optimizers(learner)
   actor_opt = parallel.sharded_init(actor_opt, sh.actor_opt)
   if critic_opt is not None:
     critic_opt = parallel.sharded_init(critic_opt, sh.critic_opt)
@@ -208,20 +142,12 @@ def build_run(config, workdir: str) -> Run:
   logging.info("model %s: %d layers, hidden %d; %d training examples; mesh %s", cfg.model_type,
                cfg.num_layers, cfg.hidden_size, len(train_data), dict(mesh.shape))
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
-             prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline,
-             skipped_long_prompts=skipped)
-
-
-def training_prompts(config, question: str) -> list[str]:
-  """Every initial prompt text training may build for a question (by N for PPO)."""
-  if config.method == "ppo":
-    fn = prompt_function(config)
-    return [fn(question, n) for n in range(1, config.rollout.max_attempts + 1)]
-  return [hints.chat_prompt(hints.plain_prompt(question))]
+             train_data, verifier, mesh=mesh, timeline=timeline, skipped_long_prompts=skipped)
 
 
 def drop_long_prompts(config, runner: RolloutRunner, examples: list) -> tuple[list, int]:
   """Training examples whose prompts fit the largest prompt bucket, and how many did not."""
+  training_prompts = algorithms.family(config).training_prompts
   keep = [ex for ex in examples
           if all(runner.fits(t) for t in training_prompts(config, ex.question))]
   skipped = len(examples) - len(keep)

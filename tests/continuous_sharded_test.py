@@ -150,7 +150,7 @@ class DataSplitTest(absltest.TestCase):
     self.assertEqual(int(stats["sampled"]), int(ref_stats["sampled"]))
 
   def test_runner_multi_attempt_greedy_equals_one_device(self):
-    """RolloutRunner(engine='continuous') on the data = 8 layout, a scripted policy."""
+    """RolloutRunner on the data = 8 layout, a scripted policy."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from mar import sampling  # pylint: disable=g-import-not-at-top
@@ -177,7 +177,7 @@ class DataSplitTest(absltest.TestCase):
       runner = RolloutRunner(
           self.cfg, self.tok, testutil.ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
           max_attempts=2, token_budget=40, sampling=sampling.SamplingParams(temperature=0.0),
-          engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
+          refill_rows=1, refill_wait=1, verify_every=2,
           choose_fn=scripted.script_chooser(script, lengths), sampling_mesh=mesh)
       ep = jax.device_get(runner.run(self.params, question, golds, n_attempts,
                                      jax.random.PRNGKey(0)))
@@ -197,7 +197,7 @@ class DataSplitTest(absltest.TestCase):
     from mar import sampling  # pylint: disable=g-import-not-at-top
     from mar.data.tokenizer import feedback_table  # pylint: disable=g-import-not-at-top
     from mar.rollout import continuous  # pylint: disable=g-import-not-at-top
-    from mar.rollout import multi_attempt as ma  # pylint: disable=g-import-not-at-top
+    from mar.rollout import spec as spec_lib
     from mar.rollout.host import AttemptVerifier  # pylint: disable=g-import-not-at-top
     from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
     import testutil  # pylint: disable=g-import-not-at-top
@@ -206,7 +206,7 @@ class DataSplitTest(absltest.TestCase):
     toks, mask = jnp.zeros((q, p), jnp.int32), jnp.ones((q, p), bool)
     checked = AttemptVerifier(self.tok, testutil.ListVerifier(), ["1"] * q)  # pylint: disable=protected-access
     for m, verifier in ((1, None), (2, checked)):
-      spec = ma.RolloutSpec(m, budget, ma.cache_len_for(p, budget, m, fb_t.shape[1]),
+      spec = spec_lib.RolloutSpec(m, budget, spec_lib.cache_len_for(p, budget, m, fb_t.shape[1]),
                             sampling.SamplingParams(temperature=1.0), (1, 2))
       espec = continuous.EngineSpec(spec, rows=16)
       fn = jax.jit(lambda params, t, mk, k: continuous.rollout(  # pylint: disable=cell-var-from-loop

@@ -1,24 +1,23 @@
 """The continuous rollout engine: schedule-independent results, HF parity, multi-attempt semantics."""
 
-import functools
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mar import episodes as episodes_lib
 from mar import models, sampling
 from mar.data import prompts
 from mar.data.tokenizer import feedback_table
 from mar.lte import hints
 from mar.rollout import continuous
-from mar.rollout import multi_attempt as ma
+from mar.rollout import spec as spec_lib
 from mar.rollout.host import AttemptVerifier
-from mar.rollout.render import dialogue_text
+from mar.rollout.render import dialogue_text, render_episode
 import testutil
 import scripted
-from scripted import counting_predicate, scripted_decode
+
 
 def responses(ep):
   return [ep.tokens[q][ep.action_mask[q]].tolist() for q in range(len(ep.tokens))]
@@ -69,7 +68,7 @@ class SingleTurnTest(parameterized.TestCase):
 
 
 class MultiAttemptTest(absltest.TestCase):
-  """Scripted attempts: the continuous engine against `multi_attempt.rollout`."""
+  """Scripted attempts: dialogue text, masks, rewards, feedback turns; the same with any B."""
 
   @classmethod
   def setUpClass(cls):
@@ -98,44 +97,30 @@ class MultiAttemptTest(absltest.TestCase):
       ptoks[i, p - len(x):], pmask[i, p - len(x):] = x, True
     return script, lengths, texts, ptoks, pmask
 
-  def _both(self, attempts_text, n_attempts, golds, rows, budget=64, max_attempts=3,
-            hint_len=0, verify_every=2):
-    """(old episodes, [(new episodes, stats) per entry of `rows`], texts, new verifier)."""
+  def _run(self, attempts_text, n_attempts, golds, rows, budget=64, max_attempts=3,
+           hint_len=0, verify_every=2):
+    """([(episodes, stats) per entry of `rows`], prompt texts, the last run's verifier)."""
     tok = self.tok
     script, lengths, texts, ptoks, pmask = self._inputs(attempts_text, n_attempts, max_attempts)
-    b, p = ptoks.shape
+    p = ptoks.shape[1]
     fb_t, fb_l = feedback_table(tok, max_attempts)
-    spec = ma.RolloutSpec(max_attempts, budget,
-                          ma.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
-                          sampling.SamplingParams(temperature=0.0),
-                          (tok.im_end_id, tok.eos_id), hint_feedback_len=hint_len)
+    spec = spec_lib.RolloutSpec(
+        max_attempts, budget,
+        spec_lib.cache_len_for(p, budget, max_attempts, max(fb_t.shape[1], hint_len)),
+        sampling.SamplingParams(temperature=0.0), (tok.im_end_id, tok.eos_id),
+        hint_feedback_len=hint_len)
     args = (ptoks, pmask, jnp.asarray(n_attempts, jnp.int32))
-    old_v = AttemptVerifier(tok, testutil.ListVerifier(), golds,
-                           feedback_text=hints.hint_feedback_text)
-    decode = functools.partial(scripted_decode, jnp.asarray(script), jnp.asarray(lengths))
-    old = jax.jit(lambda: ma.rollout(
-        self.cfg, self.params, spec, counting_predicate(), old_v, *args,
-        jnp.arange(b, dtype=jnp.int32), fb_t, fb_l, jax.random.PRNGKey(0), decode_fn=decode))()
-
-    sc, ln = jnp.asarray(script), jnp.asarray(lengths)
-
-    def choose(logits, keys, ctl):
-      q = jnp.minimum(ctl.seq, b - 1)
-      t = jnp.minimum(ctl.attempt, max_attempts - 1)
-      i = jnp.minimum(ctl.num_new, sc.shape[2] - 1)
-      tok_ = sc[q, t, i]
-      return tok_, jnp.full(tok_.shape, -0.25), ctl.num_new + 1 >= ln[q, t]
-
-    new_v = AttemptVerifier(tok, testutil.ListVerifier(), golds,
-                           feedback_text=hints.hint_feedback_text)
-    news = []
+    choose = scripted.script_chooser(script, lengths)
+    runs = []
     for r in rows:  # scanned layers: the engine compiles faster, computes the same
+      verifier = AttemptVerifier(tok, testutil.ListVerifier(), golds,
+                                 feedback_text=hints.hint_feedback_text)
       espec = continuous.EngineSpec(spec, rows=r, refill_rows=1, refill_wait=1,
                                     verify_every=verify_every, unroll=False)
-      news.append(jax.device_get(jax.jit(lambda: continuous.rollout(  # pylint: disable=cell-var-from-loop
-          self.cfg, self.params, espec, None, new_v, *args, fb_t, fb_l, jax.random.key(0),
+      runs.append(jax.device_get(jax.jit(lambda: continuous.rollout(  # pylint: disable=cell-var-from-loop
+          self.cfg, self.params, espec, None, verifier, *args, fb_t, fb_l, jax.random.key(0),
           choose_fn=choose))()))
-    return jax.device_get(old), news, texts, new_v
+    return runs, texts, verifier
 
   def test_sampled_results_do_not_depend_on_rows(self):
     (a, sa), (b, sb) = (testutil.engine_multi_attempt_sampled(self.cfg, self.params, self.tok, rows=r)
@@ -149,59 +134,89 @@ class MultiAttemptTest(absltest.TestCase):
       np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
 
-  def _assert_same(self, old, new):
-    for q in range(len(old.reward)):
-      valid = old.valid[q]
-      np.testing.assert_array_equal(new.valid[q], valid)
-      np.testing.assert_array_equal(new.tokens[q][valid], old.tokens[q][valid])
-    for name in ("action_mask", "feedback_mask", "attempt_id", "logprobs", "reward",
-                 "last_action", "attempts_used", "correct_turn", "attempted_turn",
+  def _assert_same(self, a, b):
+    for name in ("tokens", "valid", "action_mask", "feedback_mask", "attempt_id", "logprobs",
+                 "reward", "last_action", "attempts_used", "correct_turn", "attempted_turn",
                  "boxed_turn", "truncated"):
-      np.testing.assert_array_equal(getattr(new, name), getattr(old, name), name)
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
 
-  def test_matches_scan_over_turns(self):
+  def test_dialogues_masks_rewards_with_any_rows(self):
     end = "<|im_end|>"
     scripts = [
-        ["\\boxed{5}" + end, "I am not sure" + end, "so \\boxed{7}"],
-        ["no box here" + end, "still none"],
-        ["\\boxed{3}"],
-        ["\\boxed{9}" + end, "unused"],
+        ["\\boxed{5}" + end, "I am not sure" + end, "so \\boxed{7}"],  # wrong, no box, right
+        ["no box here" + end, "still none"],  # never a box
+        ["\\boxed{3}"],  # one wrong attempt
+        ["\\boxed{9}" + end, "unused"],  # correct at once
         ["a much longer first attempt that ends \\boxed{2}", "then \\boxed{4}", "x"],
     ]
     n_attempts = [3, 2, 1, 2, 3]
     golds = ["7", "1", "4", "9", "4"]
-    old, news, texts, _ = self._both(scripts, n_attempts, golds, rows=(5, 2))
-    for rows, (new, stats) in zip((5, 2), news):
-      self._assert_same(old, new)
-      self.assertEqual(dialogue_text(self.tok, new, 0),
-                       texts[0] + "\\boxed{5}" + prompts.feedback_text(2) + "I am not sure"
-                       + prompts.feedback_text(1) + "so \\boxed{7}")
-      np.testing.assert_allclose(new.reward, [1.0, -1.0, -0.5, 1.0, 1.0])
-      self.assertEqual(int(stats["prefill_rows"]), 5)
-      self.assertEqual(int(stats["prefill_calls"]) > 1, rows < 5)
+    runs, texts, _ = self._run(scripts, n_attempts, golds, rows=(5, 2))
+    (ep, full), (other, refilled) = runs
+    self._assert_same(ep, other)
+    self.assertEqual(int(full["prefill_calls"]), 1)
+    self.assertGreater(int(refilled["prefill_calls"]), 1)
+    self.assertEqual(int(refilled["prefill_rows"]), 5)
+    want = [
+        texts[0] + "\\boxed{5}" + prompts.feedback_text(2) + "I am not sure"
+        + prompts.feedback_text(1) + "so \\boxed{7}",
+        texts[1] + "no box here" + prompts.feedback_text(1) + "still none",
+        texts[2] + "\\boxed{3}",
+        texts[3] + "\\boxed{9}",
+        texts[4] + "a much longer first attempt that ends \\boxed{2}" + prompts.feedback_text(2)
+        + "then \\boxed{4}",
+    ]
+    for q in range(5):
+      self.assertEqual(dialogue_text(self.tok, ep, q), want[q])
+    np.testing.assert_allclose(ep.reward, [1.0, -1.0, -0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(ep.attempts_used, [3, 2, 1, 1, 2])
+    np.testing.assert_array_equal(ep.correct_turn[:, 0], [False, False, True])
+    for q in range(5):
+      valid, act, fb = ep.valid[q], ep.action_mask[q], ep.feedback_mask[q]
+      self.assertFalse((act & fb).any())
+      self.assertTrue(((act | fb) <= valid).all())
+      used = ep.attempts_used[q]
+      self.assertEqual(self.tok.decode(ep.tokens[q][act]),
+                       "".join(s.replace(end, "") for s in scripts[q][:used]))
+      self.assertEqual(self.tok.decode(ep.tokens[q][fb]),
+                       "".join(prompts.feedback_text(n_attempts[q] - 1 - t)
+                               for t in range(used - 1)))
+      np.testing.assert_allclose(ep.logprobs[q][act], -0.25)
+      self.assertTrue((ep.logprobs[q][~act] == 0).all())
+      self.assertEqual(ep.last_action[q], np.flatnonzero(act).max())
+    rewards = jax.device_get(episodes_lib.token_rewards(ep))
+    np.testing.assert_allclose(rewards.sum(1), ep.reward)
+    self.assertIn("[feedback>", render_episode(self.tok, ep, 0))
 
   def test_shared_budget_truncates(self):
     scripts = [["aaaa bbbb cccc dddd eeee", "x"], ["\\boxed{1}", "y"]]
-    old, [(new, _)], _, _ = self._both(scripts, [2, 2], ["1", "1"], rows=(1,), budget=3)
-    self._assert_same(old, new)
-    self.assertTrue(new.truncated[0])
+    runs, _, _ = self._run(scripts, [2, 2], ["1", "1"], rows=(2, 1), budget=3)
+    (ep, _), (other, _) = runs
+    self._assert_same(ep, other)
+    self.assertEqual(int(ep.action_mask[0].sum()), 3)
+    self.assertTrue(ep.truncated[0])
+    self.assertEqual(ep.attempts_used[0], 1)  # budget gone: no second attempt
+    self.assertEqual(ep.reward[0], -1.0)
 
   def test_hybrid_feedback_lists_wrong_answers(self):
     end = "<|im_end|>"
     scripts = [["\\boxed{5}" + end, "\\boxed{6}", "nothing", "\\boxed{7}"],
                ["\\boxed{1}", "\\boxed{2}", "\\boxed{7}", "z"]]
-    old, [(new, _)], texts, verifier = self._both(scripts, [4, 4], ["7", "7"], rows=(1,),
-                                                  max_attempts=4, hint_len=96)
-    self._assert_same(old, new)
+    runs, texts, verifier = self._run(scripts, [4, 4], ["7", "7"], rows=(2, 1),
+                                      max_attempts=4, hint_len=96)
+    (ep, _), (other, _) = runs
+    self._assert_same(ep, other)
     want = (texts[0] + "\\boxed{5}" + hints.hint_feedback_text(3, ["5"]) + "\\boxed{6}"
             + hints.hint_feedback_text(2, ["5", "6"]) + "nothing"
             + hints.hint_feedback_text(1, ["5", "6"]) + "\\boxed{7}")
-    self.assertEqual(dialogue_text(self.tok, new, 0), want)
+    self.assertEqual(dialogue_text(self.tok, ep, 0), want)
+    self.assertIn("Hint: possible incorrect answers include 5, 6", want)
+    np.testing.assert_allclose(ep.reward, [1.0, 1.0])
     self.assertGreater(verifier.stalled, 0.0)
 
 
 class RunnerTest(absltest.TestCase):
-  """RolloutRunner(engine="continuous"): any number of prompts in one queue, both stop rules."""
+  """RolloutRunner: any number of prompts in one queue, both stop rules."""
 
   @classmethod
   def setUpClass(cls):
@@ -223,7 +238,7 @@ class RunnerTest(absltest.TestCase):
         self.cfg, self.tok, testutil.ListVerifier(), batch_size=2, prompt_len=64,
         max_attempts=max_attempts, token_budget=40,
         sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
-        engine="continuous", refill_rows=1, refill_wait=1, verify_every=2,
+        refill_rows=1, refill_wait=1, verify_every=2,
         choose_fn=scripted.script_chooser(script, lengths))
 
   def test_single_turn_queue_and_stop_rules(self):

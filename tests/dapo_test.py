@@ -13,8 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mar import algorithms
 from mar import setup, train
-from mar.lte import step as lte_step
+from mar.algorithms import refined
 from mar.rl import advantages
 from mar.rollout import schedule
 import testutil
@@ -93,7 +94,7 @@ class OverlongTest(absltest.TestCase):
     action = np.arange(12)[None] < lengths[:, None]
     batch = {"action_mask": action, "truncated": lengths == 10}
     rewards = np.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    shaped, m = lte_step.dapo_rewards(config, batch, rewards)
+    shaped, m = refined.dapo_rewards(config, batch, rewards)
     np.testing.assert_allclose(shaped, [[1.0, -0.5], [-1.0, 1.0], [1.0, 1.0]])
     self.assertNotIn("truncated", batch)
     keep = batch["action_mask"].any(1)
@@ -124,8 +125,8 @@ class TrainerDynamicSamplingTest(absltest.TestCase):
   def _step(self, rows):
     config = dapo_config(**{"rollout.batch_size": rows})
     run = setup.build_run(config, tempfile.mkdtemp())
-    state = train.init_state(config, run)
-    idx = train.data_indices(config, len(run.train_data), 0, train.examples_per_step(config))
+    state = algorithms.family(config).init_state(config, run)
+    idx = train.data_indices(config, len(run.train_data), 0, algorithms.family(config).examples_per_step(config))
     self.assertLen(idx, 3 * config.rollout.prompts_per_step)
     seen = {}
     sample = run.runner.run_groups
@@ -140,7 +141,7 @@ class TrainerDynamicSamplingTest(absltest.TestCase):
     # instead (a function of the tokens alone, so still schedule-independent) to get mixed
     # groups.
     run.runner.verify_fn.verifier = _LengthVerifier()
-    _, m = train.group_iteration(config, run, state, [run.train_data[i] for i in idx], 0)
+    _, m = algorithms.group.iteration(config, run, state, [run.train_data[i] for i in idx], 0)
     run.close()
     return m, seen["host"]
 

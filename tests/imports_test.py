@@ -1,5 +1,6 @@
-"""Import rules: no circles in mar/, no library module imports the CLIs in mar/tools, and no test
-imports another test (shared helpers live in tests/testutil.py).
+"""Import rules: no circles in mar/, imports run down WORKSPACE.md's floors, no library module
+imports the CLIs in mar/tools, `config.method` is read in one module, and no test imports
+another test (shared helpers live in tests/testutil.py).
 
 Reads every module's imports with `ast` (function-level imports included: a lazy import
 still ties two modules together), so the check needs no import side effects.
@@ -7,10 +8,12 @@ still ties two modules together), so the check needs no import side effects.
 
 import ast
 import os
+import re
 
 from absl.testing import absltest
 
-MAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mar")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAR = os.path.join(ROOT, "mar")
 
 
 def module_name(path: str) -> str:
@@ -83,6 +86,32 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   return out
 
 
+def floors() -> list[list[str]]:
+  """WORKSPACE.md's floors, top first: each a list of module prefixes ("mar.rollout")."""
+  text = open(os.path.join(ROOT, "WORKSPACE.md"), encoding="utf-8").read()
+  block = text.split("## Floors", 1)[1].split("```")[1]
+  out = []
+  for line in block.splitlines():
+    paths = []
+    for token in line.split():
+      if not token.startswith("mar/"):
+        break
+      paths.append(token.rstrip("/").removesuffix(".py").replace("/", "."))
+    if paths:
+      out.append(paths)
+  return out
+
+
+def floor_of(module: str, levels: list[list[str]]) -> int | None:
+  """The floor whose longest prefix names `module` (None: on no floor)."""
+  best, index = -1, None
+  for i, prefixes in enumerate(levels):
+    for p in prefixes:
+      if (module == p or module.startswith(p + ".")) and len(p) > best:
+        best, index = len(p), i
+  return index
+
+
 class ImportGraphTest(absltest.TestCase):
 
   def test_no_import_circles(self):
@@ -92,6 +121,43 @@ class ImportGraphTest(absltest.TestCase):
     for m, deps in graph.items():
       graph[m] = {d for d in deps if not d.startswith(m + ".")}
     self.assertEqual(cycles(graph), [])
+
+  def test_imports_run_down_the_floors(self):
+    levels = floors()
+    self.assertGreater(len(levels), 10)
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if m != "mar" and floor_of(m, levels) is None)
+    self.assertEqual(unplaced, [], "modules on no floor of WORKSPACE.md")
+    climbs = {}
+    for m, deps in graph.items():
+      here = floor_of(m, levels)
+      up = sorted(d for d in deps
+                  if here is not None and floor_of(d, levels) is not None
+                  and floor_of(d, levels) < here)
+      if up:
+        climbs[m] = up
+    self.assertEqual(climbs, {})
+
+  def test_floors_catch_a_climb(self):
+    levels = [["mar.train"], ["mar.rollout"], ["mar.models"]]
+    self.assertEqual(floor_of("mar.rollout.runner", levels), 1)
+    self.assertLess(floor_of("mar.train", levels), floor_of("mar.models.model", levels))
+    self.assertIsNone(floor_of("mar.rolloutx", levels))
+
+  def test_config_method_is_read_in_one_module(self):
+    pattern = re.compile(r"\.method\s*(==|!=|\bin\b)|METHODS\[")
+    readers = sorted(m for m, path in library_modules().items()
+                     if pattern.search(open(path, encoding="utf-8").read()))
+    self.assertEqual(readers, ["mar.methods"])
+
+  def test_one_rollout_engine(self):
+    """No engine switch: the defaults have no rollout.engine and the runner takes none."""
+    from mar import defaults  # pylint: disable=g-import-not-at-top
+    from mar.rollout import runner  # pylint: disable=g-import-not-at-top
+    import inspect  # pylint: disable=g-import-not-at-top
+    self.assertNotIn("engine", defaults.base_config().rollout)
+    self.assertNotIn("engine", inspect.signature(runner.RolloutRunner).parameters)
+    self.assertFalse(os.path.exists(os.path.join(MAR, "rollout", "multi_attempt.py")))
 
   def test_library_does_not_import_the_clis(self):
     offenders = {m: sorted(d for d in deps if d.startswith("mar.tools"))

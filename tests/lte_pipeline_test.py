@@ -1,19 +1,19 @@
 """GRPO / LTE iterations end to end with a policy that fails unless it is given a hint."""
 
-import functools
 import tempfile
 
 from absl.testing import absltest
 import jax
 import numpy as np
 
-from mar import models, setup, train
+from mar import algorithms
+from mar import models, setup
+from mar.algorithms import refined
 from mar.data.datasets import Example
 from mar.lte import hints
-from mar.lte import step as lte_step
 from mar.rl import grpo
 from mar.rollout.runner import RolloutRunner
-from scripted import hint_aware_decode
+import scripted
 from testutil import tiny_config
 
 
@@ -33,6 +33,28 @@ def _hint_token(tok, questions):
   return min(candidates)
 
 
+class HintAwareRunner:
+  """A policy that answers right only under a hint: a hinted queue goes to a runner scripted
+  to answer 7, any other to one scripted to answer -1 (whose stats the step reads)."""
+
+  def __init__(self, run, hint_id):
+    r, tok = run.runner, run.tokenizer
+    self.hint_id, self.tok = hint_id, tok
+    make = lambda text: RolloutRunner(
+        run.model_config, tok, run.verifier, batch_size=r.batch_size, prompt_len=r.prompt_len,
+        max_attempts=1, token_budget=r.spec.token_budget, sampling=r.spec.sampling,
+        stop_at_box=r.stop_predicate is not None, choose_fn=scripted.text_chooser(tok, text))
+    self.wrong, self.right = make("\\boxed{-1}"), make("\\boxed{7}")
+
+  def run_host(self, params, texts, answers, key, n_attempts=None):
+    hinted = self.hint_id in self.tok.encode(texts[0])
+    return (self.right if hinted else self.wrong).run_host(params, texts, answers, key,
+                                                           n_attempts)
+
+  def __getattr__(self, name):  # fits, prompt_len, verify_fn, take_stats, ...
+    return getattr(self.wrong, name)
+
+
 class LTEPipelineTest(absltest.TestCase):
 
   def _run(self, method, steps=2):
@@ -42,19 +64,12 @@ class LTEPipelineTest(absltest.TestCase):
     config.grpo.group_size = 4
     run = setup.build_run(config, tempfile.mkdtemp())
     examples = _questions(2)
-    tok = run.tokenizer
-    decode = functools.partial(hint_aware_decode, _hint_token(tok, [e.question for e in examples]),
-                               tok.encode("\\boxed{-1}"), tok.encode("\\boxed{7}"))
-    r = run.runner
-    run.runner = RolloutRunner(run.model_config, tok, run.verifier, batch_size=r.batch_size,
-                               prompt_len=r.prompt_len, max_attempts=1,
-                               token_budget=config.rollout.token_budget,
-                               sampling=r.spec.sampling, decode_fn=decode)
-    state = train.init_state(config, run)
+    run.runner = HintAwareRunner(run, _hint_token(run.tokenizer, [e.question for e in examples]))
+    state = algorithms.family(config).init_state(config, run)
     before = np.asarray(state["policy"]["final_norm"]).copy()
     out = []
     for step in range(steps):
-      state, m = train.group_iteration(config, run, state, examples, step)
+      state, m = algorithms.group.iteration(config, run, state, examples, step)
       out.append(m)
     run.close()
     return out, before, np.asarray(state["policy"]["final_norm"])
@@ -90,7 +105,7 @@ class HintedLogprobsTest(absltest.TestCase):
     response = tok.encode("\\boxed{7}")
     hinted = hints.chat_prompt(hints.hint_prompt(q, ["-1", "12"], [False, False]))
     plain = hints.chat_prompt(hints.plain_prompt(q))
-    got = lte_step.hinted_logprobs(run, run.params, [hinted], [response])
+    got = refined.hinted_logprobs(run, run.params, [hinted], [response])
     _, _, action = grpo.pack_sequences([tok.encode(plain)], [response], run.runner.prompt_len,
                                        config.rollout.token_budget, tok.pad_id)
     got = got[0][action[0]]
@@ -118,7 +133,7 @@ class FittingHintTest(absltest.TestCase):
     answers = ["(-\\infty, -1) \\cup (1, \\infty) \\text{ for all real } x" + "0" * 48,
                "(-\\infty, -1) \\cup (1, \\infty) \\text{ for all real } x" + "1" * 48]
     self.assertGreaterEqual(len(answers[0]), 100)
-    user, kind, shortened = lte_step.fitting_hint(self._fits(10_000), q, answers, [False] * 2)
+    user, kind, shortened = refined.fitting_hint(self._fits(10_000), q, answers, [False] * 2)
     self.assertEqual(user, hints.hint_prompt(q, answers, [False] * 2))
     self.assertIn(answers[0], user)
     self.assertIn(answers[1], user)
@@ -128,22 +143,22 @@ class FittingHintTest(absltest.TestCase):
     q = "What is 1+1?"
     answers = ["3", "x" * 500, "4"]
     full = hints.hint_prompt(q, answers, [False] * 3)
-    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(full))), q,
+    self.assertEqual(refined.fitting_hint(self._fits(len(hints.chat_prompt(full))), q,
                                            answers, [False] * 3), (full, "hint", False))
     two = hints.hint_prompt(q, ["3", "x" * 500], [False, False])
-    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(two))), q, answers,
+    self.assertEqual(refined.fitting_hint(self._fits(len(hints.chat_prompt(two))), q, answers,
                                            [False] * 3), (two, "hint", True))
     one = hints.hint_prompt(q, ["3"], [False])
-    self.assertEqual(lte_step.fitting_hint(self._fits(len(hints.chat_prompt(one)) + 100), q,
+    self.assertEqual(refined.fitting_hint(self._fits(len(hints.chat_prompt(one)) + 100), q,
                                            answers, [False] * 3), (one, "hint", True))
-    self.assertEqual(lte_step.fitting_hint(self._fits(10), q, answers, [False] * 3),
+    self.assertEqual(refined.fitting_hint(self._fits(10), q, answers, [False] * 3),
                      (hints.plain_prompt(q), "plain", True))
-    concise = lte_step.fitting_hint(self._fits(10), q, answers, [False, True, False])
+    concise = refined.fitting_hint(self._fits(10), q, answers, [False, True, False])
     self.assertEqual(concise[1:], ("concise", True))
 
   def test_max_chars_and_separator(self):
     q = "What is 1+1?"
-    user, _, shortened = lte_step.fitting_hint(self._fits(10_000), q, ["12345", "3"],
+    user, _, shortened = refined.fitting_hint(self._fits(10_000), q, ["12345", "3"],
                                                [False] * 2, max_chars=3, sep=" ; ")
     self.assertEqual(user, hints.hint_prompt(q, ["123", "3"], [False] * 2, sep=" ; "))
     self.assertTrue(shortened)

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from mar import algorithms
 from mar import models, parallel  # noqa: E402
 from mar.models import sharding  # noqa: E402
 from mar.rl import grpo, optim, ppo  # noqa: E402
@@ -187,8 +188,8 @@ def _trainer_child(names) -> dict:
     config = testutil.tiny_config(method, **over)
     config.mesh.update(dict(data=2, fsdp=2, tensor=2))
     run = setup.build_run(config, tempfile.mkdtemp())
-    state = train.init_state(config, run)
-    iteration = train.ppo_iteration if method == "ppo" else train.group_iteration
+    state = algorithms.family(config).init_state(config, run)
+    iteration = algorithms.ppo.iteration if method == "ppo" else algorithms.group.iteration
     steps = []
     for step in range(2):
       idx = train.batch_indices(config, len(run.train_data), step)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import lte_qwen, multi_attempt_qwen
+from mar import algorithms
 from mar import setup
 from mar.data import datasets
 from mar.data.tokenizer import Tokenizer
@@ -47,11 +48,10 @@ class TrainingSetTest(absltest.TestCase):
     # A verifier is never called here; a tiny model config: nothing is compiled.
     return runner_lib.RolloutRunner(
         QwenConfig.tiny(), self.tok, verifier=None, batch_size=config.rollout.batch_size,
-        prompt_len=1024, max_attempts=max_attempts, token_budget=8, sampling=SamplingParams(),
-        engine=config.rollout.engine)
+        prompt_len=1024, max_attempts=max_attempts, token_budget=8, sampling=SamplingParams())
 
   def _check(self, config, copies: int):
-    """Prefill tokens computed / real over an epoch of steps, as the config's engine runs them."""
+    """Prefill tokens computed / real over an epoch of steps, as the engine runs them."""
     r = config.rollout
     runner = self._runner(config, r.max_attempts if copies == 1 else 1)
     kept, skipped = setup.drop_long_prompts(config, runner, self.examples)
@@ -61,27 +61,20 @@ class TrainingSetTest(absltest.TestCase):
     order = rng.permutation(len(kept))
     for lo in range(0, len(kept), r.prompts_per_step):
       texts = [t for i in order[lo:lo + r.prompts_per_step]
-               for t in setup.training_prompts(config, kept[i].question)[-1:] * copies]
-      if runner.continuous:  # one queue per step, each prompt prefilled at its own bucket
-        q = runner_lib.queue_len(len(texts), runner.local_batch)
-        runner.encode_prompts(texts, rows=q, per_row=True)
-        continue
-      texts = sorted(texts, key=lambda t: len(self.tok.encode(t)))  # as run_host chunks
-      for c in range(0, len(texts), runner.local_batch):
-        runner.encode_prompts(texts[c:c + runner.local_batch])
+               for t in algorithms.family(config).training_prompts(config, kept[i].question)[-1:] * copies]
+      # one queue per step, each prompt prefilled at its own bucket
+      runner.encode_prompts(texts, rows=runner_lib.queue_len(len(texts), runner.local_batch))
     counts = runner.prefill_tokens
     return counts["computed"] / counts["real"]
 
   def test_grpo_lte_steps(self):
     config = lte_qwen.get_config()
-    self.assertEqual(config.rollout.engine, "continuous")
     ratio = self._check(config, config.grpo.group_size)
     print(f"LTE prefill tokens computed / real: {ratio:.2f}")
     self.assertLessEqual(ratio, 2.0)  # one 1,024 bucket computes ~10x; chunks of 256: 2.9x
 
   def test_multi_attempt_steps(self):
     config = multi_attempt_qwen.get_config()
-    self.assertEqual(config.rollout.engine, "continuous")
     ratio = self._check(config, 1)
     print(f"multi-attempt prefill tokens computed / real: {ratio:.2f}")
     self.assertLessEqual(ratio, 2.0)  # one 1,024 bucket computes ~8x; chunks of 256: 3.2x

@@ -10,7 +10,7 @@ import numpy as np
 from mar import models, sampling
 from mar.rl import grpo, losses, optim, ppo
 from mar.rollout import continuous
-from mar.rollout import multi_attempt as ma
+from mar.rollout import spec as spec_lib
 import testutil  # the shared demo model
 
 TEMPERATURE = 0.7
@@ -31,7 +31,7 @@ def sampled_episodes(config, params, n=6, rows=4):
   p = max(map(len, ids))
   toks, mask = sampling.pad_prompts(ids, p, n)
   spec = continuous.EngineSpec(
-      rollout=ma.RolloutSpec(max_attempts=1, token_budget=BUDGET, cache_len=p + BUDGET,
+      rollout=spec_lib.RolloutSpec(max_attempts=1, token_budget=BUDGET, cache_len=p + BUDGET,
                              sampling=sampling.SamplingParams(temperature=TEMPERATURE),
                              stop_ids=(1,), keep_stop_token=True),
       rows=rows, refill_rows=2, refill_wait=2)

@@ -20,9 +20,9 @@ from mar.data import prompts
 from mar.data.tiny_tokenizer import build_tiny_tokenizer
 from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.rollout import continuous
-from mar.rollout import multi_attempt as ma
+from mar.rollout import spec as spec_lib
 from mar.rollout.host import AttemptVerifier
-from mar.rollout.multi_attempt import Episodes
+from mar.episodes import Episodes
 
 # The benchmark and training data live outside the repo (see ../shared/data/SOURCE.md);
 # tests find it through MAR_DATA_DIR, defaulting to the checkout's sibling folder.
@@ -233,7 +233,7 @@ def engine_single_turn(config, params, prompts_, *, rows, budget, temperature=0.
   p = max(map(len, prompts_))
   toks, mask = sampling.pad_prompts(prompts_, p, len(prompts_))
   spec = continuous.EngineSpec(
-      rollout=ma.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
+      rollout=spec_lib.RolloutSpec(max_attempts=1, token_budget=budget, cache_len=p + budget,
                              sampling=sampling.SamplingParams(temperature=temperature),
                              stop_ids=tuple(stop_ids)),
       rows=rows, refill_rows=refill_rows, refill_wait=refill_wait, prompt_widths=widths)
@@ -252,7 +252,7 @@ def engine_multi_attempt_sampled(config, params, tok, *, rows, n=6, budget=40, k
   toks, mask = sampling.pad_prompts(ids, p, n, tok.pad_id)
   fb_t, fb_l = feedback_table(tok, 3)
   stop_ids = (tok.im_end_id, tok.eos_id) + tuple(range(40, tok.vocab_size, 23))
-  spec = ma.RolloutSpec(3, budget, ma.cache_len_for(p, budget, 3, fb_t.shape[1]),
+  spec = spec_lib.RolloutSpec(3, budget, spec_lib.cache_len_for(p, budget, 3, fb_t.shape[1]),
                         sampling.SamplingParams(temperature=1.0), stop_ids)
   espec = continuous.EngineSpec(spec, rows=rows, refill_rows=2, refill_wait=2, verify_every=3)
   verifier = AttemptVerifier(tok, ListVerifier(), ["1"] * n)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import testutil
 
+from mar import algorithms
 from mar import metrics, setup, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,17 +27,17 @@ class TrainerTest(absltest.TestCase):
   def test_ppo_iterations_compile_once(self):
     config = testutil.tiny_config("ppo")
     run = setup.build_run(config, tempfile.mkdtemp())
-    state = train.init_state(config, run)
+    state = algorithms.family(config).init_state(config, run)
     rewards = []
     for step in range(3):
       idx = train.batch_indices(config, len(run.train_data), step)
-      state, m = train.ppo_iteration(config, run, state, [run.train_data[i] for i in idx], step)
+      state, m = algorithms.ppo.iteration(config, run, state, [run.train_data[i] for i in idx], step)
       rewards.append(m["reward_mean"])
       self.assertTrue(np.isfinite(m["loss"]))
       self.assertIn("success_at_attempt/1", m)
     run.close()
-    programs = [*run.runner._rollouts.values(), *run.runner._continuous.values()]
-    self.assertEqual(sum(map(_cache_size, programs)), 1)  # one rollout program, any engine
+    programs = list(run.runner._continuous.values())
+    self.assertEqual(sum(map(_cache_size, programs)), 1)  # one rollout program
     # Packed learner batches: one program per row-count bucket, never one per step.
     buckets = len(run.learner._packed)
     self.assertLessEqual(_cache_size(run.learner.score_packed), 2)

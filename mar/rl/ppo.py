@@ -24,7 +24,7 @@ from mar.rl import losses
 from mar.rl import packing
 from mar.rl import scoring
 from mar.rl.update import make_update_step, mean_metrics, mini_batches
-from mar.rollout.multi_attempt import Episodes, token_rewards
+from mar.episodes import Episodes, token_rewards
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,13 +18,13 @@ powers-of-two widths, where a batched prefill at the queue's width computes R x 
 and its cache does not depend on its companions. (Chosen on these counts; not timed against
 the alternatives on an accelerator.)
 
-Outputs are indexed by episode, not by row: `Episodes` [Q, S] in the dialogue slot layout of
-`multi_attempt.rollout` (slot s of episode q holds its s-th token, prompt left-padded in slots
+Outputs are indexed by episode, not by row: `Episodes` [Q, S] in the dialogue slot layout
+(`mar.rollout.spec`: slot s of episode q holds its s-th token, prompt left-padded in slots
 0..P-1), written token by token at (episode, slot). Each token's PRNG key comes from (episode,
 token index) (`sampling.refill.token_keys`), so an episode's sample does not depend on the row
 or step it ran in: the same queue gives the same episodes with any B.
 
-Masks and rewards follow METHODS.md §1 as in `multi_attempt.rollout`: a stop token the model
+Masks and rewards follow METHODS.md §1: a stop token the model
 samples counts against the budget but is never written (the feedback brings its own
 `<|im_end|>`, and the final attempt ends without one) unless `keep_stop_token` (single-turn
 run-to-EOS: the EOS is a trained action); `action_mask` marks sampled tokens,
@@ -41,10 +41,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from mar import episodes as episodes_lib
 from mar import sampling
 from mar.models import model as qwen
-from mar.rollout import multi_attempt as ma
 from mar.rollout import schedule
+from mar.rollout import spec as spec_lib
 from mar.sampling import refill
 
 
@@ -52,7 +53,7 @@ from mar.sampling import refill
 class EngineSpec:
   """Static settings of one continuous rollout program (one compile each)."""
 
-  rollout: ma.RolloutSpec  # turns, budget, cache length, sampling, stop ids, hints
+  rollout: spec_lib.RolloutSpec  # turns, budget, cache length, sampling, stop ids, hints
   rows: int  # B: rows decoded together
   refill_rows: int = 0  # R: rows one refill prefills; 0: max(1, B // 16)
   refill_wait: int = 16  # decode steps a free row waits for more rows to free up
@@ -271,7 +272,7 @@ def rollout(config, params, spec: EngineSpec, stop_predicate, verify_fn, prompt_
   """Runs Q episodes (prompts [Q, P] left-padded, n_attempts [Q], 0 = skip) over B rows.
 
   Trace it inside a jit with config / spec / predicate / verify_fn / choose_fn / mesh static.
-  verify_fn None: single-turn, verified on the host afterwards (`ma.with_verdicts`), needs
+  verify_fn None: single-turn, verified on the host afterwards (`episodes_lib.with_verdicts`), needs
   max_attempts == 1. Otherwise an `AttemptVerifier` (its `verify_rows`, `hint_feedback_rows`).
   With `mesh` (the sampling layout: D = its 'data' size > 1, no 'fsdp' split) and B, Q
   multiples of D, each data shard runs its own engine over B / D rows and a contiguous
@@ -309,8 +310,8 @@ def rollout(config, params, spec: EngineSpec, stop_predicate, verify_fn, prompt_
     return episodes_, stats
 
   rows, rep = PartitionSpec("data"), PartitionSpec()
-  out_specs = (ma.Episodes(**{f: PartitionSpec(None, "data") if f in ma.TURN_FIELDS else rows
-                              for f in ma.Episodes._fields}), rep)
+  out_specs = (episodes_lib.Episodes(**{f: PartitionSpec(None, "data") if f in episodes_lib.TURN_FIELDS else rows
+                              for f in episodes_lib.Episodes._fields}), rep)
   # 'tensor' (if > 1) stays automatic inside each shard, as in `sampling.sampler._decode`.
   manual = {"data"} if mesh.shape.get("tensor", 1) > 1 else frozenset(mesh.axis_names)
   return jax.shard_map(per_shard, mesh=mesh,
@@ -347,13 +348,13 @@ def _run_queue(config, params, spec: EngineSpec, stop_predicate, verify_fn, prom
   return episodes(p.out, ctl, n_attempts), ctl.stats
 
 
-def episodes(out: Outputs, ctl: schedule.Control, n_attempts) -> ma.Episodes:
+def episodes(out: Outputs, ctl: schedule.Control, n_attempts) -> episodes_lib.Episodes:
   s = out.tokens.shape[1]
   slots = jnp.arange(s)[None]
-  return ma.Episodes(
+  return episodes_lib.Episodes(
       tokens=out.tokens, valid=out.valid, action_mask=out.action, feedback_mask=out.feedback,
       attempt_id=out.attempt_id, logprobs=jnp.where(out.action, out.logprobs, 0.0),
-      reward=ma.episode_reward(ctl.correct.any(0), ctl.boxed.any(0)),
+      reward=episodes_lib.episode_reward(ctl.correct.any(0), ctl.boxed.any(0)),
       last_action=jnp.max(jnp.where(out.action, slots, -1), axis=1),
       n_attempts=n_attempts, attempts_used=ctl.attempted.sum(0).astype(jnp.int32),
       correct_turn=ctl.correct, attempted_turn=ctl.attempted, boxed_turn=ctl.boxed,

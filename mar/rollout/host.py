@@ -1,9 +1,10 @@
-"""Host side of the rollout: the per-turn verification callback.
+"""Host side of the rollout: the engine's verification callback.
 
-The rollout calls this once per turn for the whole batch (through `jax.pure_callback`).
-It decodes each live row's attempt from its slots, extracts the final answer and checks it
-against the gold answer looked up by example index. Verification runs in the verifier's
-process pool, so a hanging or crashing check is a wrong answer, never a dead run.
+The engine calls `verify_rows` every `rollout.verify_every` decode steps for all rows
+waiting on a verdict (through `jax.pure_callback`). It decodes each row's attempt from its
+slots, extracts the final answer and checks it against the gold answer looked up by episode
+index. Verification runs in the verifier's process pool, so a hanging or crashing check is
+a wrong answer, never a dead run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from mar import verify
 
 
 class AttemptVerifier:
-  """Callable passed to `rollout` as `verify_fn` (a static argument: keep one per run).
+  """The engine's verifier (a static argument of its program: keep one per run).
 
-  `answers` is the table of gold answers indexed by the rollout's `example_ids`; swap it
+  `answers` is the table of gold answers indexed by the queue's episode ids; swap it
   (`set_answers`) to evaluate another benchmark without recompiling the rollout.
   `feedback_text(attempts_left, wrong_answers)` writes a hybrid feedback turn
   (`rollout.hint_feedback_len > 0`); the caller supplies it (setup: LTE's
@@ -37,9 +38,8 @@ class AttemptVerifier:
     self.seconds = 0.0  # host time spent verifying, in callbacks or not (time/verify)
     self.stalled = 0.0  # the part of it spent inside callbacks, with the device blocked
     self.last_texts: list[str] = []
-    self.wrong_answers: list[list[str]] = []  # per row, this episode's wrong boxed answers
-    self.episode_wrong: dict[int, list[str]] = {}  # the same per episode (continuous engine)
-    # The continuous engine split over data shards calls back from each shard's thread.
+    self.episode_wrong: dict[int, list[str]] = {}  # per episode, its wrong boxed answers
+    # The engine split over data shards calls back from each shard's thread.
     self._lock = threading.Lock()
 
   def set_answers(self, answers: Sequence[str]) -> None:
@@ -50,14 +50,6 @@ class AttemptVerifier:
         self.tokenizer.decode(tokens[b, start[b]:end[b]].tolist()) if live[b] else ""
         for b in range(tokens.shape[0])
     ]
-
-  def __call__(self, example_ids, tokens, start, end, live, turn=0):
-    """The rollout's per-turn callback: the device program waits for its result."""
-    t0 = time.perf_counter()
-    try:
-      return self._verify(example_ids, tokens, start, end, live, turn)
-    finally:
-      self.stalled += time.perf_counter() - t0
 
   def take_seconds(self) -> tuple[float, float]:
     """(verification seconds, of which inside callbacks) since the last call."""
@@ -78,20 +70,8 @@ class AttemptVerifier:
     self.seconds += time.perf_counter() - t0
     return correct & boxed, boxed
 
-  def _verify(self, example_ids, tokens, start, end, live, turn):
-    self.calls += 1
-    texts = self.attempt_texts(tokens, start, end, live)
-    self.last_texts = texts
-    if int(turn) == 0:
-      self.wrong_answers = [[] for _ in texts]
-    golds = [self.answers[int(i)] if live[b] else "" for b, i in enumerate(example_ids)]
-    correct, boxed = self.verdicts(texts, golds, live)
-    for b in np.flatnonzero(boxed & ~correct):
-      self.wrong_answers[b].append(verify.extract_boxed(texts[b]))
-    return correct, boxed
-
   def verify_rows(self, seq_ids, tokens, start, end, live, turns):
-    """The continuous engine's check: rows of any turn, wrong answers kept per episode.
+    """The engine's check: rows of any turn, wrong answers kept per episode.
 
     seq_ids [B] index `answers`; turns [B] is each row's 0-based attempt.
     """
@@ -113,16 +93,10 @@ class AttemptVerifier:
       finally:
         self.stalled += time.perf_counter() - t0
 
-  def hint_feedback(self, attempts_left, go_on, width: int):
-    """Hybrid feedback turns (multi-attempt feedback + LTE hint) as [B, width] ids + lengths.
-
-    Drops the oldest answers until the text fits `width` tokens.
-    """
-    return self._hint_turns([self.wrong_answers[b] if go_on[b] else [] for b in range(len(go_on))],
-                            attempts_left, go_on, width)
-
   def hint_feedback_rows(self, seq_ids, attempts_left, go_on, width: int):
-    """`hint_feedback` for the continuous engine: wrong answers looked up by episode."""
+    """Hybrid feedback turns (multi-attempt feedback + the wrong answers so far, LTE's hint)
+    as [B, width] ids + lengths, wrong answers looked up by episode; the oldest answers are
+    dropped until the text fits `width` tokens."""
     with self._lock:
       t0 = time.perf_counter()
       try:

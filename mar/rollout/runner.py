@@ -1,16 +1,15 @@
-"""Host driver of the jitted rollout: texts in, episodes (and host-side results) out.
+"""Host driver of the rollout engine: texts in, episodes (and host-side results) out.
 
-Tokenizes the prompt texts, left-pads them into a [B, P] bucket (P: the smallest of a few
-sizes, powers of two up to prompt_len, that holds the batch's longest prompt, so prefill and
-the KV cache follow real prompt lengths; rows beyond the real batch get n_attempts = 0 and
-stay idle, so the program compiles once per bucket), runs the rollout, and hands back device episodes plus the
-per-row responses the GRPO/LTE and evaluation code need on the host.
+Tokenizes the prompt texts into one queue (left-padded to the smallest of a few bucket
+widths, powers of two up to prompt_len, that holds the longest; each prompt is prefilled at
+its own bucket inside the program), runs the continuous engine (`continuous.py`) over it,
+and hands back device episodes plus the per-row responses the group family and evaluation
+need on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Sequence
 
@@ -18,15 +17,15 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from mar import episodes as episodes_lib
 from mar import parallel
 from mar.data.tokenizer import Tokenizer, feedback_table
 from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig
 from mar.rollout import continuous
-from mar.rollout import multi_attempt as ma
+from mar.rollout import spec as spec_lib
 from mar.rollout.host import AttemptVerifier
-from mar import sampling as sampling_lib
 from mar.sampling import boxed_stop_predicate
 
 
@@ -78,28 +77,27 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 class RolloutRunner:
-  """Owns the compiled rollout programs for a (batch size, spec): one per prompt bucket.
+  """Owns the compiled engine programs for a (rows, spec): one per prompt bucket.
 
-  Each call pads its prompts to the smallest bucket (`prompt_buckets`: powers of two from 64,
-  then prompt_len) that holds its longest prompt, and the dialogue slots shrink with it, so
-  short prompts are not sampled at the longest one's cost.
+  Each call queues all its prompts (`_run_queue`) at the smallest bucket (`prompt_buckets`:
+  powers of two from 64, then prompt_len) that holds the longest, and the dialogue slots
+  shrink with it, so short prompts are not sampled at the longest one's cost.
 
   Single-turn rollouts (M = 1, no hybrid hints) are verified on the host after the program
-  instead of in a callback inside it (`deferred`): `run_host` then verifies chunk c while
-  the device samples chunk c + 1. On several hosts (`jax.distributed`) each host passes its
-  own prompts (`batch_size / process_count` rows per call). Deferred rollouts run as one
-  program on the global batch, and each host reads back and verifies only its rows.
-  Multi-attempt rollouts run per host (`per_host`): each host gathers the policy onto its
-  own devices and runs its rows there, verifying in the callback as on one host.
+  instead of in a callback inside it (`deferred`). On several hosts (`jax.distributed`)
+  each host passes its own prompts (`batch_size / process_count` rows). Deferred rollouts
+  run as one program on the global queue, and each host reads back and verifies only its
+  rows. Multi-attempt rollouts run per host (`per_host`): each host gathers the policy onto
+  its own devices and runs its rows there, verifying in the callback as on one host.
   """
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
                *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
                sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
-               decode_fn=None, defer_verify: bool | None = None, timeline=None,
-               stop_at_box: bool = True, sampling_mesh=None, sampling_dtype=None,
-               engine: str = "static", refill_rows: int = 0, refill_wait: int = 16,
-               verify_every: int = 8, choose_fn=None, feedback_text=None):
+               defer_verify: bool | None = None, timeline=None, stop_at_box: bool = True,
+               sampling_mesh=None, sampling_dtype=None, refill_rows: int = 0,
+               refill_wait: int = 16, verify_every: int = 8, choose_fn=None,
+               feedback_text=None):
     self.tok = tokenizer
     self.model_config = model_config
     self.batch_size, self.prompt_len = batch_size, prompt_len
@@ -120,10 +118,10 @@ class RolloutRunner:
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
     self._feedback_len = max(fb_tokens.shape[1], hint_feedback_len)
     self.buckets = prompt_buckets(prompt_len)
-    self.spec = ma.RolloutSpec(
+    self.spec = spec_lib.RolloutSpec(
         max_attempts=max_attempts,
         token_budget=token_budget,
-        cache_len=ma.cache_len_for(prompt_len, token_budget, max_attempts, self._feedback_len),
+        cache_len=spec_lib.cache_len_for(prompt_len, token_budget, max_attempts, self._feedback_len),
         sampling=sampling,
         stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
         check_every=check_every,
@@ -142,51 +140,34 @@ class RolloutRunner:
     self._sampling_params_cache: tuple = (None, None)
     self.reshard_stats: dict = {}
     self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
-    self._decode_fn = decode_fn  # tests pass a scripted policy here
-    self._rollouts: dict[int, object] = {}  # prompt bucket -> its jitted rollout
     # Prompt tokens computed by prefill vs real ones, since the runner was built.
     self.prefill_tokens = {"computed": 0, "real": 0}
-    if engine not in ("static", "continuous"):
-      raise ValueError(f"rollout engine: expected 'static' or 'continuous', found {engine!r}")
-    self.continuous = engine == "continuous"
-    # The continuous engine runs any number of prompts as one queue (padded to a multiple of
+    # The engine runs any number of prompts as one queue (padded to a multiple of
     # the rows, so it compiles for a few queue lengths and one program per prompt bucket);
     # one program over the global rows when deferred on several hosts, else this host's rows.
     self._engine_rows = self.local_batch if (self.per_host or self.processes == 1) else batch_size
     self._engine_args = dict(refill_rows=refill_rows, refill_wait=refill_wait,
                              verify_every=verify_every)
-    self._choose_fn = choose_fn
+    self._choose_fn = choose_fn  # tests pass a scripted policy here
     self._continuous: dict[tuple, object] = {}  # (prompt bucket, groups) -> its engine
     self._stats: list = []  # the engine's counters of each program since take_stats
 
-  def spec_for(self, bucket: int) -> ma.RolloutSpec:
+  def spec_for(self, bucket: int) -> spec_lib.RolloutSpec:
     """The rollout spec of one prompt bucket: its cache holds that bucket, not the largest."""
-    return dataclasses.replace(self.spec, cache_len=ma.cache_len_for(
+    return dataclasses.replace(self.spec, cache_len=spec_lib.cache_len_for(
         bucket, self.spec.token_budget, self.spec.max_attempts, self._feedback_len))
-
-  def _rollout_for(self, bucket: int):
-    if bucket not in self._rollouts:
-      spec, pred, decode = self.spec_for(bucket), self.stop_predicate, self._decode_fn
-      if decode is None:  # the sampler, one decode loop per data shard of the layout
-        mesh = self._local_mesh() if self.per_host else self.sampling_mesh
-        decode = functools.partial(sampling_lib.decode, mesh=mesh)
-      vfn = None if self.deferred else self.verify_fn
-      self._rollouts[bucket] = jax.jit(lambda params, *args: ma.rollout(
-          self.model_config, params, spec, pred, vfn, *args, decode_fn=decode))
-    return self._rollouts[bucket]
 
   def fits(self, prompt: str) -> bool:
     """Whether a prompt text fits the largest prompt bucket."""
     return len(self.tok.encode(prompt)) <= self.prompt_len
 
-  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None,
-                     per_row: bool = False):
+  def encode_prompts(self, prompts: Sequence[str], rows: int | None = None):
     """Left-pads this host's tokenized prompts into [rows, P] (+ mask); rows = B / hosts.
 
     P is the smallest bucket that holds the longest prompt (on several hosts running one
     program, the longest of all hosts'). Raises if a prompt is longer than prompt_len.
-    `per_row`: the program prefills each prompt at its own bucket (the continuous engine),
-    which is what `prefill_tokens` counts, rather than rows x P.
+    The program prefills each prompt at its own bucket, which is what `prefill_tokens`
+    counts.
     """
     b = self.local_batch if rows is None else rows
     if len(prompts) > b:
@@ -205,62 +186,20 @@ class RolloutRunner:
     for i, x in enumerate(ids):
       tokens[i, p - len(x):] = x
       mask[i, p - len(x):] = True
-    self.prefill_tokens["computed"] += (sum(bucket_for(len(x), self.buckets) for x in ids)
-                                        if per_row else b * p)
+    self.prefill_tokens["computed"] += sum(bucket_for(len(x), self.buckets) for x in ids)
     self.prefill_tokens["real"] += sum(map(len, ids))
     return tokens, mask
 
-  def dispatch(self, params, prompts: Sequence[str], n_attempts: Sequence[int],
-               key) -> ma.Episodes:
-    """Starts one batch of this host's prompts (rows past them idle); returns at once."""
-    rows = self.local_batch
-    tokens, mask = self.encode_prompts(prompts)
-    attempts = np.zeros(rows, np.int32)
-    attempts[:len(prompts)] = n_attempts
-    batch = (tokens, mask, attempts, np.arange(rows, dtype=np.int32))
-    if self.per_host:
-      params = self._host_params(params)
-    else:
-      params = self._sampling_params(params)
-      layout = self.sampling_mesh or self.mesh
-      if self.processes > 1 or self.sampling_mesh is not None:  # rows over 'data'
-        batch = parallel.put_batch(batch, layout)
-        key = np.asarray(key)  # replicated: every host passes the same key
-    t0 = time.perf_counter()
-    out = self._rollout_for(tokens.shape[1])(params, *batch, *self.feedback, key)
-    if self.timeline is not None:
-      self.timeline.track(out, t0)
-    return out
-
   def run(self, params, prompts: Sequence[str], answers: Sequence[str],
-          n_attempts: Sequence[int], key) -> ma.Episodes:
-    """Runs one batch; rows past len(prompts) are idle padding.
+          n_attempts: Sequence[int], key) -> episodes_lib.Episodes:
+    """Episodes of exactly len(prompts) rows, in the given order (one queue of the engine).
 
-    More prompts than rows run in runner-sized chunks of similar prompt lengths (so each
-    chunk's prompt bucket follows its own longest prompt; chunk c with key fold_in(key, c))
-    and come back as one batch of exactly len(prompts) rows, in the given order.
     Deferred (single-turn) runs come back as this host's rows in numpy, verdicts filled in.
     """
-    if self.continuous:
-      return self._run_queue(params, prompts, answers, n_attempts, key)
-    if len(prompts) > self.local_batch:
-      step = self.local_batch
-      order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
-      pick = lambda xs, lo: [xs[i] for i in order[lo:lo + step]]
-      chunks = ma.concat_episodes([
-          ma.first_rows(self.run(params, pick(prompts, lo), pick(answers, lo),
-                                 pick(n_attempts, lo), jax.random.fold_in(key, c)),
-                        min(step, len(prompts) - lo))
-          for c, lo in enumerate(range(0, len(prompts), step))])
-      return ma.take_rows(chunks, np.argsort(order))
-    if self.deferred:
-      episodes = self._local_rows(self.dispatch(params, prompts, n_attempts, key))
-      return self._with_host_verdicts(episodes, answers)
-    self.verify_fn.set_answers(list(answers) + [""] * (self.batch_size - len(prompts)))
-    return self.dispatch(params, prompts, n_attempts, key)
+    return self._run_queue(params, prompts, answers, n_attempts, key)
 
-  def _with_host_verdicts(self, episodes: ma.Episodes, answers: Sequence[str],
-                          texts: Sequence[str] | None = None) -> ma.Episodes:
+  def _with_host_verdicts(self, episodes: episodes_lib.Episodes, answers: Sequence[str],
+                          texts: Sequence[str] | None = None) -> episodes_lib.Episodes:
     """A deferred run completed by host verdicts; `texts`: its first rows' decoded responses."""
     live = np.asarray(episodes.attempted_turn)[0]
     if texts is None:
@@ -272,9 +211,9 @@ class RolloutRunner:
     correct, boxed = self.verify_fn.verdicts(texts, golds, live)
     if self.spec.keep_stop_token:  # run-to-EOS rule (verl, LTE): a truncated response is wrong
       correct = np.asarray(correct, bool) & ~np.asarray(episodes.truncated, bool)
-    return ma.with_verdicts(episodes, correct, boxed)
+    return episodes_lib.with_verdicts(episodes, correct, boxed)
 
-  def to_host(self, episodes: ma.Episodes, n: int) -> HostEpisodes:
+  def to_host(self, episodes: episodes_lib.Episodes, n: int) -> HostEpisodes:
     """Responses, answers and outcomes of the first n rows, as numpy / Python objects."""
     from mar import verify  # host-only dependency
 
@@ -300,48 +239,10 @@ class RolloutRunner:
     )
 
   def run_host(self, params, prompts: Sequence[str], answers: Sequence[str], key,
-               n_attempts: Sequence[int] | None = None, _sorted: bool = False) -> HostEpisodes:
-    """Any number of this host's prompts, in batch-sized chunks; the concatenated host view.
-
-    Prompts are chunked in order of length (results come back in the given order), so
-    each chunk's prompt bucket follows its own longest prompt.
-
-    Deferred runs dispatch chunk c + 1 before verifying chunk c, so the host's decoding and
-    verification overlap the device's sampling.
-    """
+               n_attempts: Sequence[int] | None = None) -> HostEpisodes:
+    """Any number of this host's prompts as one queue; their host view, in the given order."""
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
-    if self.continuous:
-      return self._run_queue(params, prompts, answers, n_attempts, key, host=True)
-    step = self.local_batch
-    if len(prompts) > step and not _sorted:  # chunks of similar lengths, so each gets a small prompt bucket
-      order = np.argsort([len(self.tok.encode(t)) for t in prompts], kind="stable")
-      out = self.run_host(params, [prompts[i] for i in order], [answers[i] for i in order],
-                          key, [n_attempts[i] for i in order], _sorted=True)
-      back = np.argsort(order)
-      return select_rows(out, back)
-    chunks = [(lo, min(lo + step, len(prompts))) for lo in range(0, len(prompts), step)]
-    parts, pending = [], None
-    for c, (lo, hi) in enumerate(chunks):
-      ckey = jax.random.fold_in(key, c)
-      if not self.deferred:
-        parts.append(self.to_host(self.run(params, prompts[lo:hi], answers[lo:hi],
-                                           n_attempts[lo:hi], ckey), hi - lo))
-        continue
-      started = self.dispatch(params, prompts[lo:hi], n_attempts[lo:hi], ckey)
-      if pending is not None:
-        parts.append(self._finish(*pending))
-      pending = (started, answers[lo:hi])
-    if pending is not None:
-      parts.append(self._finish(*pending))
-    return HostEpisodes(
-        responses=[r for p in parts for r in p.responses],
-        texts=[t for p in parts for t in p.texts],
-        answers=[a for p in parts for a in p.answers],
-        correct=np.concatenate([p.correct for p in parts]),
-        truncated=np.concatenate([p.truncated for p in parts]),
-        reward=np.concatenate([p.reward for p in parts]),
-        logprobs=[x for p in parts for x in p.logprobs],
-    )
+    return self._run_queue(params, prompts, answers, n_attempts, key, host=True)
 
   def _sampling_params(self, params):
     """The policy in the sampling layout and dtype: one timed reshard per distinct params."""
@@ -365,17 +266,15 @@ class RolloutRunner:
       return sharding_lib.make_mesh(-1, 1, tensor, devices=devices)
     return sharding_lib.make_mesh(1, -1, tensor, devices=devices)
 
-  # ----- the continuous engine ---------------------------------------------------------------
-
   def _run_queue(self, params, prompts, answers, n_attempts, key, host: bool = False):
-    """All of this host's prompts as one queue of the continuous engine.
+    """All of this host's prompts as one queue of the engine.
 
     Returns Episodes of exactly len(prompts) rows (deferred: numpy, verdicts filled in), or
     with `host` their HostEpisodes.
     """
     n, rows = len(prompts), self.local_batch
     q = queue_len(n, rows)
-    tokens, mask = self.encode_prompts(prompts, rows=q, per_row=True)  # one bucket for the queue
+    tokens, mask = self.encode_prompts(prompts, rows=q)  # one bucket for the queue
     attempts = np.zeros(q, np.int32)
     attempts[:n] = n_attempts
     batch = (tokens, mask, attempts)
@@ -394,15 +293,15 @@ class RolloutRunner:
       self.timeline.track(episodes, t0)
     self._stats.append(stats)
     if not self.deferred:
-      episodes = ma.first_rows(episodes, n)
+      episodes = episodes_lib.first_rows(episodes, n)
       return self.to_host(episodes, n) if host else episodes
     local = self._local_rows(episodes, q * self.processes)
     if host:
-      return self._finish(local, answers, local_already=True)
-    return ma.first_rows(self._with_host_verdicts(local, answers), n)
+      return self._finish(local, answers)
+    return episodes_lib.first_rows(self._with_host_verdicts(local, answers), n)
 
   def _engine_for(self, bucket: int, groups: tuple = ()):
-    """The continuous engine's program for one prompt bucket (one compile each); `groups`:
+    """The engine's program for one prompt bucket (one compile each); `groups`:
     (group_size, groups_needed, keep_none_pass) of a dynamic-sampling queue."""
     if (bucket, groups) not in self._continuous:
       espec = continuous.EngineSpec(self.spec_for(bucket), rows=self._engine_rows,
@@ -430,12 +329,11 @@ class RolloutRunner:
     episode, verified [n] bool: its verdict was given, admitted [n] bool: it entered a row).
     One process only (the decision needs the whole queue in one program).
     """
-    if not self.continuous or self.processes > 1 or self.spec.max_attempts != 1:
-      raise ValueError("grpo.dynamic_sampling needs rollout.engine=continuous, one process "
-                       "and single-turn groups")
+    if self.processes > 1 or self.spec.max_attempts != 1:
+      raise ValueError("grpo.dynamic_sampling needs one process and single-turn groups")
     n, rows = len(prompts), self.local_batch
     q = queue_len(n, rows)
-    tokens, mask = self.encode_prompts(prompts, rows=q, per_row=True)
+    tokens, mask = self.encode_prompts(prompts, rows=q)
     attempts = np.zeros(q, np.int32)
     attempts[:n] = 1
     self.verify_fn.set_answers(list(answers) + [""] * (q - n))
@@ -446,12 +344,12 @@ class RolloutRunner:
     if self.timeline is not None:
       self.timeline.track(episodes, t0)
     self._stats.append(stats)
-    episodes = ma.first_rows(jax.device_get(episodes), n)
+    episodes = episodes_lib.first_rows(jax.device_get(episodes), n)
     return (self.to_host(episodes, n), np.asarray(episodes.attempted_turn)[0],
             np.asarray(episodes.valid).any(1))
 
   def take_stats(self) -> dict:
-    """rollout/* metrics of the continuous programs run since the last call ({} if none)."""
+    """rollout/* metrics of the engine programs run since the last call ({} if none)."""
     stats, self._stats = jax.device_get(self._stats), []
     if not stats:
       return {}
@@ -467,7 +365,7 @@ class RolloutRunner:
   def _host_params(self, params):
     """The policy gathered onto this host's devices, in the sampling layout and dtype.
 
-    A collective (every host calls dispatch in step), once per distinct `params`.
+    A collective (every host runs its queue in step), once per distinct `params`.
     """
     cached_for, local = self._host_params_cache
     if cached_for is params:
@@ -484,23 +382,21 @@ class RolloutRunner:
     self._host_params_cache = (params, local)
     return local
 
-  def _finish(self, episodes: ma.Episodes, answers: Sequence[str],
-              local_already: bool = False) -> HostEpisodes:
-    """Host view of a deferred chunk: this host's rows, verified here."""
+  def _finish(self, local: episodes_lib.Episodes, answers: Sequence[str]) -> HostEpisodes:
+    """Host view of a deferred queue's rows on this host (numpy), verified here."""
     n = len(answers)
-    local = episodes if local_already else self._local_rows(episodes)
     host = self.to_host(local, n)
     done = self._with_host_verdicts(local, answers, host.texts)  # texts decoded once
     return dataclasses.replace(host, correct=done.correct_turn[0, :n],
                                truncated=done.truncated[:n], reward=done.reward[:n])
 
-  def _local_rows(self, episodes: ma.Episodes, total: int | None = None) -> ma.Episodes:
-    """This host's rows of a rollout (or queue) of `total` rows (default: the batch), in numpy."""
+  def _local_rows(self, episodes: episodes_lib.Episodes, total: int) -> episodes_lib.Episodes:
+    """This host's rows of a queue of `total` rows, in numpy."""
     if self.processes == 1:
       return jax.device_get(episodes)
     # Whatever layout XLA chose for the outputs, gather them and keep this host's rows.
     full = multihost_utils.process_allgather(episodes, tiled=True)
-    rows = parallel.local_rows(self.batch_size if total is None else total)
-    return ma.Episodes(**{
-        f: np.asarray(v)[:, rows] if f in ma.TURN_FIELDS else np.asarray(v)[rows]
+    rows = parallel.local_rows(total)
+    return episodes_lib.Episodes(**{
+        f: np.asarray(v)[:, rows] if f in episodes_lib.TURN_FIELDS else np.asarray(v)[rows]
         for f, v in full._asdict().items()})

@@ -31,7 +31,7 @@ groups, the step's groups are decided (`closed`): no new episode is admitted and
 still running are freed (their episodes lie past the prefix, none of them is trained). So
 the decided groups are the same with any B; only the speculative work past them differs.
 
-Per-turn semantics are those of `multi_attempt.rollout` (METHODS.md §1): the stop token
+Per-turn semantics follow METHODS.md §1: the stop token
 counts against the token budget, an attempt ends at a stop token, a fired stop predicate
 (checked every `check_every` tokens and on the last one) or the end of the budget;
 `attempts_left` drops by one per verified attempt, a wrong attempt goes on only with attempts
@@ -62,7 +62,7 @@ class ScheduleSpec:
   check_every: int = 1  # stop-predicate check interval, in tokens of an attempt
   deferred: bool = False  # no in-program verification (single-turn, verdicts on the host)
   # Single turn, run to EOS: a response whose last budgeted token is its stop token is
-  # complete, not truncated (`multi_attempt.RolloutSpec.keep_stop_token`).
+  # complete, not truncated (`spec.RolloutSpec.keep_stop_token`).
   keep_stop_token: bool = False
   group_size: int = 0  # G > 0: close the queue once `groups_needed` groups are informative
   groups_needed: int = 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mar.rollout import multi_attempt as ma
+from mar import methods
+from mar.rollout import spec as spec_lib
 from mar.rollout import runner as runner_lib
 
 # Tokens of one multi-attempt feedback turn (METHODS.md §1), rounded up: what the planners
@@ -33,8 +34,7 @@ class RolloutShape:
 
 def step_episodes(config) -> int:
   """Episodes one training step rolls out: one per prompt (PPO), a group of G (GRPO / LTE)."""
-  r = config.rollout
-  return r.prompts_per_step * (1 if config.method == "ppo" else config.grpo.group_size)
+  return config.rollout.prompts_per_step * methods.of(config).rows_per_prompt(config)
 
 
 def rollout_rows(config) -> int:
@@ -49,13 +49,12 @@ def rollout_rows(config) -> int:
 def rollout_shape(config, feedback_len: int = FEEDBACK_LEN) -> RolloutShape:
   """The rollout program of `config`; `feedback_len`: slots of one feedback turn (the runner
   passes its tokenizer's, the planners `FEEDBACK_LEN`)."""
-  r, ppo = config.rollout, config.method == "ppo"
-  attempts = r.max_attempts if ppo else 1
+  r, attempts = config.rollout, methods.of(config).max_attempts(config)
   feedback = max(feedback_len, r.hint_feedback_len) if attempts > 1 else r.hint_feedback_len
   rows, episodes = rollout_rows(config), step_episodes(config)
   return RolloutShape(
       rows=rows, episodes=episodes, prompt_len=r.prompt_len,
       prompt_widths=runner_lib.prompt_buckets(r.prompt_len), attempts=attempts,
       feedback_len=feedback,
-      cache_len=ma.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
+      cache_len=spec_lib.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
       queue=runner_lib.queue_len(episodes, rows))

@@ -1,9 +1,7 @@
 """What XLA itself says a config's rollout and update programs need: compiled with no weights.
 
-`compile_rollout` lowers the trainer's rollout program for a config (`rollout.engine`: the
-continuous engine's queue program, `mar.rollout.continuous.rollout`, or the static one's
-prefill, turn scan and while-loop decode, `mar.rollout.multi_attempt.rollout`) on the
-sampling layout (`parallel.sampling_mesh`: rows over 'data', weights in the sampling dtype
+`compile_rollout` lowers the trainer's rollout program for a config (the engine's queue
+program, `mar.rollout.continuous.rollout`) on the sampling layout (`parallel.sampling_mesh`: rows over 'data', weights in the sampling dtype
 over 'tensor') from `jax.ShapeDtypeStruct`s only, and reads XLA's memory analysis of the
 compiled program. `decode_loop_collectives` parses its optimized HLO: the decode loop is the
 innermost while loop whose body (with everything it calls) runs the whole model; the
@@ -17,7 +15,6 @@ Used by `python -m mar.tools.plan_memory --compiled`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time
@@ -27,16 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mar import methods
+from mar import episodes as episodes_lib
 from mar import parallel
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.models.init import init_params, param_shapes
 from mar.rl import packing
 from mar.rollout import continuous
-from mar.rollout import multi_attempt as ma
+from mar.rollout import spec as spec_lib
 from mar.rollout import runner as runner_lib
 from mar.rollout import shape as shape_lib
-from mar import sampling
 from mar.sampling import SamplingParams
 from mar.sampling.stop import boxed_stop_predicate
 
@@ -59,7 +57,7 @@ class RolloutShape:
   rows: int
   prompt_len: int
   attempts: int
-  spec: ma.RolloutSpec
+  spec: spec_lib.RolloutSpec
   queue: int  # episodes of one step, padded to a multiple of rows (the continuous engine's Q)
 
   @property
@@ -70,7 +68,7 @@ class RolloutShape:
 def rollout_shape(config) -> RolloutShape:
   """`mar.rollout.shape.rollout_shape` with the sampler's spec (Qwen's stop ids)."""
   r, s = config.rollout, shape_lib.rollout_shape(config)
-  spec = ma.RolloutSpec(
+  spec = spec_lib.RolloutSpec(
       max_attempts=s.attempts, token_budget=r.token_budget, cache_len=s.cache_len,
       sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
       stop_ids=STOP_IDS, check_every=r.check_every, hint_feedback_len=r.hint_feedback_len)
@@ -82,15 +80,13 @@ def program_model(config, model: QwenConfig) -> QwenConfig:
   return model.replace(dtype=dtype_from_name(config.model.dtype), remat=config.model.remat)
 
 
-def _no_verdicts(example_ids, tokens, start, end, live, turn):  # never runs: compile only
-  del tokens, start, end, turn
-  return np.zeros_like(live), np.zeros_like(live)
-
-
 class _NoVerifier:
-  """The continuous engine's verifier interface, for compiling only."""
+  """The engine's verifier interface, for compiling only (never called)."""
 
-  verify_rows = staticmethod(_no_verdicts)
+  @staticmethod
+  def verify_rows(example_ids, tokens, start, end, live, turn):
+    del example_ids, tokens, start, end, turn
+    return np.zeros_like(live), np.zeros_like(live)
 
   @staticmethod
   def hint_feedback_rows(seqs, attempts_left, go_on, width):
@@ -135,30 +131,9 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
   params = unstacked_structs(
       jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
                    p_shapes, p_sh))
-  rows_sh = NamedSharding(mesh, parallel.batch_spec(mesh, sharding_lib.DEFAULT_RULES,
-                                                    (rs.rows,)))
-  rows2_sh = NamedSharding(mesh, parallel.batch_spec(mesh, sharding_lib.DEFAULT_RULES,
-                                                     (rs.rows, rs.prompt_len)))
-  rep = NamedSharding(mesh, PartitionSpec())
-  m = rs.attempts
-  args = (
-      jax.ShapeDtypeStruct((rs.rows, rs.prompt_len), jnp.int32, sharding=rows2_sh),
-      jax.ShapeDtypeStruct((rs.rows, rs.prompt_len), jnp.bool_, sharding=rows2_sh),
-      jax.ShapeDtypeStruct((rs.rows,), jnp.int32, sharding=rows_sh),
-      jax.ShapeDtypeStruct((rs.rows,), jnp.int32, sharding=rows_sh),
-      jax.ShapeDtypeStruct((m, FEEDBACK_LEN), jnp.int32, sharding=rep),
-      jax.ShapeDtypeStruct((m,), jnp.int32, sharding=rep),
-      jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-  )
   pred = boxed_stop_predicate(_token_strings(model.vocab_size))
-  callbacks = m > 1 or bool(rs.spec.hint_feedback_len)
-  if config.rollout.engine == "continuous":
-    fn, args = _continuous_program(config, model, rs, mesh, pred, callbacks, args)
-  else:
-    verify = _no_verdicts if callbacks else None
-    decode = functools.partial(sampling.decode, mesh=mesh)  # as the runner passes it
-    fn = jax.jit(lambda params, *a: ma.rollout(model, params, rs.spec, pred, verify, *a,
-                                               decode_fn=decode))
+  callbacks = rs.attempts > 1 or bool(rs.spec.hint_feedback_len)
+  fn, args = _engine_program(config, model, rs, mesh, pred, callbacks)
   start = time.perf_counter()
   compiled = fn.lower(params, *args).compile()
   seconds = time.perf_counter() - start
@@ -171,13 +146,9 @@ def compile_rollout(config, model: QwenConfig, mesh: Mesh) -> CompiledRollout:
                          compiled.as_text(), seconds, cost_figures(compiled))
 
 
-def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool,
-                        static_args: tuple):
-  """The continuous engine's program (as `RolloutRunner._engine_for` builds it) and its args.
-
-  The queue holds the step's Q episodes; the static engine's args give the dtypes and the
-  feedback table / key.
-  """
+def _engine_program(config, model, rs: RolloutShape, mesh, pred, callbacks: bool):
+  """The engine's program (as `RolloutRunner._engine_for` builds it) and its args: the
+  queue of the step's Q episodes, the feedback table and the key."""
   r = config.rollout
   espec = continuous.EngineSpec(
       rs.spec, rows=rs.rows, refill_rows=r.refill_rows, refill_wait=r.refill_wait,
@@ -186,13 +157,14 @@ def _continuous_program(config, model, rs: RolloutShape, mesh, pred, callbacks: 
                                                      (rs.queue,)))
   queue2_sh = NamedSharding(mesh, parallel.batch_spec(mesh, sharding_lib.DEFAULT_RULES,
                                                       (rs.queue, rs.prompt_len)))
-  tokens, mask, attempts, _, fb_tokens, fb_lengths, key = static_args
-  args = (jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), tokens.dtype, sharding=queue2_sh),
-          jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), mask.dtype, sharding=queue2_sh),
-          jax.ShapeDtypeStruct((rs.queue,), attempts.dtype, sharding=queue_sh),
+  args = (jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), jnp.int32, sharding=queue2_sh),
+          jax.ShapeDtypeStruct((rs.queue, rs.prompt_len), jnp.bool_, sharding=queue2_sh),
+          jax.ShapeDtypeStruct((rs.queue,), jnp.int32, sharding=queue_sh),
           # Unplaced, as the runner passes them (numpy): the engine closes over them inside
           # its shard_map, where a value placed on the (automatic) mesh may not be indexed.
-          *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (fb_tokens, fb_lengths, key)))
+          jax.ShapeDtypeStruct((rs.attempts, FEEDBACK_LEN), jnp.int32),
+          jax.ShapeDtypeStruct((rs.attempts,), jnp.int32),
+          jax.ShapeDtypeStruct((2,), jnp.uint32))
   verify = _NoVerifier() if callbacks else None
   stop = pred if r.stop_at_box else None
   fn = jax.jit(lambda params, *a: continuous.rollout(model, params, espec, stop, verify, *a,
@@ -245,7 +217,7 @@ def update_shape(config, shards: int) -> UpdateShape:
   each fill a row, which is also the padded layout's shape (`packing` keeps the padded
   micro-batch's row count).
   """
-  r, ppo = config.rollout, config.method == "ppo"
+  r, ppo = config.rollout, methods.of(config).is_ppo
   if ppo:
     n, seq = r.prompts_per_step, rollout_shape(config).slots
     mini, micro = config.ppo.mini_batches, config.ppo.micro_batches
@@ -282,11 +254,11 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
   n, s = us.sequences // us.mini_batches, us.seq_len
   ep_dtypes = {"tokens": jnp.int32, "valid": jnp.bool_, "action_mask": jnp.bool_,
                "feedback_mask": jnp.bool_, "logprobs": jnp.float32}
-  fields = {f: None for f in ma.Episodes._fields}
+  fields = {f: None for f in episodes_lib.Episodes._fields}
   fields.update({k: _struct((n, s), d, mesh, rules) for k, d in ep_dtypes.items()})
   fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
                 last_action=_struct((n,), jnp.int32, mesh, rules))
-  ep = ma.Episodes(**fields)
+  ep = episodes_lib.Episodes(**fields)
   sh = learner.shardings
   policy = _sharded(_f32(param_shapes(learner.config)), sh.params)
   critic = _sharded(_f32(parallel.critic_shapes(learner.config)), sh.critic)
@@ -301,7 +273,7 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
 def group_batch(config, us: UpdateShape, mesh, rules) -> dict:
   """One GRPO / LTE mini-batch as `GRPOLearner.step` hands it to the update.
 
-  The fields `lte.step` builds (the sampler's log-probs always; old_logp with several
+  The fields `algorithms.refined` builds (the sampler's log-probs always; old_logp with several
   mini-batches; ref_logp with a KL term), then, packed, those `GRPOLearner.pack_batch` makes of them ([R, L] per slot,
   per-row `loss_norm`, no `valid`).
   """
@@ -360,7 +332,7 @@ def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdat
   `parallel.TrainShardings` places them, one mini-batch of `update_shape`."""
   cfg, learner, us, policy = _learner_program(config, model, mesh)
   rules, sh = parallel.rules_from_config(config), learner.shardings
-  if config.method == "ppo":
+  if methods.of(config).is_ppo:
     batch = ppo_batch(learner, us, mesh, rules)
     actor, critic_fn = ((learner.packed_updates(us.micro_rows)) if us.packed else
                         (learner.update_actor, learner.update_critic))
@@ -389,16 +361,16 @@ def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
   cfg, learner, us, policy = _learner_program(config, model, mesh)
   rules, sh = parallel.rules_from_config(config), learner.shardings
   rows = us.rows * us.mini_batches if us.packed else us.sequences
-  if config.method == "ppo":
+  if methods.of(config).is_ppo:
     n, s = us.sequences, us.seq_len
-    fields = {f: None for f in ma.Episodes._fields}
+    fields = {f: None for f in episodes_lib.Episodes._fields}
     fields.update({k: _struct((n, s), d, mesh, rules) for k, d in (
         ("tokens", jnp.int32), ("valid", jnp.bool_), ("action_mask", jnp.bool_),
         ("feedback_mask", jnp.bool_))})
     fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
                   last_action=_struct((n,), jnp.int32, mesh, rules))
     critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)
-    args = (policy, policy, critic, ma.Episodes(**fields))
+    args = (policy, policy, critic, episodes_lib.Episodes(**fields))
     if us.packed:
       idx = _struct((rows, us.row_len), jnp.int32, mesh, rules)
       fn, args = learner.score_packed, args + (idx, idx)

@@ -26,6 +26,7 @@ import re
 
 import numpy as np
 
+from mar import methods
 from mar import parallel
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.rollout import shape as shape_lib
@@ -112,11 +113,11 @@ def _with(config, **updates):
 
 
 def _micro_key(config) -> str:
-  return "ppo.micro_batches" if config.method == "ppo" else "grpo.micro_batches"
+  return "ppo.micro_batches" if methods.of(config).is_ppo else "grpo.micro_batches"
 
 
 def _micro_value(config) -> int:
-  return int(config.ppo.micro_batches if config.method == "ppo" else config.grpo.micro_batches)
+  return int(config.ppo.micro_batches if methods.of(config).is_ppo else config.grpo.micro_batches)
 
 
 def row_candidates(config, data_shards: int) -> list[int]:
@@ -133,7 +134,7 @@ def micro_candidates(config) -> list[int]:
   """Micro-batch counts to try, fewest (largest micro-batches) first: from the config's
   (-1: 1) up to one row per micro-batch, counts that divide the mini-batch's rows."""
   per_update = shape_lib.step_episodes(config)
-  mini = config.ppo.mini_batches if config.method == "ppo" else config.grpo.mini_batches
+  mini = config.ppo.mini_batches if methods.of(config).is_ppo else config.grpo.mini_batches
   per_mini = per_update // mini
   start = max(_micro_value(config), 1)
   return [m for m in range(start, per_mini + 1) if per_mini % m == 0]
@@ -191,7 +192,7 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
                  "resident_state_bytes_per_device": resident, **partial})
 
   # The update programs: their state alone must fit (exact figures; no size changes them).
-  for name in ("update_actor", "update_critic") if config.method == "ppo" else ("update",):
+  for name in ("update_actor", "update_critic") if methods.of(config).is_ppo else ("update",):
     # + the f32 gradient accumulator of the model it trains
     floor = resident + (by["critic"] if name == "update_critic" else by["params (f32)"])
     if floor > budget:
@@ -337,7 +338,7 @@ def roofline(config, model: QwenConfig, chip: Chip, chips: int, data_shards: int
   reading the gathered compute-dtype weights 3 times, the optimizer reading and writing f32
   params, gradients and both moments.
   """
-  r, ppo = config.rollout, config.method == "ppo"
+  r, ppo = config.rollout, methods.of(config).is_ppo
   s = shape_lib.rollout_shape(config)
   prompt, response = r.prompt_len / 2, r.token_budget / 2
   seq = prompt + response

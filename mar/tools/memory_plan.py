@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
+from mar import methods
 from mar import parallel
 from mar.models import sharding as sharding_lib
 from mar.models.config import PRESETS, QwenConfig, dtype_from_name
@@ -205,7 +206,7 @@ class Plan:
 
 
 def _kl(config) -> bool:
-  return bool(config.ppo.kl_coef if config.method == "ppo" else config.grpo.kl_coef)
+  return bool(config.ppo.kl_coef if methods.of(config).is_ppo else config.grpo.kl_coef)
 
 
 def resident_state(by: dict[str, int]) -> int:
@@ -228,7 +229,7 @@ def plan(config, model: QwenConfig, num_devices: int, device_memory_gib: float,
   mesh = abstract_mesh(shape)
   rules = parallel.rules_from_config(config)
   compute = dtype_from_name(config.model.dtype)
-  r, ppo_run = config.rollout, config.method == "ppo"
+  r, ppo_run = config.rollout, methods.of(config).is_ppo
   lr = config.ppo.actor_lr if ppo_run else config.grpo.lr
   opt = optim.make_optimizer(lr, max(config.train.num_steps, 1))
   rs = shape_lib.rollout_shape(config, feedback_len)
@@ -353,14 +354,12 @@ def rollout_program_plan(config, model: QwenConfig, sampling_shape: dict[str, in
 
   For the whole program: the weights in the sampling dtype (replicated over 'data'; heads
   and MLP split over 'tensor'), the relayouted copy of the fused qkv and gate_up weights
-  (`RELAYOUTED_WEIGHTS`), the episodes' per-slot buffers (tokens, log-probs, masks, attempt
-  ids) and a few [rows, V] f32 logit buffers of the sampler. On top, the larger of two
-  phases: prefill (the prompt-length cache, the residual stream, and the larger of one
-  layer's attention -- dense f32 scores over the prompt, q/k/v -- and its MLP -- gate, up and
-  their product) or decode (the full cache: the prompt-length one is padded into it, not
-  kept beside it; the feedback append writes the same buffers). The continuous engine
-  (`rollout.engine`) has one phase: the full cache plus one row's prefill, and its episode
-  buffers hold the local queue.
+  (`RELAYOUTED_WEIGHTS`), the episodes' per-slot buffers of the local queue (tokens, valid,
+  log-probs and their masked copy, masks, attempt id) and a few [rows, V] f32 logit buffers
+  of the sampler. On top, one phase: the full cache lives throughout and each prompt is
+  prefilled alone beside it (one row's prompt cache and activations: the residual stream
+  and the larger of one layer's attention -- dense f32 scores over the prompt, q/k/v -- and
+  its MLP -- gate, up and their product).
   """
   from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
 
@@ -380,18 +379,12 @@ def rollout_program_plan(config, model: QwenConfig, sampling_shape: dict[str, in
   p, dh, d = rs.prompt_len, model.head_dim, model.hidden_size
   attention = heads * p * 4 + 2 * (heads + 2 * kv_heads) * dh * b  # per prompt token
   mlp = 3 * model.intermediate_size / tp_mlp * b
-  prefill_act = int(local * p * (2 * d * b + max(attention, mlp)))
-  per_slot = 4 + 4 + 1 + 1 + 4 + 4  # tokens, log-probs, action / feedback masks, attempt id, copy
-  episodes = local * rs.slots * per_slot
+  # One row's prompt cache and prefill activations.
+  kv_prompt //= local
+  prefill_act = int(p * (2 * d * b + max(attention, mlp)))
+  episodes = math.ceil(rs.queue / _split(rs.queue, mesh, rules, "batch")) * rs.slots * 19
   logits = 4 * local * model.vocab_size * 4
-  phases = {"prefill": kv_prompt + prefill_act, "decode": kv}
-  if config.rollout.engine == "continuous":
-    # One phase: the full cache lives throughout and each prompt is prefilled alone beside it
-    # (one row's prompt cache and activations); the outputs are per episode of the local
-    # queue: tokens, valid, log-probs (+ their masked copy), masks, attempt id.
-    kv_prompt, prefill_act = kv_prompt // local, prefill_act // local
-    episodes = math.ceil(rs.queue / _split(rs.queue, mesh, rules, "batch")) * rs.slots * 19
-    phases = {"decode": kv + kv_prompt + prefill_act}
+  phases = {"decode": kv + kv_prompt + prefill_act}
   return {"weights_bytes_per_device": weights, "relayout_bytes_per_device": relayout,
           "kv_bytes_per_device": kv, "kv_prompt_bytes_per_device": kv_prompt,
           "prefill_activation_bytes_per_device": prefill_act,
@@ -501,7 +494,7 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
   cfg = cm.program_model(config, model)
   remat = cfg.remat if remat is None else remat
   compute = dtype_from_name(config.model.dtype)
-  ppo_run = config.method == "ppo"
+  ppo_run = methods.of(config).is_ppo
   lr = config.ppo.actor_lr if ppo_run else config.grpo.lr
   opt = optim.make_optimizer(lr, max(config.train.num_steps, 1))
   local_rows = math.ceil(us.rows / _split(us.rows, mesh, rules, "batch"))

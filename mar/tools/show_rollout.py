@@ -12,6 +12,7 @@ import jax
 from ml_collections import config_flags
 
 from mar import setup
+from mar.algorithms import ppo
 from mar.rollout.render import render_episode
 
 def show(config, workdir: str, num: int, attempts: int = 0, seed: int = 0) -> list[str]:
@@ -19,7 +20,8 @@ def show(config, workdir: str, num: int, attempts: int = 0, seed: int = 0) -> li
   run = setup.build_run(config, workdir)
   examples = run.train_data[:num]
   n = attempts or config.rollout.max_attempts
-  prompts = [run.prompt_fn(ex.question, n) for ex in examples]
+  prompt_fn = ppo.prompt_function(config)
+  prompts = [prompt_fn(ex.question, n) for ex in examples]
   episodes = run.runner.run(run.params, prompts, [ex.answer for ex in examples], [n] * len(prompts),
                             jax.random.PRNGKey(seed))
   texts = [render_episode(run.tokenizer, episodes, b) for b in range(len(examples))]

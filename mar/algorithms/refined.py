@@ -1,15 +1,15 @@
-"""LTE's per-step logic around the rollout: hints that fit, hinted log-probs, refined batch.
+"""The group family's learner batch: LTE's hints that fit, hinted log-probs, refined groups.
 
-`train.group_iteration` samples G responses per prompt; for the none-pass groups this
-module builds the hinted prompts (`fitting_hints`), scores the hinted samples under their
-hinted prompts (`hinted_logprobs`: LTE's old_logp_hinted) and packs the refined groups
-into the learner's batch, every member under its UN-hinted prompt (`refined_batch`).
+`group.iteration` samples G responses per prompt; for the none-pass groups this module
+builds the hinted prompts (`fitting_hints`), scores the hinted samples under their hinted
+prompts (`hinted_logprobs`: LTE's old_logp_hinted) and packs the refined groups into the
+learner's batch, every member under its UN-hinted prompt (`refined_batch`), with DAPO's
+length rules (`dapo_rewards`). The pure hint and refine rules live in `mar.lte`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Any, Sequence
 
 from absl import logging
@@ -19,6 +19,7 @@ import numpy as np
 from mar.lte import hints, refine
 from mar.rl import advantages as adv_lib
 from mar.rl import grpo
+from mar import methods
 from mar.rollout.runner import HostEpisodes
 
 
@@ -61,10 +62,6 @@ def fitting_hints(config, runner, questions, first: HostEpisodes, rows, g: int):
   metrics = {f"lte/hint_kind/{k}": float(kinds[k]) for k in hints.HINT_KINDS}
   metrics["lte/hint_shortened"] = float(shortened)
   return texts, metrics
-
-
-def first_rows(host: HostEpisodes, n: int) -> HostEpisodes:
-  return HostEpisodes(*(getattr(host, f.name)[:n] for f in dataclasses.fields(host)))
 
 
 def logprobs(run, params, tokens, valid) -> np.ndarray:
@@ -133,8 +130,9 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   if first.logprobs:  # the sampler's log-probs: rollout/logp_gap_* and TIS in the loss
     original["sampler_logp"] = grpo.pack_response_values(first.logprobs, pl, rl)
   hinted: dict[str, Any] = {}
+  method = methods.of(config)
   metrics = {"lte/num_none_pass": float(none_pass.sum())}
-  if config.method in ("lte", "grpo_extra"):  # same keys every step, for the curves
+  if method.resample != "none":  # same keys every step, for the curves
     metrics.update({"lte/num_rescued": 0.0, "lte/num_cap_bound": 0.0, "lte/num_replaced": 0.0,
                     "lte/rescue_rate": 0.0})
   if extra is not None:
@@ -153,7 +151,7 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
     if logp_hinted is not None:
       hinted["logp_hinted"] = logp_hinted
     out = refine.apply_plan(plan, original, hinted, logp_key="logp_hinted",
-                            as_hinted=config.method == "lte")
+                            as_hinted=method.resample == "hints")
     rewards = plan.rewards
   else:
     out = dict(original, hinted=np.zeros(len(tokens), bool))

@@ -4,11 +4,13 @@ cross, in order.
   python bench/step_walk.py            # PPO (configs/demo.py) and LTE (configs/demo.py:lte)
 
 Runs step 0 of each method on the cached demo model (compiles), then traces step 1 with
-`sys.setprofile`: every Python call into a file under mar/ appends that file, consecutive
-repeats collapsed. Prints one JSON object per method: `files` (distinct files entered),
-`moves` (changes of file), `returns` (moves into a file entered before) and `path` (the
-files in first-entry order). Host-side Python only: what runs inside a jitted program is
-traced once, at compile time, in step 0.
+`sys.setprofile`. A reader reads each function once, when the step first calls it: the walk
+is the files of the mar functions in first-call order, consecutive repeats collapsed (a
+loop calling the same two functions per item is read once, not per item). Prints per
+method: `files` (distinct files entered), `moves` (changes of file along the walk),
+`returns` (moves into a file entered before), `functions` (distinct mar functions called)
+and `path` (the files in first-entry order). Host-side Python only: what runs inside a
+jitted program is traced once, at compile time, in step 0.
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ def walk(variant: str | None) -> dict:
   iteration, init_state, per_step = _iteration(config)
   state = init_state(config, run)
   seq: list[str] = []
+  seen: set = set()
 
   def profile(frame, event, arg):
     del arg
-    if event == "call":
-      f = frame.f_code.co_filename
-      if f.startswith(MAR) and (not seq or seq[-1] != f):
-        seq.append(f)
+    code = frame.f_code
+    if event == "call" and code.co_filename.startswith(MAR) and code not in seen:
+      seen.add(code)
+      if not seq or seq[-1] != code.co_filename:
+        seq.append(code.co_filename)
 
   for step in range(2):
     idx = train.data_indices(config, len(run.train_data), step * per_step, per_step)
@@ -64,7 +68,8 @@ def walk(variant: str | None) -> dict:
   run.close()
   first = list(dict.fromkeys(os.path.relpath(f, os.path.dirname(MAR)) for f in seq))
   returns = sum(1 for i, f in enumerate(seq) if f in seq[:i])
-  return {"files": len(first), "moves": len(seq) - 1, "returns": returns, "path": first}
+  return {"files": len(first), "moves": len(seq) - 1, "returns": returns,
+          "functions": len(seen), "path": first}
 
 
 def main():

@@ -1,14 +1,16 @@
-"""The rollout's output as the learner reads it: `Episodes`, and the row helpers over it.
+"""The typed batches that go from the rollout side to a learner, and row helpers over them.
 
-One episode is a dialogue in slot buffers [B, S] (prompt, attempts, feedback turns) with its
-masks, per-turn verdicts [M, B] and reward. The rollout engine (`mar.rollout.continuous`)
-writes them; PPO's learner (`mar.rl.ppo`) scores them; evaluation reads their verdicts.
-It sits below both so that neither imports the other.
+`Episodes`: one dialogue per row in slot buffers [B, S] (prompt, attempts, feedback turns)
+with its masks, per-turn verdicts [M, B] and reward. The rollout engine
+(`mar.rollout.continuous`) writes them; PPO's learner (`mar.rl.ppo`) scores them; evaluation
+reads their verdicts. `GroupBatch`: the group family's refined groups, every member under
+its un-hinted prompt (`mar.algorithms.refined` builds it, `mar.rl.grpo` learns from it).
+This module sits below both sides so that neither imports the other.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,23 @@ class Episodes(NamedTuple):
   attempted_turn: jax.Array  # [M, B] bool: attempt t was made
   boxed_turn: jax.Array  # [M, B] bool: attempt t produced a closed box
   truncated: jax.Array  # [B] bool: the token budget ran out
+
+
+class GroupBatch(NamedTuple):
+  """The group family's learner input: N = groups x G members, [N, S] per token, [N] each."""
+
+  tokens: Any  # [N, S] int32: un-hinted prompt + response, left-padded
+  valid: Any  # [N, S] bool
+  action_mask: Any  # [N, S] bool: response tokens in the loss
+  advantages: Any  # [N] f32
+  hinted: Any  # [N] bool: sampled under LTE's hint
+  old_logp_hinted: Any  # [N, S] f32: log pi_old under the hinted prompt (0 elsewhere)
+  sampler_logp: Any = None  # [N, S] f32: the sampler's log-probs (rollout/* metrics, TIS)
+  old_logp: Any = None  # [N, S] f32: pi_old, computed first when there are several mini-batches
+
+  def as_dict(self) -> dict:
+    """The fields that are set, by name (what the learner's programs take)."""
+    return {k: v for k, v in self._asdict().items() if v is not None}
 
 
 # Episodes fields laid out [M, B] (turn-major); all others lead with the batch axis.

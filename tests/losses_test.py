@@ -191,7 +191,8 @@ class MaskGradientTest(parameterized.TestCase):
         return losses.lte_offpolicy_loss(lp, old, adv, mask)[0]
       if which == "actor":
         return losses.ppo_actor_loss(lp, old, adv, mask, ref, kl_coef=0.1)[0]
-      return losses.grpo_lte_loss(lp, old, old, adv, mask, hinted, ref_logp=ref, kl_coef=0.1)[0]
+      return losses.grpo_lte_loss(lp, old, old, adv, mask, hinted, ref_logp=ref,
+                                  spec=losses.GroupLoss(kl_coef=0.1))[0]
 
     lp = jnp.asarray(np.where(mask, logp, 1e4), jnp.float32)
     loss, grad = jax.value_and_grad(f)(lp)
@@ -228,20 +229,22 @@ class GrpoLteLossTest(absltest.TestCase):
     hm = mask & hinted[:, None]
     np.testing.assert_allclose(metrics["hinted_token_frac"], hm.sum() / mask.sum(), rtol=1e-6)
 
-    sep, _ = losses.grpo_lte_loss(logp, old, old_h, adv, mask, hinted, separate_norm=True)
+    sep, _ = losses.grpo_lte_loss(logp, old, old_h, adv, mask, hinted,
+                                  spec=losses.GroupLoss(separate_norm=True))
     np.testing.assert_allclose(sep, np_token_mean(clip, on) + np_token_mean(shape, hm), rtol=1e-5)
 
   def test_plain_grpo_equals_ppo_and_optional_terms(self):
     logp, old, adv, mask = random_batch(9)
-    l_grpo, _ = losses.grpo_lte_loss(logp, old, None, adv, mask, None, clip_high=0.28)
+    l_grpo, _ = losses.grpo_lte_loss(logp, old, None, adv, mask, None,
+                                     spec=losses.GroupLoss(clip_high=0.28))
     l_ppo, _ = losses.ppo_policy_loss(logp, old, adv, mask, 0.2, 0.28)
     np.testing.assert_allclose(l_grpo, l_ppo, rtol=1e-6)
 
     ref = logp - 0.2
     ent = np.random.default_rng(10).random(logp.shape)
     loss, m = losses.grpo_lte_loss(
-        logp, old, None, adv, mask, None, clip_high=0.28,
-        ref_logp=ref, kl_coef=0.05, kl_name="k2", entropy=ent, entropy_coef=0.001,
+        logp, old, None, adv, mask, None, ref_logp=ref, entropy=ent,
+        spec=losses.GroupLoss(clip_high=0.28, kl_coef=0.05, kl_name="k2", entropy_coef=0.001),
     )  # fmt: skip
     k2 = 0.5 * 0.2**2  # d = 0.2 everywhere
     want = float(l_grpo) + 0.05 * k2 - 0.001 * np_token_mean(ent, mask)
@@ -249,7 +252,8 @@ class GrpoLteLossTest(absltest.TestCase):
     self.assertIn("kl", m)
     self.assertIn("entropy", m)
     with self.assertRaisesRegex(ValueError, "ref_logp"):
-      losses.grpo_lte_loss(logp, old, None, adv, mask, None, kl_coef=0.1)
+      losses.grpo_lte_loss(logp, old, None, adv, mask, None,
+                           spec=losses.GroupLoss(kl_coef=0.1))
 
 
 class ActorLossTest(absltest.TestCase):

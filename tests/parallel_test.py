@@ -28,8 +28,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from mar import algorithms
+from mar import algorithms  # noqa: E402
 from mar import models, parallel  # noqa: E402
+from mar.episodes import GroupBatch  # noqa: E402
 from mar.models import sharding  # noqa: E402
 from mar.rl import grpo, optim, ppo  # noqa: E402
 import testutil  # noqa: E402
@@ -113,8 +114,8 @@ def run_steps(mesh=None) -> dict:
     gpol, grf = (parallel.shard_tree(t, glearner.shardings.params) for t in (params, ref))
     tv = parallel.put_batch(tv, mesh)
   batch["old_logp"] = parallel.host_local(glearner.logprobs(gpol, *tv)) - np.float32(0.05)
-  gpol, g_state, gmetrics = glearner.step(gpol, g_opt.init(gpol), batch, ref=grf,
-                                          num_mini_batches=2)
+  gpol, g_state, gmetrics = glearner.step(gpol, g_opt.init(gpol), GroupBatch(**batch),
+                                          ref=grf, num_mini_batches=2)
   out.update(_flat("grpo/metrics", gmetrics))
   out.update(_flat("grpo/policy", _gather(gpol)))
   out.update(_flat("grpo/adam", _gather(g_state)))

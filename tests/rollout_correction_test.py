@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar import models, sampling
+from mar.episodes import GroupBatch
 from mar.rl import grpo, losses, optim, ppo
 from mar.rollout import continuous
 from mar.rollout import spec as spec_lib
@@ -44,12 +45,12 @@ def sampled_episodes(config, params, n=6, rows=4):
 def group_batch(ep, hinted=None, old_logp_hinted=None):
   """A GRPO batch straight from the engine's [Q, S] slots (prompt | response, contiguous)."""
   n, s = ep.tokens.shape
-  return {"tokens": ep.tokens, "valid": ep.valid, "action_mask": ep.action_mask,
-          "sampler_logp": ep.logprobs,
-          "advantages": np.linspace(-1, 1, n).astype(np.float32),
-          "hinted": np.zeros(n, bool) if hinted is None else hinted,
-          "old_logp_hinted": (np.zeros((n, s), np.float32) if old_logp_hinted is None
-                              else old_logp_hinted)}
+  return GroupBatch(tokens=ep.tokens, valid=ep.valid, action_mask=ep.action_mask,
+                    sampler_logp=ep.logprobs,
+                    advantages=np.linspace(-1, 1, n).astype(np.float32),
+                    hinted=np.zeros(n, bool) if hinted is None else hinted,
+                    old_logp_hinted=(np.zeros((n, s), np.float32) if old_logp_hinted is None
+                                     else old_logp_hinted))
 
 
 def grpo_learner(config, pack_len=0, tis_cap=0.0):
@@ -90,7 +91,7 @@ class FormulaTest(absltest.TestCase):
     mask = np.ones((2, 5), bool)
     adv = np.asarray([1.0, -0.5], np.float32)
     loss, _ = losses.grpo_lte_loss(logp, old, None, adv, mask, sampler_logp=sampler,
-                                   tis_cap=2.0)
+                                   spec=losses.GroupLoss(tis_cap=2.0))
     per_token, _, _ = losses.ppo_clip_token_loss(logp, old, adv, mask)
     w = np.minimum(np.exp(old - sampler), 2.0)
     self.assertAlmostEqual(float(loss), float((np.asarray(per_token) * w).mean()), places=5)

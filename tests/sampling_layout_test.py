@@ -71,7 +71,10 @@ class SamplingLayoutTest(absltest.TestCase):
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     data = parallel.sampling_mesh(self.config)
     a = self._runner(data)
-    episodes = a.dispatch(self.run_.params, self.prompts, [1] * 8, jax.random.PRNGKey(7))
+    tokens, mask = a.encode_prompts(self.prompts, rows=8)
+    engine = a._engine_for(tokens.shape[1])  # pylint: disable=protected-access
+    episodes, _ = engine(a._sampling_params(self.run_.params), tokens, mask,  # pylint: disable=protected-access
+                         np.ones(8, np.int32), *a.feedback, jax.random.PRNGKey(7))
     self.assertEqual(episodes.tokens.sharding.shard_shape(episodes.tokens.shape)[0], 1)
     self._assert_equal(self._episodes(a), self._episodes(self._runner(one)))
 

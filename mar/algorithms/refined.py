@@ -20,6 +20,7 @@ from mar.lte import hints, refine
 from mar.rl import advantages as adv_lib
 from mar.rl import grpo
 from mar import methods
+from mar.episodes import GroupBatch
 from mar.rollout.runner import HostEpisodes
 
 
@@ -120,7 +121,7 @@ def dapo_rewards(config, batch: dict, rewards: np.ndarray):
 
 def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards, none_pass,
                   rng):
-  """Packs the (refined) groups into the learner's batch: un-hinted prompts for everyone."""
+  """The (refined) groups as the learner's `GroupBatch`: un-hinted prompts for everyone."""
   g, pl, rl = config.grpo.group_size, run.runner.prompt_len, config.rollout.token_budget
   tok = run.tokenizer
   prompt_ids = [tok.encode(hints.chat_prompt(u)) for u in plain for _ in range(g)]
@@ -161,6 +162,8 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   rewards, dapo_metrics = dapo_rewards(config, out, rewards)
   metrics.update(dapo_metrics)
   out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
+  out.pop("logp_hinted", None)
+  batch = GroupBatch(**out)
   if run.learner.pack_len:  # packed on the host by the learner
-    return out, metrics
-  return {k: jnp.asarray(v) for k, v in out.items()}, metrics
+    return batch, metrics
+  return GroupBatch(*(None if v is None else jnp.asarray(v) for v in batch)), metrics

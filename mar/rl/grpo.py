@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar import parallel
+from mar.episodes import GroupBatch
 from mar.models import sharding
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
@@ -84,6 +85,11 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
   """loss_fn(params, micro_batch) over an unpacked ([N, S], per-sequence advantages and
   `hinted`) or a packed (`segment_ids`, per-token fields, `seq_counts`, `loss_norm`) batch."""
   want_entropy = hp.entropy_coef != 0.0
+  spec = losses.GroupLoss(
+      clip_low=hp.clip_low, clip_high=hp.clip_high, shaping_gamma=hp.shaping_gamma,
+      agg=hp.agg, max_len=max_len, separate_norm=hp.separate_norm, kl_coef=hp.kl_coef,
+      kl_name=hp.kl_name, kl_clamp=hp.kl_clamp, entropy_coef=hp.entropy_coef,
+      tis_cap=hp.tis_cap)
 
   def loss_fn(params, mb):
     seg = mb.get("segment_ids")
@@ -100,12 +106,8 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
                     group_norm=None if hp.separate_norm else mb["loss_norm"][0])
     return losses.grpo_lte_loss(
         logp, old_logp, mb["old_logp_hinted"], mb["advantages"], mb["action_mask"],
-        mb["hinted"], clip_low=hp.clip_low, clip_high=hp.clip_high,
-        shaping_gamma=hp.shaping_gamma, agg=hp.agg, max_len=max_len,
-        separate_norm=hp.separate_norm, ref_logp=mb.get("ref_logp"), kl_coef=hp.kl_coef,
-        kl_name=hp.kl_name, kl_clamp=hp.kl_clamp, entropy=entropy,
-        entropy_coef=hp.entropy_coef, sampler_logp=mb.get("sampler_logp"),
-        tis_cap=hp.tis_cap, **packed)
+        mb["hinted"], spec=spec, ref_logp=mb.get("ref_logp"), entropy=entropy,
+        sampler_logp=mb.get("sampler_logp"), **packed)
   return loss_fn
 
 
@@ -222,13 +224,14 @@ class GRPOLearner:
                  "train/padded_positions": float(p.positions),
                  "micro_rows": p.rows_per_mini_batch * hosts_per_mb // mb}
 
-  def step(self, policy, opt_state, batch: dict, ref=None, num_mini_batches: int = 1):
-    """One epoch over the batch (tokens/valid/action_mask/old_logp/old_logp_hinted/hinted/
-    advantages), one optimizer step per mini-batch; metrics averaged over them. Without
-    old_logp (one mini-batch only) the policy's own log-probs stand in for pi_old.
+  def step(self, policy, opt_state, batch: GroupBatch, ref=None, num_mini_batches: int = 1):
+    """One epoch over the batch, one optimizer step per mini-batch; metrics averaged over
+    them. Without old_logp (one mini-batch only) the policy's own log-probs stand in for
+    pi_old.
 
     With `pack_len` the batch is packed here (`pack_batch`); metrics then include the
     update's real tokens and computed positions (this host's)."""
+    batch = batch.as_dict()
     size = batch["tokens"].shape[0]
     if size % num_mini_batches:
       raise ValueError(f"group batch {size} is not divisible into {num_mini_batches} "

@@ -10,6 +10,8 @@ exactly zero gradient. Coefficients that switch terms on or off (`kl_coef`,
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -319,6 +321,29 @@ def lte_offpolicy_loss(
   return loss, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupLoss:
+  """Static settings of the group family's actor loss (Python values: static under jit).
+
+  clip_low / clip_high: the PPO clip of on-policy tokens; shaping_gamma: LTE's f(r) = r / (r
+  + gamma) on hinted tokens; agg / max_len: `aggregate`; separate_norm: on-policy and hinted
+  tokens normalised apart; kl_coef, kl_name, kl_clamp: the KL term to the reference;
+  entropy_coef: the entropy bonus; tis_cap > 0: truncated importance weights.
+  """
+
+  clip_low: float = 0.2
+  clip_high: float = 0.2
+  shaping_gamma: float = 0.1
+  agg: str = "token_mean"
+  max_len: int | None = None
+  separate_norm: bool = False
+  kl_coef: float = 0.0
+  kl_name: str = "k3"
+  kl_clamp: float | None = 10.0
+  entropy_coef: float = 0.0
+  tis_cap: float = 0.0
+
+
 def grpo_lte_loss(
     logp: Array,
     old_logp: Array,
@@ -327,29 +352,19 @@ def grpo_lte_loss(
     mask: Array,
     hinted: Array | None = None,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    shaping_gamma: float = 0.1,
-    agg: str = "token_mean",
-    max_len: int | None = None,
+    spec: GroupLoss = GroupLoss(),
     group_norm: float | Array | None = None,
-    separate_norm: bool = False,
-    ref_logp: Array | None = None,
-    kl_coef: float = 0.0,
-    kl_name: str = "k3",
-    kl_clamp: float | None = 10.0,
-    entropy: Array | None = None,
-    entropy_coef: float = 0.0,
     seq_counts: Array | None = None,
+    ref_logp: Array | None = None,
+    entropy: Array | None = None,
     sampler_logp: Array | None = None,
-    tis_cap: float = 0.0,
 ) -> tuple[Array, Metrics]:
   """GRPO / LTE actor loss over a batch mixing on-policy and hinted rows.
 
   Rows with hinted[b] False use the PPO clip on r = pi / pi_old; rows with hinted[b] True
   use -f(r_hat) A with r_hat = pi(o|q) / pi_old(o|hint, q) (old_logp_hinted). Both kinds of
-  tokens are aggregated together by `agg` (METHODS §2: token mean over the mini-batch);
-  separate_norm=True instead sums the on-policy and the hinted aggregates, each normalised
+  tokens are aggregated together by `spec.agg` (METHODS §2: token mean over the mini-batch);
+  spec.separate_norm instead sums the on-policy and the hinted aggregates, each normalised
   over its own tokens (group_norm must then be None). old_logp is ignored on hinted rows and
   old_logp_hinted on on-policy rows; hinted=None (plain GRPO) means no hinted rows and
   old_logp_hinted may be None.
@@ -359,54 +374,57 @@ def grpo_lte_loss(
 
   `sampler_logp` [B, T]: the rollout's own log-probs of the tokens; adds the
   `rollout_correction` metrics against pi_old (old_logp_hinted on hinted tokens, whose
-  sampler saw the hinted prompt) and, with tis_cap > 0, weights each token's policy loss by
-  min(pi_old / pi_sampler, tis_cap).
+  sampler saw the hinted prompt) and, with spec.tis_cap > 0, weights each token's policy
+  loss by min(pi_old / pi_sampler, tis_cap).
 
-  Optional terms (off when their coef is 0; static Python floats):
+  Optional terms (off when their coef is 0):
     + kl_coef * agg(k_name(logp, ref_logp)), ref_logp required only then;
     - entropy_coef * agg(entropy), entropy the per-token [B, T] entropy of pi.
   """
+  m, hinted_bt, old_logp_hinted = _group_token_masks(mask, hinted, old_logp, old_logp_hinted)
+  agg = functools.partial(aggregate, spec.agg, max_len=spec.max_len, seq_counts=seq_counts)
+  pg_loss, metrics = _group_policy_loss(spec, agg, logp, old_logp, old_logp_hinted,
+                                        advantages, m, hinted_bt, sampler_logp, group_norm)
+  loss, reg_metrics = _with_regularizers(spec, agg, pg_loss, logp, ref_logp, entropy, m,
+                                         group_norm)
+  return loss, {**metrics, **reg_metrics, "loss": jax.lax.stop_gradient(loss)}
+
+
+def _group_token_masks(mask, hinted, old_logp, old_logp_hinted):
+  """(loss mask, hinted tokens, the hinted old log-probs: old_logp when nothing is hinted)."""
   m = jnp.asarray(mask).astype(bool)
   if hinted is None:
-    hinted_bt = jnp.zeros_like(m)
-    old_logp_hinted = old_logp
-  else:
-    if old_logp_hinted is None:
-      raise ValueError("losses.py: grpo_lte_loss got `hinted` rows but old_logp_hinted=None")
-    hinted = jnp.asarray(hinted).astype(bool)
-    hinted_bt = (hinted if hinted.ndim == 2 else hinted[:, None]) & m
-  onpolicy_bt = m & ~hinted_bt
+    return m, jnp.zeros_like(m), old_logp
+  if old_logp_hinted is None:
+    raise ValueError("losses.py: grpo_lte_loss got `hinted` rows but old_logp_hinted=None")
+  hinted = jnp.asarray(hinted).astype(bool)
+  return m, (hinted if hinted.ndim == 2 else hinted[:, None]) & m, old_logp_hinted
 
+
+def _group_policy_loss(spec: GroupLoss, agg, logp, old_logp, old_logp_hinted, advantages, m,
+                       hinted_bt, sampler_logp, group_norm):
+  """The policy-gradient part: PPO clip on on-policy tokens, LTE shaping on hinted ones
+  (disjoint supports), TIS-weighted when asked; (aggregated loss, its metrics)."""
+  onpolicy_bt = m & ~hinted_bt
   clip_bt, clipped, log_ratio = ppo_clip_token_loss(
-      logp, old_logp, advantages, onpolicy_bt, clip_low, clip_high
-  )
+      logp, old_logp, advantages, onpolicy_bt, spec.clip_low, spec.clip_high)
   shape_bt, weight = lte_shaping_token_loss(
-      logp, old_logp_hinted, advantages, hinted_bt, shaping_gamma
-  )
+      logp, old_logp_hinted, advantages, hinted_bt, spec.shaping_gamma)
   correction = {}
   if sampler_logp is not None:
     old_any = jnp.where(hinted_bt, jnp.asarray(old_logp_hinted, jnp.float32),
                         jnp.asarray(old_logp, jnp.float32))
-    tis, correction = rollout_correction(old_any, sampler_logp, m, tis_cap)
-    if tis_cap > 0:
+    tis, correction = rollout_correction(old_any, sampler_logp, m, spec.tis_cap)
+    if spec.tis_cap > 0:
       clip_bt, shape_bt = clip_bt * tis, shape_bt * tis
-  per_token = clip_bt + shape_bt  # disjoint supports
-
-  if separate_norm:
+  if spec.separate_norm:
     if group_norm is not None:
       raise ValueError(
-          "losses.py: grpo_lte_loss separate_norm=True cannot be combined with group_norm"
-      )
-    pg_loss = aggregate(agg, clip_bt, onpolicy_bt, max_len=max_len,
-                        seq_counts=seq_counts) + aggregate(
-        agg, shape_bt, hinted_bt, max_len=max_len, seq_counts=seq_counts
-    )
+          "losses.py: grpo_lte_loss separate_norm=True cannot be combined with group_norm")
+    pg_loss = agg(clip_bt, onpolicy_bt) + agg(shape_bt, hinted_bt)
   else:
-    pg_loss = aggregate(agg, per_token, m, max_len=max_len, group_norm=group_norm,
-                        seq_counts=seq_counts)
-
-  loss = pg_loss
-  metrics = {
+    pg_loss = agg(clip_bt + shape_bt, m, group_norm=group_norm)
+  return pg_loss, {
       "pg_loss": jax.lax.stop_gradient(pg_loss),
       "clipfrac": _masked_mean(clipped.astype(jnp.float32), onpolicy_bt),
       "approx_kl": _masked_mean(jnp.expm1(log_ratio) - log_ratio, onpolicy_bt),
@@ -414,27 +432,27 @@ def grpo_lte_loss(
       "shaping_weight": _masked_mean(weight, hinted_bt),
       **correction,
   }
-  if kl_coef != 0.0:
+
+
+def _with_regularizers(spec: GroupLoss, agg, loss, logp, ref_logp, entropy, m, group_norm):
+  """loss + kl_coef * KL to the reference - entropy_coef * entropy (each when its coef is
+  set); (that loss, metrics: the entropy is reported whenever it was computed)."""
+  total, metrics = loss, {}
+  if spec.kl_coef != 0.0:
     if ref_logp is None:
       raise ValueError("losses.py: grpo_lte_loss kl_coef != 0 needs ref_logp, found None")
-    kl_bt = kl_penalty(kl_name, logp, ref_logp, kl_clamp, m)
-    kl = aggregate(agg, kl_bt, m, max_len=max_len, group_norm=group_norm,
-                   seq_counts=seq_counts)
-    loss = loss + kl_coef * kl
-    metrics["kl"] = jax.lax.stop_gradient(kl)
-  if entropy_coef != 0.0:
+    kl = agg(kl_penalty(spec.kl_name, logp, ref_logp, spec.kl_clamp, m), m,
+             group_norm=group_norm)
+    total, metrics["kl"] = total + spec.kl_coef * kl, jax.lax.stop_gradient(kl)
+  if spec.entropy_coef != 0.0:
     if entropy is None:
       raise ValueError(
-          "losses.py: grpo_lte_loss entropy_coef != 0 needs per-token entropy, found None"
-      )
-    ent = aggregate(agg, entropy, m, max_len=max_len, group_norm=group_norm,
-                    seq_counts=seq_counts)
-    loss = loss - entropy_coef * ent
-    metrics["entropy"] = jax.lax.stop_gradient(ent)
+          "losses.py: grpo_lte_loss entropy_coef != 0 needs per-token entropy, found None")
+    ent = agg(entropy, m, group_norm=group_norm)
+    total, metrics["entropy"] = total - spec.entropy_coef * ent, jax.lax.stop_gradient(ent)
   elif entropy is not None:
     metrics["entropy"] = _masked_mean(jnp.asarray(entropy, jnp.float32), m)
-  metrics["loss"] = jax.lax.stop_gradient(loss)
-  return loss, metrics
+  return total, metrics
 
 
 def ppo_actor_loss(

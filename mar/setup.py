@@ -110,6 +110,9 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
     key = "ppo" if config.method == "ppo" else "grpo"
     raise ValueError(f"config.{key}.micro_batches={micro}: -1 (fit to device memory) must be "
                      "resolved first (python -m mar.tools.plan_memory --fit prints the count)")
+  # Scoring runs in chunks of the update's micro-batch rows (its activations bounded alike).
+  mini = config.ppo.mini_batches if config.method == "ppo" else config.grpo.mini_batches
+  score_rows = max(rollout_shape.step_episodes(config) // mini // micro, 1)
   if config.method == "ppo":
     p = config.ppo
     hp = ppo.PPOHparams(gamma=p.gamma, lam=p.lam, clip=p.clip, value_clip=p.value_clip,
@@ -117,7 +120,7 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                         temperature=r.temperature, micro_batches=p.micro_batches,
                         tis_cap=p.tis_cap)
     return ppo.PPOLearner(cfg, hp, actor_opt, critic_opt, mesh=mesh, rules=rules,
-                          pack_len=config.train.pack_len)
+                          pack_len=config.train.pack_len, score_rows=score_rows)
   g = config.grpo
   hp = grpo.GRPOHparams(estimator=g.estimator, agg=g.agg, clip_low=g.clip_low,
                         clip_high=g.clip_high, kl_coef=g.kl_coef, kl_name=g.kl_name,
@@ -125,7 +128,7 @@ def _make_learner(config, cfg: models.QwenConfig, actor_opt, critic_opt, mesh=No
                         separate_norm=g.separate_norm, temperature=r.temperature,
                         micro_batches=g.micro_batches, tis_cap=g.tis_cap)
   return grpo.GRPOLearner(cfg, hp, actor_opt, response_len=r.token_budget, mesh=mesh,
-                          rules=rules, pack_len=config.train.pack_len)
+                          rules=rules, pack_len=config.train.pack_len, score_rows=score_rows)
 
 
 def updates_per_step(config) -> int:

@@ -278,7 +278,8 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
   overrides[mkey] = chosen
   config = _with(config, **{mkey: chosen})
 
-  # Scoring: one program over the whole step (no size of its own).
+  # Scoring: one program over the whole step, its forwards in chunks of the update's
+  # micro-batch rows (so sized by the micro-batches just chosen).
   log("compiling the scoring program")
   try:
     cs = _compile(cm.compile_scoring, config, model, train_mesh)
@@ -287,7 +288,10 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
     details["scoring"] = {"xla_error": str(e)}
     refuse("scoring", programs["scoring"], "one program over the whole step's batch; XLA:TPU "
            f"refused to compile it: {e}; plus the resident training state")
-  programs["scoring"] = resident + pm._peak(cs.memory, on_cpu)  # pylint: disable=protected-access
+  # Its arguments (policy, PPO's critic and reference) are resident state XLA's peak holds.
+  scoring_args = by["params (f32)"] + (by.get("critic", 0) + by.get("reference model", 0)
+                                       if config.method == "ppo" else 0)
+  programs["scoring"] = resident - scoring_args + pm._peak(cs.memory, on_cpu)  # pylint: disable=protected-access
   details["scoring"] = _detail(cs.memory, cs.compile_s, on_cpu, cs)
   if programs["scoring"] > budget:
     refuse("scoring", programs["scoring"], "one program over the whole step's batch: XLA's "

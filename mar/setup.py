@@ -8,6 +8,7 @@ first (`mar.demo`), so the same loading code runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from absl import logging
@@ -46,6 +47,9 @@ class Run:
   _eval_runners: dict = dataclasses.field(default_factory=dict)
   mesh: Any = None  # the ('data', 'fsdp', 'tensor') mesh everything is placed on
   skipped_long_prompts: int = 0  # training examples whose prompt exceeds rollout.prompt_len
+  # train.offload_state resolved (`offload_state`): the training state waits in host memory
+  # while the rollout runs.
+  offload: bool = False
   # When the device was busy (the trainer's host critical-path share); fed by the runner.
   timeline: overlap.DeviceTimeline = dataclasses.field(default_factory=overlap.DeviceTimeline)
 
@@ -213,6 +217,61 @@ def build_run(config, workdir: str) -> Run:
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
              prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline,
              skipped_long_prompts=skipped)
+
+
+def _offload_value(config):
+  """train.offload_state as "auto", True or False (a flag override may give a string)."""
+  v = config.train.get("offload_state", "auto")
+  if isinstance(v, str):
+    if v.lower() not in ("auto", "true", "false"):
+      raise config_utils.ConfigError(f"config.train.offload_state={v!r}: expected auto, true "
+                                     "or false")
+    return "auto" if v.lower() == "auto" else v.lower() == "true"
+  return bool(v)
+
+
+def rollout_device_bytes(config, cfg: models.QwenConfig, mesh) -> int:
+  """What the rollout adds on a device beside the training state, from shapes: the sampling
+  copy of the weights and the KV cache of its rows (XLA's temporaries not counted)."""
+  sm = parallel.sampling_mesh(config, devices=list(mesh.devices.flat))
+  data, tensor = sm.shape["data"], sm.shape["tensor"]
+  s = rollout_shape.rollout_shape(config)
+  itemsize = jnp.dtype(parallel.sampling_dtype(cfg) or jnp.float32).itemsize
+  weights = sum(math.prod(x) for x in jax.tree.leaves(
+      models.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
+  kv = 2 * cfg.num_layers * s.rows * cfg.num_kv_heads * s.cache_len * cfg.head_dim
+  return (weights // tensor + kv // data // tensor) * itemsize
+
+
+def offload_state(config, run: Run, state) -> bool:
+  """Whether the training state goes to host memory during the rollout (train.offload_state).
+
+  true: where the devices have pinned host memory (else a logged no-op). "auto": only when
+  the devices report their memory (TPU, GPU) and the state resident per device plus the
+  rollout's weights and KV cache (`rollout_device_bytes`) exceed mesh.hbm_fraction of it;
+  `python -m mar.tools.plan_memory --fit` decides from the compiled programs instead and
+  prints train.offload_state=true when they need it.
+  """
+  want = _offload_value(config)
+  if want is False:
+    return False
+  devices = list(run.mesh.devices.flat) if run.mesh is not None else jax.devices()
+  if not parallel.has_host_memory(devices):
+    if want is True:
+      logging.warning("train.offload_state=true: %s devices have no pinned host memory; the "
+                      "training state stays on the device", devices[0].platform)
+    return False
+  if want is True:
+    return True
+  stats = devices[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return False
+  need = (parallel.per_device_bytes([state, run.ref], devices[0])
+          + rollout_device_bytes(config, run.model_config, run.mesh))
+  budget = float(config.mesh.get("hbm_fraction", 0.9)) * stats["bytes_limit"]
+  logging.info("train.offload_state=auto: state + rollout %.2f GiB per device vs %.2f GiB "
+               "budget", need / 2**30, budget / 2**30)
+  return need > budget
 
 
 def training_prompts(config, question: str) -> list[str]:

@@ -70,6 +70,31 @@ def step_key(config, step: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
 
 
+def park_state(run: setup.Run, state: dict, timer) -> dict:
+  """train.offload_state: the training state in host memory while the rollout runs
+  (time/offload). The policy's sampling copy is made first; the runner then samples from it
+  given the parked policy. On several processes the runner gathers the policy itself, so it
+  stays. Identity when offload is off.
+  """
+  if not run.offload:
+    return state
+  with timer("offload"):
+    one = jax.process_count() == 1
+    keep = run.runner.sampling_copy(state["policy"]) if one else state["policy"]
+    parked = parallel.to_host_memory(state, keep=keep)
+    if one:
+      run.runner.serve_sampling_copy(parked["policy"])
+  return parked
+
+
+def unpark_state(run: setup.Run, state: dict, timer) -> dict:
+  """`park_state`'s inverse, before the learner runs."""
+  if not run.offload:
+    return state
+  with timer("offload"):
+    return parallel.to_device_memory(state)
+
+
 # ----- PPO (multi-attempt and single-turn) --------------------------------------------------
 
 
@@ -87,10 +112,12 @@ def ppo_iteration(config, run: setup.Run, state: dict, examples, step: int):
   rows = parallel.local_rows(len(examples))
   examples, n_attempts = examples[rows], attempts_for_step(config, step)[rows]
   prompts = [run.prompt_fn(ex.question, int(n)) for ex, n in zip(examples, n_attempts)]
+  state = park_state(run, state, timer)
   with timer("sample"):
     episodes = run.runner.run(state["policy"], prompts, [ex.answer for ex in examples],
                               n_attempts, step_key(config, step))
     jax.block_until_ready(episodes.reward)
+  state = unpark_state(run, state, timer)
   with timer("update"):
     out = run.timeline.call(run.learner.step, state["policy"], state["actor_opt"],
                             state["critic"], state["critic_opt"], run.ref, episodes,
@@ -162,6 +189,7 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
   answers = [ex.answer for ex in examples]
   plain = [hints.plain_prompt(q) for q in questions]
   key_a, key_b = jax.random.split(step_key(config, step))
+  state = park_state(run, state, timer)
   with timer("sample"):
     if cfg.dynamic_sampling:
       groups, first, dapo_metrics = _dynamic_groups(config, run, state["policy"], answers,
@@ -187,6 +215,8 @@ def group_iteration(config, run: setup.Run, state: dict, examples, step: int):
     with timer("sample_extra"):
       extra = _sample_groups(run, state["policy"], [answers[p] for p in rows] + [""] * pad,
                              extra_user + [plain[0]] * pad, g, key_b)
+  state = unpark_state(run, state, timer)
+  if width:
     if config.method == "lte":
       texts = [hints.chat_prompt(u) for u in extra_user + [plain[0]] * pad for _ in range(g)]
       logp_hinted = lte_step.hinted_logprobs(run, state["policy"], texts,
@@ -241,6 +271,7 @@ def train(config, workdir: str) -> dict:
   config_utils.save_config_json(config, workdir)
   run = setup.build_run(config, workdir)
   state = init_state(config, run)
+  run.offload = setup.offload_state(config, run, state)
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
   writer = metrics_lib.MetricsWriter.from_config(workdir, config)
   start = position = 0

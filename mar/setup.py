@@ -219,7 +219,7 @@ def build_run(config, workdir: str) -> Run:
              skipped_long_prompts=skipped)
 
 
-def _offload_value(config):
+def offload_value(config):
   """train.offload_state as "auto", True or False (a flag override may give a string)."""
   v = config.train.get("offload_state", "auto")
   if isinstance(v, str):
@@ -252,7 +252,7 @@ def offload_state(config, run: Run, state) -> bool:
   `python -m mar.tools.plan_memory --fit` decides from the compiled programs instead and
   prints train.offload_state=true when they need it.
   """
-  want = _offload_value(config)
+  want = offload_value(config)
   if want is False:
     return False
   devices = list(run.mesh.devices.flat) if run.mesh is not None else jax.devices()

@@ -120,8 +120,35 @@ class FitTest(parameterized.TestCase):
     # The rollout's figure is what XLA compiles at those rows, plus the resident state.
     config.rollout.batch_size = rows
     cr = cm.compile_rollout(config, _model("qwen3"), parallel.sampling_mesh(config))
-    self.assertEqual(report["programs"]["rollout"], report["resident_state_bytes_per_device"]
-                     + pm._peak(cr.memory, True))  # pylint: disable=protected-access
+    beside = report["resident_state_bytes_per_device"]
+    if report["details"]["rollout"]["offload_state"]:  # "auto": the f32 state parked
+      beside -= fit.offloaded_bytes(fit._state(config, _model("qwen3"), {"fsdp": 8})[1])  # pylint: disable=protected-access
+    self.assertEqual(report["programs"]["rollout"],
+                     beside + pm._peak(cr.memory, True))  # pylint: disable=protected-access
+
+  def test_auto_offload_only_where_the_rollout_needs_it(self):
+    """train.offload_state=auto: off where the rollout fits beside the training state; on
+    (an override) at a budget it fits only with the f32 state parked in host memory."""
+    config = _small(lte_qwen)
+    quiet = lambda _: None
+    roomy = fit.fit_report(config, _model("qwen3"), jax.devices(), None, 1.0, log=quiet)
+    self.assertNotIn("train.offload_state", roomy["overrides"])
+    self.assertFalse(roomy["details"]["rollout"]["offload_state"])
+    rollout, resident = roomy["programs"]["rollout"], roomy["resident_state_bytes_per_device"]
+    others = max(v for k, v in roomy["programs"].items() if k != "rollout")
+    self.assertGreater(rollout, others)  # the rollout sets the budget below
+    tight = (max(others, rollout - resident // 2) + 1) / GiB
+    report = fit.fit_report(config, _model("qwen3"), jax.devices(), None, tight, log=quiet)
+    self.assertEqual(report["overrides"]["rollout.batch_size"],
+                     roomy["overrides"]["rollout.batch_size"])  # the same rows, parked
+    self.assertIs(report["overrides"]["train.offload_state"], True)
+    self.assertIn("--config.train.offload_state=True", report["flags"])
+    self.assertLess(report["programs"]["rollout"], rollout)
+    self.assertLessEqual(report["programs"]["rollout"], report["hbm_bytes_per_device"])
+    config.train.offload_state = "false"  # without it the rows must shrink
+    kept = fit.fit_report(config, _model("qwen3"), jax.devices(), None, tight, log=quiet)
+    self.assertLess(kept["overrides"]["rollout.batch_size"],
+                    roomy["overrides"]["rollout.batch_size"])
 
   def test_xla_out_of_memory_is_a_size_that_does_not_fit(self):
     err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "

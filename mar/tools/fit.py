@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from mar import parallel
+from mar import setup
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.rollout import shape as shape_lib
 from mar.tools import compiled_memory as cm
@@ -155,6 +156,13 @@ def _planned_updates(config, model, train_shape, resident, by) -> dict:
           for name, u in pm.update_program_plan(config, model, train_shape).items()}
 
 
+def offloaded_bytes(by: dict) -> int:
+  """What train.offload_state moves to host memory during the rollout, per device: the f32
+  params and optimizer moments of the actor and the critic (a plan's rows by name)."""
+  return sum(by.get(k, 0) for k in ("params (f32)", "optimizer state", "critic",
+                                    "critic optimizer state"))
+
+
 def fit_report(config, model: QwenConfig, devices, topology: str | None,
                hbm_gib: float | None, log=print) -> dict:
   """The fitted sizes, every program's compiled bytes per device and the roofline."""
@@ -180,7 +188,7 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
 
   def refuse(program: str, nbytes: int, how: str):
     partial = {}
-    if chip is not None and len(overrides) == 2:  # sized; the refusal is the scoring program
+    if chip is not None and _micro_key(config) in overrides:  # sized; scoring refused
       partial["roofline_at_fitted_sizes"] = roofline(
           _with(config, **overrides), model, chip, len(devices) // cores,
           sampling_shape["data"], cores)
@@ -198,40 +206,54 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
       refuse(name, floor, "exact: resident f32 params and Adam moments plus the f32 gradient "
              "accumulator, before any activation; not compiled")
 
-  # Rollout rows.
+  # Rollout rows, and whether the training state waits in host memory meanwhile
+  # (train.offload_state: "auto" turns it on only where the rows chosen do not fit without).
   rows_key = "rollout.batch_size"
+  offload = setup.offload_value(config)
+  parked = offloaded_bytes(by) if offload is not False else 0
+  beside = {False: resident, True: resident - parked}  # state beside the rollout, by offload
   cands = row_candidates(config, sampling_shape["data"])
-  planned = {r: resident + _planned_rollout(_with(config, **{rows_key: r}), model,
-                                            sampling_shape) for r in cands}
+  planned = {r: _planned_rollout(_with(config, **{rows_key: r}), model, sampling_shape)
+             for r in cands}
   chosen, tries, scale, last = None, 0, 1.0, None
   while tries < MAX_COMPILES_PER_PROGRAM:
     # The largest candidate the planner, corrected by the last compile's ratio, says fits.
-    fitting = [r for r in cands if planned[r] * scale <= budget]
+    fitting = [r for r in cands if (planned[r] + beside[True]) * scale <= budget]
     r = fitting[0] if fitting else min(cands)
     if r == last:
       break
     last = r
     c = _with(config, **{rows_key: r})
-    log(f"compiling the rollout at {r} rows (planned {planned[r] / GiB:.2f} GiB per device)")
+    log(f"compiling the rollout at {r} rows (planned "
+        f"{(planned[r] + beside[True]) / GiB:.2f} GiB per device)")
     tries += 1
     try:
       cr = _compile(cm.compile_rollout, c, model, sample_mesh)
     except _CompileOOM as e:
-      programs["rollout"] = resident + e.nbytes
-      details["rollout"] = {"rows": r, "planned": planned[r], "xla_error": str(e)}
-      scale = max(scale, programs["rollout"] / planned[r])
+      programs["rollout"] = beside[True] + e.nbytes
+      details["rollout"] = {"rows": r, "planned": planned[r] + beside[True],
+                            "xla_error": str(e)}
+      scale = max(scale, e.nbytes / planned[r])
       continue
-    total = resident + pm._peak(cr.memory, on_cpu)  # pylint: disable=protected-access
-    details["rollout"] = _detail(cr.memory, cr.compile_s, on_cpu, cr, rows=r, planned=planned[r])
+    peak = pm._peak(cr.memory, on_cpu)  # pylint: disable=protected-access
+    # Offload where the state must leave ("true"), or only where it does not fit beside.
+    park = offload is True or (offload == "auto" and peak + resident > budget)
+    total = peak + beside[park]
+    details["rollout"] = _detail(cr.memory, cr.compile_s, on_cpu, cr, rows=r,
+                                 planned=planned[r] + beside[park], offload_state=park,
+                                 state_beside_bytes_per_device=beside[park])
     programs["rollout"] = total
     if total <= budget:
       chosen = r
       break
-    scale = max(scale, total / planned[r])
+    scale = max(scale, peak / planned[r])
   if chosen is None:
-    refuse("rollout", programs["rollout"], f"at {r} rows: XLA's peak plus the resident "
-           f"training state of {_gib(resident)}")
+    refuse("rollout", programs["rollout"], f"at {r} rows: XLA's peak plus the training "
+           f"state beside it, {_gib(beside[True])}"
+           + (" with train.offload_state" if parked else ""))
   overrides[rows_key] = chosen
+  if offload == "auto" and details["rollout"]["offload_state"]:
+    overrides["train.offload_state"] = True
   config = _with(config, **{rows_key: chosen})
 
   # Update micro-batches.

@@ -187,6 +187,7 @@ def build_run(config, workdir: str) -> Run:
   mesh, rules = parallel.mesh_from_config(config), parallel.rules_from_config(config)
   cfg, params = models.load_hf(config.model.path, dtype=jnp.float32, mesh=mesh, rules=rules)
   cfg = cfg.replace(dtype=dtype, remat=config.model.remat)
+  resolve_auto_sizes(config, cfg, mesh, params)  # -1 sizes, before runner and learner
   tokenizer = Tokenizer.from_dir(config.model.path)
   train_data = load_train_data(config) if config.mode == "train" else []
   verifier = BatchVerifier(num_workers=config.verify.workers, timeout=config.verify.timeout)
@@ -217,6 +218,77 @@ def build_run(config, workdir: str) -> Run:
   return Run(cfg, tokenizer, params, ref, critic, actor_opt, critic_opt, learner, runner,
              prompt_function(config), train_data, verifier, mesh=mesh, timeline=timeline,
              skipped_long_prompts=skipped)
+
+
+def update_activation_bytes(config, cfg: models.QwenConfig, mesh, micro_rows: int) -> int:
+  """An update micro-batch's activations per device, from shapes: the layer inputs kept for
+  the backward (all of every layer's without model.remat), one layer's intermediates and
+  f32 attention scores, and the f32 logits of one log-prob chunk (with their gradient)."""
+  rows = -(-micro_rows // parallel.batch_shards(mesh, parallel.rules_from_config(config)))
+  seq = rollout_shape.rollout_shape(config).cache_len
+  item = jnp.dtype(cfg.dtype).itemsize
+  layer = 8 * cfg.hidden_size + 3 * cfg.intermediate_size  # one token's, in one layer
+  kept = cfg.num_layers * (cfg.hidden_size if cfg.remat else layer + cfg.num_heads * seq)
+  section, _ = rollout_shape.learner_sections(config)
+  chunk = min(int(section.get("logprob_chunk", 512)), seq)
+  return (rows * seq * ((kept + layer) * item + cfg.num_heads * seq * 4)
+          + 3 * rows * chunk * cfg.vocab_size * 4)
+
+
+def auto_sizes(config, cfg: models.QwenConfig, mesh, params_bytes: int,
+               bytes_limit: int | None) -> dict:
+  """Values for the -1 sizes of `config` (rollout.batch_size, ppo/grpo.micro_batches).
+
+  `params_bytes`: the f32 policy per device. Without a device memory figure (XLA:CPU): the
+  step's episodes in one rollout program and one micro-batch (what 0 and 1 give). With one
+  (TPU, GPU): the largest rows (`rollout_shape.row_candidates`) and fewest micro-batches
+  whose estimate from shapes fits mesh.hbm_fraction of it beside the resident training
+  state (f32 params, Adam moments, critic, reference): the rollout's weights and KV cache
+  (`rollout_device_bytes`); the update's activations (`update_activation_bytes`) and f32
+  gradient accumulator. XLA's temporaries are not in it: `python -m mar.tools.plan_memory
+  --fit` sizes from the compiled programs.
+  """
+  section, key = rollout_shape.learner_sections(config)
+  out = {}
+  budget = float(config.mesh.get("hbm_fraction", 0.9)) * bytes_limit if bytes_limit else None
+  models_trained = 2 if key == "ppo" else 1  # PPO's critic: as large again
+  kl = bool(section.kl_coef)
+  state = params_bytes * (3 * models_trained + kl)
+  if int(config.rollout.batch_size) < 0:
+    data = parallel.sampling_mesh(config, devices=list(mesh.devices.flat)).shape["data"]
+    cands = rollout_shape.row_candidates(config, data)
+    fits = lambda r: budget is None or state + rollout_device_bytes(
+        _with_value(config, "rollout", "batch_size", r), cfg, mesh) <= budget
+    out["rollout.batch_size"] = next((r for r in cands if fits(r)), min(cands))
+    config = _with_value(config, "rollout", "batch_size", out["rollout.batch_size"])
+  if int(section.micro_batches) < 0:
+    cands = rollout_shape.micro_candidates(config)
+    per_mini = rollout_shape.step_episodes(config) // section.mini_batches
+    fits = lambda m: budget is None or state + params_bytes + update_activation_bytes(
+        config, cfg, mesh, per_mini // m) <= budget
+    out[f"{key}.micro_batches"] = next((m for m in cands if fits(m)), cands[-1])
+  return out
+
+
+def _with_value(config, section: str, field: str, value):
+  c = config.copy_and_resolve_references()
+  c[section][field] = value
+  return c
+
+
+def resolve_auto_sizes(config, cfg: models.QwenConfig, mesh, params) -> dict:
+  """Sets the config's -1 sizes (`auto_sizes`) in place, before the runner and learner are
+  built; returns them (logged)."""
+  devices = list(mesh.devices.flat)
+  stats = devices[0].memory_stats() or {}
+  sizes = auto_sizes(config, cfg, mesh, parallel.per_device_bytes(params, devices[0]),
+                     stats.get("bytes_limit"))
+  for k, v in sizes.items():
+    section, field = k.split(".")
+    config[section][field] = v
+  if sizes:
+    logging.info("sizes fitted at run time (-1): %s", sizes)
+  return sizes
 
 
 def offload_value(config):

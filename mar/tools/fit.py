@@ -120,24 +120,8 @@ def _micro_value(config) -> int:
   return int(config.ppo.micro_batches if config.method == "ppo" else config.grpo.micro_batches)
 
 
-def row_candidates(config, data_shards: int) -> list[int]:
-  """Rollout rows to try, largest first: multiples of the sampling layout's data shards up to
-  the config's rows (-1 or 0: the step's episodes), those dividing the episodes first."""
-  episodes = shape_lib.step_episodes(config)
-  top = int(config.rollout.batch_size)
-  top = episodes if top <= 0 else top
-  rows = [r for r in range(top - top % data_shards, 0, -data_shards)]
-  return sorted(rows, key=lambda r: (episodes % r != 0, -r)) if rows else [top]
-
-
-def micro_candidates(config) -> list[int]:
-  """Micro-batch counts to try, fewest (largest micro-batches) first: from the config's
-  (-1: 1) up to one row per micro-batch, counts that divide the mini-batch's rows."""
-  per_update = shape_lib.step_episodes(config)
-  mini = config.ppo.mini_batches if config.method == "ppo" else config.grpo.mini_batches
-  per_mini = per_update // mini
-  start = max(_micro_value(config), 1)
-  return [m for m in range(start, per_mini + 1) if per_mini % m == 0]
+row_candidates = shape_lib.row_candidates
+micro_candidates = shape_lib.micro_candidates
 
 
 def _state(config, model, train_shape) -> tuple[int, dict]:

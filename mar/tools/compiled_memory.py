@@ -392,7 +392,7 @@ def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
     fields = {f: None for f in ma.Episodes._fields}
     fields.update({k: _struct((n, s), d, mesh, rules) for k, d in (
         ("tokens", jnp.int32), ("valid", jnp.bool_), ("action_mask", jnp.bool_),
-        ("feedback_mask", jnp.bool_))})
+        ("feedback_mask", jnp.bool_), ("logprobs", jnp.float32))})
     fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
                   last_action=_struct((n,), jnp.int32, mesh, rules))
     critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)

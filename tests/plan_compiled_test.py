@@ -82,6 +82,19 @@ class CompiledRolloutTest(parameterized.TestCase):
     self.assertAlmostEqual(p["kv_bytes_per_device"] / r["kv_bytes_per_device"], 1.0, delta=0.1)
     self.assertGreater(r["peak_bytes_per_device"], r["kv_bytes_per_device"])
 
+  @parameterized.parameters((multi_attempt_qwen, "qwen2"), (lte_qwen, "qwen3"))
+  def test_scoring_runs_in_update_sized_chunks(self, module, model_type):
+    """The scoring program's forwards go through the step's rows in chunks of the update's
+    micro-batch rows: more micro-batches, a smaller program; rows never leave their device."""
+    peaks = {}
+    for micro in (1, 16):
+      config = _small(module)
+      (config.ppo if module is multi_attempt_qwen else config.grpo).micro_batches = micro
+      cs = cm.compile_scoring(config, _model(model_type), parallel.mesh_from_config(config))
+      peaks[micro] = pm._peak(cs.memory, True)  # pylint: disable=protected-access
+      self.assertNotIn("all-to-all(", cs.hlo)
+    self.assertLess(peaks[16], 0.75 * peaks[1])
+
   def test_tensor_parallel_only_bf16_reductions(self):
     model = _model("qwen3")
     report = pm.compiled_report(_small(lte_qwen, tensor=2), model, 8, None, with_update=False)

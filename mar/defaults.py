@@ -14,6 +14,11 @@ def base_config() -> ConfigDict:
   # Learner batches hold real tokens only: sequences packed into rows of this many slots
   # (-1: the rollout's row width, prompt bucket + token budget); 0: padded rows as sampled.
   c.train.pack_len = -1
+  # f32 params and optimizer moments (actor, critic) in pinned host memory while the rollout
+  # runs, back for the update (results unchanged): "auto" (when the state and the rollout
+  # overflow mesh.hbm_fraction of a device; plan_memory --fit decides from compiled
+  # programs), "true" or "false". Where the devices have no host memory kind: a no-op.
+  c.train.offload_state = "auto"
   c.mode = "train"  # train | eval
   c.method = "ppo"  # ppo | grpo | lte | grpo_extra
   c.distributed = False  # jax.distributed.initialize() on multi-host launches

@@ -435,3 +435,58 @@ def per_device_bytes(tree, device=None) -> int:
       if shard.device == dev:
         total += math.prod(shard.data.shape) * x.dtype.itemsize
   return total
+
+
+# ----- training state in host memory while the rollout runs (train.offload_state) ----------
+
+HOST_MEMORY = "pinned_host"
+
+
+def has_host_memory(devices: Sequence[Any] | None = None) -> bool:
+  """Whether the devices can hold arrays in pinned host memory (JAX memory kinds)."""
+  dev = (list(devices) if devices is not None else jax.devices())[0]
+  try:
+    return HOST_MEMORY in {m.kind for m in dev.addressable_memories()}
+  except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+    return False
+
+
+def _buffers(x) -> set:
+  return {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}
+
+
+def to_host_memory(tree, keep=None):
+  """Every array of `tree` moved to pinned host memory (same sharding, memory kind
+  `pinned_host`); the device buffers are deleted, so the caller's old references are
+  invalid (as after donation). Leaves sharing a buffer with `keep` (e.g. the sampling copy
+  of the policy, when resharding it moved nothing) stay on the device untouched."""
+  kept = set()
+  for x in jax.tree.leaves(keep):
+    if isinstance(x, jax.Array) and not x.is_deleted():
+      kept |= _buffers(x)
+
+  def move(x):
+    if not isinstance(x, jax.Array) or x.sharding.memory_kind == HOST_MEMORY or (
+        _buffers(x) & kept):
+      return x
+    return jax.device_put(x, x.sharding.with_memory_kind(HOST_MEMORY))
+
+  out = jax.block_until_ready(jax.tree.map(move, tree))
+  for old, new in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+    if new is not old:
+      old.delete()
+  return out
+
+
+def to_device_memory(tree):
+  """`to_host_memory`'s inverse: host-memory arrays back in device memory, same sharding."""
+  def move(x):
+    if not isinstance(x, jax.Array) or x.sharding.memory_kind != HOST_MEMORY:
+      return x
+    return jax.device_put(x, x.sharding.with_memory_kind("device"))
+
+  out = jax.block_until_ready(jax.tree.map(move, tree))
+  for old, new in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+    if new is not old:
+      old.delete()
+  return out

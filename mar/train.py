@@ -62,6 +62,7 @@ def train(config, workdir: str) -> dict:
   run = setup.build_run(config, workdir)
   algorithm = family(config)
   state = algorithm.init_state(config, run)
+  run.offload = setup.offload_state(config, run, state)
   ckpt = ckpt_lib.Checkpointer.from_config(workdir, config.checkpoint)
   writer = metrics_lib.MetricsWriter.from_config(workdir, config)
   start = position = 0

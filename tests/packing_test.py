@@ -196,7 +196,7 @@ class PPOPackedTest(absltest.TestCase):
     packed_l = ppo.PPOLearner(config, hp, opt, opt, pack_len=48)
     a = plain.score(params, ref, critic, ppo.scored_fields(ep))
     p = packed_l.plan(np.asarray(ep.valid), 1)
-    b = packed_l.score_packed(params, ref, critic, ppo.scored_fields(ep), p.index, p.segment_ids)
+    b = packed_l.score(params, ref, critic, ppo.scored_fields(ep), p.index, p.segment_ids)
     for k in ("old_logp", "ref_logp", "old_values", "advantages", "returns"):
       np.testing.assert_allclose(packing.unpack(np.asarray(b[k]), p.index, p.shape),
                                  np.asarray(a[k]), atol=LOSS_TOL, rtol=LOSS_TOL, err_msg=k)

@@ -67,13 +67,14 @@ class CompiledRolloutTest(parameterized.TestCase):
               + planned["batch_bytes_per_device"])
       self.assertAlmostEqual(u["arguments_bytes_per_device"] / args, 1.0, delta=0.01)
       # FSDP gathers weights, not activations: each layer all-gathers its 4 projection
-      # matrices in the forward and again in the (rematerialised) backward, and reduces its
-      # gradients there (one all-reduce of the layer's gradients, then the local slice).
+      # matrices in the forward and again in the (rematerialised) backward, and
+      # reduce-scatters their 4 gradients (`fsdp.in_layer`); one all-reduce sums the
+      # gradients of the layer's unsplit vectors (norms, biases).
       coll = u["collectives"]
       self.assertEqual(coll["activation_all_gathers"], 0, coll["activation_all_gather_types"])
       self.assertEqual(coll["per_layer"].get("weight_all_gathers"), 8, coll)
-      self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
-                              + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
+      self.assertEqual(coll["per_layer"].get("weight_reduce_scatters"), 4, coll)
+      self.assertLessEqual(coll["per_layer"].get("all_reduces", 0), 1, coll)
     self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})
     self.assertTrue(r["decode_loop_found"])
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
@@ -81,6 +82,19 @@ class CompiledRolloutTest(parameterized.TestCase):
                            delta=0.05)
     self.assertAlmostEqual(p["kv_bytes_per_device"] / r["kv_bytes_per_device"], 1.0, delta=0.1)
     self.assertGreater(r["peak_bytes_per_device"], r["kv_bytes_per_device"])
+
+  @parameterized.parameters((multi_attempt_qwen, "qwen2"), (lte_qwen, "qwen3"))
+  def test_scoring_runs_in_update_sized_chunks(self, module, model_type):
+    """The scoring program's forwards go through the step's rows in chunks of the update's
+    micro-batch rows: more micro-batches, a smaller program; rows never leave their device."""
+    peaks = {}
+    for micro in (1, 16):
+      config = _small(module)
+      (config.ppo if module is multi_attempt_qwen else config.grpo).micro_batches = micro
+      cs = cm.compile_scoring(config, _model(model_type), parallel.mesh_from_config(config))
+      peaks[micro] = pm._peak(cs.memory, True)  # pylint: disable=protected-access
+      self.assertNotIn("all-to-all(", cs.hlo)
+    self.assertLess(peaks[16], 0.75 * peaks[1])
 
   def test_tensor_parallel_only_bf16_reductions(self):
     model = _model("qwen3")
@@ -120,8 +134,35 @@ class FitTest(parameterized.TestCase):
     # The rollout's figure is what XLA compiles at those rows, plus the resident state.
     config.rollout.batch_size = rows
     cr = cm.compile_rollout(config, _model("qwen3"), parallel.sampling_mesh(config))
-    self.assertEqual(report["programs"]["rollout"], report["resident_state_bytes_per_device"]
-                     + pm._peak(cr.memory, True))  # pylint: disable=protected-access
+    beside = report["resident_state_bytes_per_device"]
+    if report["details"]["rollout"]["offload_state"]:  # "auto": the f32 state parked
+      beside -= fit.offloaded_bytes(fit._state(config, _model("qwen3"), {"fsdp": 8})[1])  # pylint: disable=protected-access
+    self.assertEqual(report["programs"]["rollout"],
+                     beside + pm._peak(cr.memory, True))  # pylint: disable=protected-access
+
+  def test_auto_offload_only_where_the_rollout_needs_it(self):
+    """train.offload_state=auto: off where the rollout fits beside the training state; on
+    (an override) at a budget it fits only with the f32 state parked in host memory."""
+    config = _small(lte_qwen)
+    quiet = lambda _: None
+    roomy = fit.fit_report(config, _model("qwen3"), jax.devices(), None, 1.0, log=quiet)
+    self.assertNotIn("train.offload_state", roomy["overrides"])
+    self.assertFalse(roomy["details"]["rollout"]["offload_state"])
+    rollout, resident = roomy["programs"]["rollout"], roomy["resident_state_bytes_per_device"]
+    others = max(v for k, v in roomy["programs"].items() if k != "rollout")
+    self.assertGreater(rollout, others)  # the rollout sets the budget below
+    tight = (max(others, rollout - resident // 2) + 1) / GiB
+    report = fit.fit_report(config, _model("qwen3"), jax.devices(), None, tight, log=quiet)
+    self.assertEqual(report["overrides"]["rollout.batch_size"],
+                     roomy["overrides"]["rollout.batch_size"])  # the same rows, parked
+    self.assertIs(report["overrides"]["train.offload_state"], True)
+    self.assertIn("--config.train.offload_state=True", report["flags"])
+    self.assertLess(report["programs"]["rollout"], rollout)
+    self.assertLessEqual(report["programs"]["rollout"], report["hbm_bytes_per_device"])
+    config.train.offload_state = "false"  # without it the rows must shrink
+    kept = fit.fit_report(config, _model("qwen3"), jax.devices(), None, tight, log=quiet)
+    self.assertLess(kept["overrides"]["rollout.batch_size"],
+                    roomy["overrides"]["rollout.batch_size"])
 
   def test_xla_out_of_memory_is_a_size_that_does_not_fit(self):
     err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "

@@ -40,7 +40,7 @@ class TrainerTest(absltest.TestCase):
     self.assertEqual(sum(map(_cache_size, programs)), 1)  # one rollout program
     # Packed learner batches: one program per row-count bucket, never one per step.
     buckets = len(run.learner._packed)
-    self.assertLessEqual(_cache_size(run.learner.score_packed), 2)
+    self.assertLessEqual(_cache_size(run.learner.score), 2)
     for actor, critic in run.learner._packed.values():
       self.assertEqual(_cache_size(actor), 1)
       self.assertEqual(_cache_size(critic), 1)

@@ -1,5 +1,5 @@
-"""What both families share: optimizers, micro-batch counts, the step's PRNG key, the host's
-share of a step."""
+"""What both families share: optimizers, micro-batch and scoring sizes, the step's PRNG key,
+the training state parked in host memory during the rollout, the host's share of a step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import jax
 from mar import config_utils
 from mar import methods
 from mar import overlap
+from mar import parallel
 from mar.rl import optim
+from mar.rollout import shape as rollout_shape
 
 
 def step_key(config, step: int) -> jax.Array:
@@ -51,3 +53,35 @@ def micro_batches(config) -> int:
         f"config.{key}.micro_batches={micro}: -1 (fit to device memory) must be resolved "
         "first (python -m mar.tools.plan_memory --fit prints the count)")
   return micro
+
+
+def score_rows(config) -> int:
+  """Rows per scoring chunk: the update's micro-batch rows, so scoring's activations are
+  bounded as the update's are."""
+  hp = methods.of(config).hparams(config)
+  return max(rollout_shape.step_episodes(config) // hp.mini_batches // micro_batches(config), 1)
+
+
+def park_state(run, state: dict, timer) -> dict:
+  """train.offload_state: the training state in host memory while the rollout runs
+  (time/offload). The policy's sampling copy is made first; the runner then samples from it
+  given the parked policy. On several processes the runner gathers the policy itself, so it
+  stays. Identity when offload is off.
+  """
+  if not run.offload:
+    return state
+  with timer("offload"):
+    one = jax.process_count() == 1
+    keep = run.runner.sampling_copy(state["policy"]) if one else state["policy"]
+    parked = parallel.to_host_memory(state, keep=keep)
+    if one:
+      run.runner.serve_sampling_copy(parked["policy"])
+  return parked
+
+
+def unpark_state(run, state: dict, timer) -> dict:
+  """`park_state`'s inverse, before the learner runs."""
+  if not run.offload:
+    return state
+  with timer("offload"):
+    return parallel.to_device_memory(state)

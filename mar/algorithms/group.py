@@ -35,7 +35,8 @@ def make_learner(config, model_config, mesh=None, rules=None) -> grpo_lib.GRPOLe
                             micro_batches=common.micro_batches(config), tis_cap=g.tis_cap)
   return grpo_lib.GRPOLearner(model_config, hp, common.optimizer(config, g.lr),
                               response_len=r.token_budget, mesh=mesh, rules=rules,
-                              pack_len=config.train.pack_len)
+                              pack_len=config.train.pack_len,
+                              score_rows=common.score_rows(config))
 
 
 def optimizers(learner):
@@ -104,8 +105,9 @@ def _dynamic_groups(config, run, params, answers, plain, g, key):
 
 
 def _resample(config, run, params, questions, answers, plain, first, none_pass, key, timer):
-  """The none-pass groups re-sampled by the method's rule: (their HostEpisodes or None, LTE's
-  hinted old log-probs or None, lte/hint_* metrics)."""
+  """The none-pass groups re-sampled by the method's rule: (their HostEpisodes, every host's
+  sampled rows included, or None; the user texts they were sampled under; lte/hint_*
+  metrics)."""
   g, rule = config.grpo.group_size, methods.of(config).resample
   rows = np.flatnonzero(none_pass) if rule != "none" else []
   # Sampling programs span all hosts: each samples as many extra groups as the busiest one.
@@ -116,17 +118,25 @@ def _resample(config, run, params, questions, answers, plain, first, none_pass, 
   else:
     users = [plain[p] for p in rows]
   if not width:
-    return None, None, hint_metrics
+    return None, users, hint_metrics
   users = users + [plain[0]] * (width - len(rows))  # idle groups, results dropped
   with timer("sample_extra"):
     extra = _sample_groups(run, params, [answers[p] for p in rows] + [""] * (width - len(rows)),
                            users, g, key)
+  return extra, users, hint_metrics
+
+
+def _hinted(config, run, params, extra, users, n: int):
+  """The first n re-sampled members (None if none) and, for LTE's hints, their old
+  log-probs under the hinted prompt (else None)."""
+  if extra is None:
+    return None, None
   logp_hinted = None
-  if rule == "hints":
+  if methods.of(config).resample == "hints":
+    g = config.grpo.group_size
     texts = [hints.chat_prompt(u) for u in users for _ in range(g)]
-    logp_hinted = refined.hinted_logprobs(run, params, texts, extra.responses)[:len(rows) * g]
-  kept = select_rows(extra, range(len(rows) * g)) if len(rows) else None
-  return kept, logp_hinted, hint_metrics
+    logp_hinted = refined.hinted_logprobs(run, params, texts, extra.responses)[:n]
+  return (select_rows(extra, range(n)) if n else None), logp_hinted
 
 
 def iteration(config, run, state: dict, examples, step: int):
@@ -138,6 +148,7 @@ def iteration(config, run, state: dict, examples, step: int):
   answers = [ex.answer for ex in examples]
   plain = [hints.plain_prompt(q) for q in questions]
   key_a, key_b = jax.random.split(common.step_key(config, step))
+  state = common.park_state(run, state, timer)
   with timer("sample"):
     if cfg.dynamic_sampling:
       groups, first, dapo_metrics = _dynamic_groups(config, run, state["policy"], answers,
@@ -149,8 +160,11 @@ def iteration(config, run, state: dict, examples, step: int):
                       "dapo/oversample_exhausted": 0.0}
   rewards = first.correct.reshape(-1, g).astype(np.float32)
   none_pass = rewards.sum(1) == 0
-  extra, logp_hinted, hint_metrics = _resample(config, run, state["policy"], questions, answers,
-                                               plain, first, none_pass, key_b, timer)
+  extra, users, hint_metrics = _resample(config, run, state["policy"], questions, answers,
+                                         plain, first, none_pass, key_b, timer)
+  state = common.unpark_state(run, state, timer)
+  extra, logp_hinted = _hinted(config, run, state["policy"], extra, users,
+                               int(none_pass.sum()) * g if extra is not None else 0)
   rng = np.random.default_rng([config.seed, step, 2, jax.process_index()])
   batch, plan_metrics = refined.refined_batch(config, run, state["policy"], first, extra,
                                               logp_hinted, plain, rewards, none_pass, rng)

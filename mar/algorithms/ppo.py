@@ -43,7 +43,7 @@ def make_learner(config, model_config, mesh=None, rules=None) -> ppo_lib.PPOLear
                           micro_batches=common.micro_batches(config), tis_cap=p.tis_cap)
   return ppo_lib.PPOLearner(model_config, hp, common.optimizer(config, p.actor_lr),
                             common.optimizer(config, p.critic_lr), mesh=mesh, rules=rules,
-                            pack_len=config.train.pack_len)
+                            pack_len=config.train.pack_len, score_rows=common.score_rows(config))
 
 
 def optimizers(learner):
@@ -92,10 +92,12 @@ def iteration(config, run, state: dict, examples, step: int):
   examples, n_attempts = examples[rows], attempts_for_step(config, step)[rows]
   prompt_fn = prompt_function(config)
   texts = [prompt_fn(ex.question, int(n)) for ex, n in zip(examples, n_attempts)]
+  state = common.park_state(run, state, timer)
   with timer("sample"):
     episodes = run.runner.run(state["policy"], texts, [ex.answer for ex in examples],
                               n_attempts, common.step_key(config, step))
     jax.block_until_ready(episodes.reward)
+  state = common.unpark_state(run, state, timer)
   with timer("update"):
     out = run.timeline.call(run.learner.step, state["policy"], state["actor_opt"],
                             state["critic"], state["critic_opt"], run.ref, episodes,

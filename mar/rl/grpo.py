@@ -23,7 +23,7 @@ from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import packing
 from mar.rl import scoring
-from mar.rl.update import make_update_step, mean_metrics, mini_batches
+from mar.rl.update import make_update_step, map_rows, mean_metrics, mini_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,10 +147,13 @@ class GRPOLearner:
   rules: Any = None
   # Packed batches (`rl.packing`): rows of pack_len slots (-1: the batch's own width); 0: off.
   pack_len: int = 0
+  # Rows per log-prob chunk (`update.map_rows`): setup passes the update's micro-batch
+  # rows, so scoring needs no more activation memory than an update; 0: one chunk.
+  score_rows: int = 0
 
   def __post_init__(self):
-    # Each layer all-gathers its FSDP-split weights; their gradients come back in the stored
-    # layout (XLA reduces them with an all-reduce, bench/README.md: not a reduce-scatter yet).
+    # Each layer all-gathers its FSDP-split weights and reduce-scatters their gradients
+    # (`models.fsdp.in_layer`; bench/README.md counts the collectives).
     self.config = sharding.with_fsdp(self.config, self.mesh, self.rules)
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     if self.pack_len and hp.separate_norm and hp.agg == "seq_mean_token_sum_norm":
@@ -163,11 +166,20 @@ class GRPOLearner:
       self.shardings = sh = parallel.TrainShardings.create(c, mesh, rules,
                                                            actor_opt=self.optimizer)
       kw = dict(out_shardings=(sh.params, sh.actor_opt, parallel.replicated(mesh)))
-    self.logprobs = jax.jit(lambda p, tokens, valid: constrain(scoring.token_logprobs(
-        c, p, *constrain((tokens, valid)), hp.temperature, hp.logprob_chunk)))
-    self.packed_logprobs = jax.jit(lambda p, tokens, seg: constrain(scoring.token_logprobs(
-        c, p, *constrain((tokens, seg > 0)), hp.temperature, hp.logprob_chunk,
-        segment_ids=constrain(seg))))
+
+    def logprobs(p, rows):  # in row chunks of at most score_rows (`update.map_rows`)
+      def chunk(r):
+        r = constrain(r)
+        seg = r.get("segment_ids")
+        return constrain(scoring.token_logprobs(
+            c, p, r["tokens"], r["valid"] if seg is None else seg > 0, hp.temperature,
+            hp.logprob_chunk, segment_ids=seg))
+      return map_rows(chunk, rows, self.score_rows, self.shards)
+
+    self.logprobs = jax.jit(lambda p, tokens, valid: logprobs(
+        p, {"tokens": tokens, "valid": valid}))
+    self.packed_logprobs = jax.jit(lambda p, tokens, seg: logprobs(
+        p, {"tokens": tokens, "segment_ids": seg}))
     self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
                          static_argnums=1)
     loss = parallel.batch_constrained(actor_loss_fn(c, hp, self.response_len), mesh, rules)

@@ -1,7 +1,8 @@
 """Multi-attempt PPO: score a rollout (old/ref log-probs, values, GAE) and update actor and critic.
 
 The path of one PPO step after the rollout:
-  score_episodes   one jit: pi_old and pi_ref log-probs, critic values, token rewards,
+  score_episodes   one jit (padded or packed rows): pi_old and pi_ref log-probs, critic
+                   values in row chunks the size of an update micro-batch, token rewards,
                    GAE across feedback spans, advantage whitening over the batch
   actor update     jit: PPO-clip + kl_coef * k3, micro-batches accumulated by lax.scan
   critic update    jit: clipped value loss, same machinery
@@ -17,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mar import parallel
+from mar.episodes import Episodes, token_rewards
 from mar.models import sharding
 from mar.models.config import QwenConfig
 from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import packing
 from mar.rl import scoring
-from mar.rl.update import make_update_step, mean_metrics, mini_batches
-from mar.episodes import Episodes, token_rewards
+from mar.rl.update import make_update_step, map_rows, mean_metrics, mini_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,54 +43,51 @@ class PPOHparams:
   tis_cap: float = 0.0  # > 0: truncated importance weights on the actor loss (grpo.GRPOHparams)
 
 
-def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes) -> dict:
-  """Everything the PPO losses need, computed once before the update ([B, S] arrays); the
-  sampler's log-probs ride along as `sampler_logp` (TIS weights, rollout/* metrics)."""
-  lp = lambda p: scoring.token_logprobs(config, p, ep.tokens, ep.valid, hp.temperature,
-                                        hp.logprob_chunk)
-  old_logp = lp(policy)
-  ref_logp = lp(ref) if hp.kl_coef else jnp.zeros_like(old_logp)
-  values = scoring.token_values(config, critic, ep.tokens, ep.valid)
-  advantages, returns = adv_lib.gae(token_rewards(ep), values, ep.action_mask,
+def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes,
+                   index=None, segment_ids=None, max_rows: int = 0, shards: int = 1,
+                   constrain=lambda t: t) -> dict:
+  """Everything the PPO losses need, computed once before the update; the sampler's
+  log-probs ride along as `sampler_logp` (TIS weights, rollout/* metrics).
+
+  Padded (no `index`): the forwards run over the episodes' [B, S] rows and the batch keeps
+  that layout (`valid`). Packed (a `rl.packing` plan's `index` and `segment_ids`): they run
+  over the packed [R, L] rows and the batch is packed (`segment_ids`). Either way GAE and
+  whitening run on the [B, S] layout, per original sequence, and the forwards (pi_old,
+  pi_ref, critic) go through the rows in chunks of at most `max_rows` (`update.map_rows`;
+  0: all at once), so scoring's activations are bounded like an update micro-batch's.
+  `constrain` pins each chunk's rows to the mesh (identity without one).
+  """
+  if index is None:
+    pk = unpk = lambda x: x
+    rows = {"tokens": ep.tokens, "valid": ep.valid}
+  else:
+    pk = lambda x: packing.pack(x, index, segment_ids, jnp)
+    unpk = lambda y: packing.unpack(y, index, ep.tokens.shape, jnp)
+    rows = {"tokens": pk(ep.tokens), "segment_ids": segment_ids}
+
+  def forwards(chunk):
+    chunk = constrain(chunk)
+    seg = chunk.get("segment_ids")
+    valid = chunk["valid"] if seg is None else seg > 0
+    lp = lambda p: scoring.token_logprobs(config, p, chunk["tokens"], valid, hp.temperature,
+                                          hp.logprob_chunk, segment_ids=seg)
+    out = {"old_logp": lp(policy),
+           "values": scoring.token_values(config, critic, chunk["tokens"], valid, seg)}
+    if hp.kl_coef:
+      out["ref_logp"] = lp(ref)
+    return constrain(out)
+
+  f = map_rows(forwards, rows, max_rows, shards)
+  values = f["values"]
+  advantages, returns = adv_lib.gae(token_rewards(ep), unpk(values), ep.action_mask,
                                     ep.feedback_mask, hp.gamma, hp.lam)
-  advantages = adv_lib.normalize_advantages(advantages, ep.action_mask)
-  return {
-      "tokens": ep.tokens,
-      "valid": ep.valid,
-      "action_mask": ep.action_mask,
-      "old_logp": old_logp,
-      "ref_logp": ref_logp,
-      "old_values": jnp.where(ep.action_mask, values, 0.0),
-      "advantages": advantages,
-      "returns": returns,
-      "sampler_logp": ep.logprobs,
-  }
-
-
-def score_packed(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: Episodes,
-                 index, segment_ids) -> dict:
-  """`score_episodes` with the forwards over packed rows (`rl.packing`): the batch it
-  returns is packed [R, L]; GAE and whitening run on the [B, S] layout, per original
-  sequence, with the critic's values scattered back there."""
-  seg = segment_ids
-  pk = lambda x: packing.pack(x, index, seg, jnp)
-  tokens, valid = pk(ep.tokens), seg > 0
-  lp = lambda p: scoring.token_logprobs(config, p, tokens, valid, hp.temperature,
-                                        hp.logprob_chunk, segment_ids=seg)
-  old_logp = lp(policy)
-  ref_logp = lp(ref) if hp.kl_coef else jnp.zeros_like(old_logp)
-  values = scoring.token_values(config, critic, tokens, valid, seg)
-  advantages, returns = adv_lib.gae(
-      token_rewards(ep), packing.unpack(values, index, ep.tokens.shape, jnp),
-      ep.action_mask, ep.feedback_mask, hp.gamma, hp.lam)
   advantages = adv_lib.normalize_advantages(advantages, ep.action_mask)
   action = pk(ep.action_mask)
   return {
-      "tokens": tokens,
-      "segment_ids": seg,
+      **rows,
       "action_mask": action,
-      "old_logp": old_logp,
-      "ref_logp": ref_logp,
+      "old_logp": f["old_logp"],
+      "ref_logp": f.get("ref_logp", jnp.zeros_like(f["old_logp"])),
       "old_values": jnp.where(action, values, 0.0),
       "advantages": pk(advantages),
       "returns": pk(returns),
@@ -157,10 +155,13 @@ class PPOLearner:
   # Scoring and updates over packed rows (`rl.packing`) of pack_len slots (-1: the rollout's
   # own width); 0: the padded [B, S] layout.
   pack_len: int = 0
+  # Rows per scoring chunk (`score_episodes`' max_rows): setup passes the update's
+  # micro-batch rows, so scoring needs no more activation memory than an update; 0: one chunk.
+  score_rows: int = 0
 
   def __post_init__(self):
-    # Each layer all-gathers its FSDP-split weights; their gradients come back in the stored
-    # layout (XLA reduces them with an all-reduce, bench/README.md: not a reduce-scatter yet).
+    # Each layer all-gathers its FSDP-split weights and reduce-scatters their gradients
+    # (`models.fsdp.in_layer`; bench/README.md counts the collectives).
     self.config = sharding.with_fsdp(self.config, self.mesh, self.rules)
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     constrain = lambda t: parallel.constrain_batch(t, mesh, rules)
@@ -174,10 +175,10 @@ class PPOLearner:
       rep = parallel.replicated(mesh)
       actor_kw = dict(out_shardings=(sh.params, sh.actor_opt, rep))
       critic_kw = dict(out_shardings=(sh.critic, sh.critic_opt, rep))
-    self.score = jax.jit(lambda pol, ref, cri, ep: constrain(
-        score_episodes(c, hp, pol, ref, cri, constrain(ep))))
-    self.score_packed = jax.jit(lambda pol, ref, cri, ep, index, seg: constrain(score_packed(
-        c, hp, pol, ref, cri, constrain(ep), *constrain((index, seg)))))
+    # One scorer, padded (index, seg None) or packed (a plan's index and segment ids).
+    self.score = jax.jit(lambda pol, ref, cri, ep, index=None, seg=None: constrain(
+        score_episodes(c, hp, pol, ref, cri, constrain(ep), *constrain((index, seg)),
+                       max_rows=self.score_rows, shards=self.shards, constrain=constrain)))
     # rollout/* metrics of the whole batch: the sampler's log-probs against pi_old.
     self.correction = jax.jit(lambda b: losses.rollout_correction(
         b["old_logp"], b["sampler_logp"], b["action_mask"], hp.tis_cap)[1])
@@ -215,11 +216,10 @@ class PPOLearner:
           plan.rows_per_mini_batch * hosts_per_mb // plan.micro_batches)
     if self.mesh is not None:
       episodes = parallel.put_batch(scored_fields(episodes), self.mesh, self.rules)
-    if plan is None:
-      batch = self.score(policy, ref, critic, episodes)
-    else:
+    index = seg = None
+    if plan is not None:
       index, seg = parallel.put_batch((plan.index, plan.segment_ids), self.mesh, self.rules)
-      batch = self.score_packed(policy, ref, critic, episodes, index, seg)
+    batch = self.score(policy, ref, critic, episodes, index, seg)
     correction = self.correction(batch)
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):

@@ -40,6 +40,36 @@ def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
+def chunk_count(rows: int, max_rows: int, shards: int = 1) -> int:
+  """Chunks to cut `rows` rows into, each of at most `max_rows` rows where the row count
+  allows: the fewest that divide `rows` into equal chunks whose rows split evenly over
+  `shards` (else the most such chunks). max_rows <= 0: one chunk."""
+  if max_rows <= 0 or rows <= max_rows:
+    return 1
+  shards = shards if rows % shards == 0 else 1
+  counts = [m for m in range(1, rows // shards + 1) if rows % m == 0 and rows // m % shards == 0]
+  need = -(-rows // max_rows)
+  return min((m for m in counts if m >= need), default=max(counts))
+
+
+def map_rows(fn: Callable, batch: Any, max_rows: int, shards: int = 1) -> Any:
+  """fn(batch) computed over chunks of at most `max_rows` rows (`chunk_count`), one after
+  the other (`lax.map`), so only one chunk's activations are live; outputs (leading axis
+  rows) re-joined in row order. fn must treat rows independently (a forward pass).
+
+  Chunk k holds rows k, k + M, k + 2M, ... (M chunks): a batch whose rows are split over
+  devices in contiguous blocks then splits into chunks locally, with no row moving
+  between devices.
+  """
+  n = jax.tree.leaves(batch)[0].shape[0]
+  m = chunk_count(n, max_rows, shards)
+  if m == 1:
+    return fn(batch)
+  strided = jax.tree.map(lambda x: x.reshape((n // m, m) + x.shape[1:]).swapaxes(0, 1), batch)
+  out = jax.lax.map(fn, strided)
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((n,) + y.shape[2:]), out)
+
+
 def make_update_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,

@@ -244,6 +244,15 @@ class RolloutRunner:
     n_attempts = [1] * len(prompts) if n_attempts is None else list(n_attempts)
     return self._run_queue(params, prompts, answers, n_attempts, key, host=True)
 
+  def sampling_copy(self, params):
+    """The sampling copy of `params` (made now if not yet made for them)."""
+    return self._sampling_params(params)
+
+  def serve_sampling_copy(self, params) -> None:
+    """Later runs given `params` sample from the copy made last: the same policy, moved
+    (train.offload_state parks it in host memory during the rollout)."""
+    self._sampling_params_cache = (params, self._sampling_params_cache[1])
+
   def _sampling_params(self, params):
     """The policy in the sampling layout and dtype: one timed reshard per distinct params."""
     if self.sampling_mesh is None:

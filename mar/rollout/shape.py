@@ -58,3 +58,25 @@ def rollout_shape(config, feedback_len: int = FEEDBACK_LEN) -> RolloutShape:
       feedback_len=feedback,
       cache_len=spec_lib.cache_len_for(r.prompt_len, r.token_budget, attempts, feedback),
       queue=runner_lib.queue_len(episodes, rows))
+
+
+# ----- the sizes -1 asks to fit (setup.resolve_auto_sizes, plan_memory --fit) ---------------
+
+
+def row_candidates(config, data_shards: int) -> list[int]:
+  """Rollout rows to try, largest first: multiples of the sampling layout's data shards up to
+  the config's rows (-1 or 0: the step's episodes), those dividing the episodes first."""
+  episodes = step_episodes(config)
+  top = int(config.rollout.batch_size)
+  top = episodes if top <= 0 else top
+  rows = [r for r in range(top - top % data_shards, 0, -data_shards)]
+  return sorted(rows, key=lambda r: (episodes % r != 0, -r)) if rows else [top]
+
+
+def micro_candidates(config) -> list[int]:
+  """Micro-batch counts to try, fewest (largest micro-batches) first: from the config's
+  (-1: 1) up to one row per micro-batch, counts that divide the mini-batch's rows."""
+  section = methods.of(config).hparams(config)
+  per_mini = step_episodes(config) // section.mini_batches
+  start = max(int(section.micro_batches), 1)
+  return [m for m in range(start, per_mini + 1) if per_mini % m == 0]

@@ -262,11 +262,8 @@ def ppo_batch(learner, us: UpdateShape, mesh, rules) -> dict:
   sh = learner.shardings
   policy = _sharded(_f32(param_shapes(learner.config)), sh.params)
   critic = _sharded(_f32(parallel.critic_shapes(learner.config)), sh.critic)
-  if us.packed:
-    idx = _struct((us.rows, us.row_len), jnp.int32, mesh, rules)
-    shapes = jax.eval_shape(learner.score_packed, policy, policy, critic, ep, idx, idx)
-  else:
-    shapes = jax.eval_shape(learner.score, policy, policy, critic, ep)
+  idx = _struct((us.rows, us.row_len), jnp.int32, mesh, rules) if us.packed else None
+  shapes = jax.eval_shape(learner.score, policy, policy, critic, ep, idx, idx)
   return {k: _struct(v.shape, v.dtype, mesh, rules) for k, v in shapes.items()}  # rows split
 
 
@@ -356,8 +353,9 @@ def compile_updates(config, model: QwenConfig, mesh: Mesh) -> list[CompiledUpdat
 
 def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
   """Compiles the learner's scoring of a whole step's batch (one program before the
-  updates): PPO's pi_old / pi_ref log-probs, values and advantages (`score_packed` /
-  `score`); GRPO / LTE's log-probs of every sequence (`packed_logprobs` / `logprobs`)."""
+  updates, its forwards in chunks of the update's micro-batch rows): PPO's pi_old / pi_ref
+  log-probs, values and advantages (`score`, padded or packed); GRPO / LTE's log-probs of
+  every sequence (`packed_logprobs` / `logprobs`)."""
   cfg, learner, us, policy = _learner_program(config, model, mesh)
   rules, sh = parallel.rules_from_config(config), learner.shardings
   rows = us.rows * us.mini_batches if us.packed else us.sequences
@@ -366,16 +364,13 @@ def compile_scoring(config, model: QwenConfig, mesh: Mesh) -> CompiledUpdate:
     fields = {f: None for f in episodes_lib.Episodes._fields}
     fields.update({k: _struct((n, s), d, mesh, rules) for k, d in (
         ("tokens", jnp.int32), ("valid", jnp.bool_), ("action_mask", jnp.bool_),
-        ("feedback_mask", jnp.bool_))})
+        ("feedback_mask", jnp.bool_), ("logprobs", jnp.float32))})
     fields.update(reward=_struct((n,), jnp.float32, mesh, rules),
                   last_action=_struct((n,), jnp.int32, mesh, rules))
     critic = _sharded(_f32(parallel.critic_shapes(cfg)), sh.critic)
-    args = (policy, policy, critic, episodes_lib.Episodes(**fields))
-    if us.packed:
-      idx = _struct((rows, us.row_len), jnp.int32, mesh, rules)
-      fn, args = learner.score_packed, args + (idx, idx)
-    else:
-      fn = learner.score
+    idx = _struct((rows, us.row_len), jnp.int32, mesh, rules) if us.packed else None
+    ref = policy if config.ppo.kl_coef else None  # as build_run keeps one
+    fn, args = learner.score, (policy, ref, critic, episodes_lib.Episodes(**fields), idx, idx)
   else:
     tokens = _struct((rows, us.row_len), jnp.int32, mesh, rules)
     if us.packed:

@@ -28,6 +28,7 @@ import numpy as np
 
 from mar import methods
 from mar import parallel
+from mar import setup
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.rollout import shape as shape_lib
 from mar.tools import compiled_memory as cm
@@ -113,31 +114,15 @@ def _with(config, **updates):
 
 
 def _micro_key(config) -> str:
-  return "ppo.micro_batches" if methods.of(config).is_ppo else "grpo.micro_batches"
+  return f"{methods.of(config).hparams_key}.micro_batches"
 
 
 def _micro_value(config) -> int:
-  return int(config.ppo.micro_batches if methods.of(config).is_ppo else config.grpo.micro_batches)
+  return int(methods.of(config).hparams(config).micro_batches)
 
 
-def row_candidates(config, data_shards: int) -> list[int]:
-  """Rollout rows to try, largest first: multiples of the sampling layout's data shards up to
-  the config's rows (-1 or 0: the step's episodes), those dividing the episodes first."""
-  episodes = shape_lib.step_episodes(config)
-  top = int(config.rollout.batch_size)
-  top = episodes if top <= 0 else top
-  rows = [r for r in range(top - top % data_shards, 0, -data_shards)]
-  return sorted(rows, key=lambda r: (episodes % r != 0, -r)) if rows else [top]
-
-
-def micro_candidates(config) -> list[int]:
-  """Micro-batch counts to try, fewest (largest micro-batches) first: from the config's
-  (-1: 1) up to one row per micro-batch, counts that divide the mini-batch's rows."""
-  per_update = shape_lib.step_episodes(config)
-  mini = config.ppo.mini_batches if methods.of(config).is_ppo else config.grpo.mini_batches
-  per_mini = per_update // mini
-  start = max(_micro_value(config), 1)
-  return [m for m in range(start, per_mini + 1) if per_mini % m == 0]
+row_candidates = shape_lib.row_candidates
+micro_candidates = shape_lib.micro_candidates
 
 
 def _state(config, model, train_shape) -> tuple[int, dict]:
@@ -154,6 +139,13 @@ def _planned_rollout(config, model, sampling_shape) -> int:
 def _planned_updates(config, model, train_shape, resident, by) -> dict:
   return {name: resident - pm.program_state(by, name) + u["peak_bytes_per_device"]
           for name, u in pm.update_program_plan(config, model, train_shape).items()}
+
+
+def offloaded_bytes(by: dict) -> int:
+  """What train.offload_state moves to host memory during the rollout, per device: the f32
+  params and optimizer moments of the actor and the critic (a plan's rows by name)."""
+  return sum(by.get(k, 0) for k in ("params (f32)", "optimizer state", "critic",
+                                    "critic optimizer state"))
 
 
 def fit_report(config, model: QwenConfig, devices, topology: str | None,
@@ -181,7 +173,7 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
 
   def refuse(program: str, nbytes: int, how: str):
     partial = {}
-    if chip is not None and len(overrides) == 2:  # sized; the refusal is the scoring program
+    if chip is not None and _micro_key(config) in overrides:  # sized; scoring refused
       partial["roofline_at_fitted_sizes"] = roofline(
           _with(config, **overrides), model, chip, len(devices) // cores,
           sampling_shape["data"], cores)
@@ -199,40 +191,54 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
       refuse(name, floor, "exact: resident f32 params and Adam moments plus the f32 gradient "
              "accumulator, before any activation; not compiled")
 
-  # Rollout rows.
+  # Rollout rows, and whether the training state waits in host memory meanwhile
+  # (train.offload_state: "auto" turns it on only where the rows chosen do not fit without).
   rows_key = "rollout.batch_size"
+  offload = setup.offload_value(config)
+  parked = offloaded_bytes(by) if offload is not False else 0
+  beside = {False: resident, True: resident - parked}  # state beside the rollout, by offload
   cands = row_candidates(config, sampling_shape["data"])
-  planned = {r: resident + _planned_rollout(_with(config, **{rows_key: r}), model,
-                                            sampling_shape) for r in cands}
+  planned = {r: _planned_rollout(_with(config, **{rows_key: r}), model, sampling_shape)
+             for r in cands}
   chosen, tries, scale, last = None, 0, 1.0, None
   while tries < MAX_COMPILES_PER_PROGRAM:
     # The largest candidate the planner, corrected by the last compile's ratio, says fits.
-    fitting = [r for r in cands if planned[r] * scale <= budget]
+    fitting = [r for r in cands if (planned[r] + beside[True]) * scale <= budget]
     r = fitting[0] if fitting else min(cands)
     if r == last:
       break
     last = r
     c = _with(config, **{rows_key: r})
-    log(f"compiling the rollout at {r} rows (planned {planned[r] / GiB:.2f} GiB per device)")
+    log(f"compiling the rollout at {r} rows (planned "
+        f"{(planned[r] + beside[True]) / GiB:.2f} GiB per device)")
     tries += 1
     try:
       cr = _compile(cm.compile_rollout, c, model, sample_mesh)
     except _CompileOOM as e:
-      programs["rollout"] = resident + e.nbytes
-      details["rollout"] = {"rows": r, "planned": planned[r], "xla_error": str(e)}
-      scale = max(scale, programs["rollout"] / planned[r])
+      programs["rollout"] = beside[True] + e.nbytes
+      details["rollout"] = {"rows": r, "planned": planned[r] + beside[True],
+                            "xla_error": str(e)}
+      scale = max(scale, e.nbytes / planned[r])
       continue
-    total = resident + pm._peak(cr.memory, on_cpu)  # pylint: disable=protected-access
-    details["rollout"] = _detail(cr.memory, cr.compile_s, on_cpu, cr, rows=r, planned=planned[r])
+    peak = pm._peak(cr.memory, on_cpu)  # pylint: disable=protected-access
+    # Offload where the state must leave ("true"), or only where it does not fit beside.
+    park = offload is True or (offload == "auto" and peak + resident > budget)
+    total = peak + beside[park]
+    details["rollout"] = _detail(cr.memory, cr.compile_s, on_cpu, cr, rows=r,
+                                 planned=planned[r] + beside[park], offload_state=park,
+                                 state_beside_bytes_per_device=beside[park])
     programs["rollout"] = total
     if total <= budget:
       chosen = r
       break
-    scale = max(scale, total / planned[r])
+    scale = max(scale, peak / planned[r])
   if chosen is None:
-    refuse("rollout", programs["rollout"], f"at {r} rows: XLA's peak plus the resident "
-           f"training state of {_gib(resident)}")
+    refuse("rollout", programs["rollout"], f"at {r} rows: XLA's peak plus the training "
+           f"state beside it, {_gib(beside[True])}"
+           + (" with train.offload_state" if parked else ""))
   overrides[rows_key] = chosen
+  if offload == "auto" and details["rollout"]["offload_state"]:
+    overrides["train.offload_state"] = True
   config = _with(config, **{rows_key: chosen})
 
   # Update micro-batches.
@@ -279,7 +285,8 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
   overrides[mkey] = chosen
   config = _with(config, **{mkey: chosen})
 
-  # Scoring: one program over the whole step (no size of its own).
+  # Scoring: one program over the whole step, its forwards in chunks of the update's
+  # micro-batch rows (so sized by the micro-batches just chosen).
   log("compiling the scoring program")
   try:
     cs = _compile(cm.compile_scoring, config, model, train_mesh)
@@ -288,7 +295,10 @@ def fit_report(config, model: QwenConfig, devices, topology: str | None,
     details["scoring"] = {"xla_error": str(e)}
     refuse("scoring", programs["scoring"], "one program over the whole step's batch; XLA:TPU "
            f"refused to compile it: {e}; plus the resident training state")
-  programs["scoring"] = resident + pm._peak(cs.memory, on_cpu)  # pylint: disable=protected-access
+  # Its arguments (policy, PPO's critic and reference) are resident state XLA's peak holds.
+  scoring_args = by["params (f32)"] + (by.get("critic", 0) + by.get("reference model", 0)
+                                       if methods.of(config).is_ppo else 0)
+  programs["scoring"] = resident - scoring_args + pm._peak(cs.memory, on_cpu)  # pylint: disable=protected-access
   details["scoring"] = _detail(cs.memory, cs.compile_s, on_cpu, cs)
   if programs["scoring"] > budget:
     refuse("scoring", programs["scoring"], "one program over the whole step's batch: XLA's "

@@ -386,7 +386,7 @@ def host_fraction(steps: int = 6) -> dict:
   """
   from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
   from mar import demo, setup, train  # pylint: disable=g-import-not-at-top
-  from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+  from mar.rollout.runner import RolloutRunner, RunnerSpec  # pylint: disable=g-import-not-at-top
 
   out = {}
   work = tempfile.mkdtemp()
@@ -407,11 +407,11 @@ def host_fraction(steps: int = 6) -> dict:
     run = setup.build_run(config, os.path.join(work, name))
     if overlap is False:
       r = run.runner
-      run.runner = RolloutRunner(
-          run.model_config, run.tokenizer, run.verifier, batch_size=r.batch_size,
-          prompt_len=r.prompt_len, max_attempts=1, token_budget=r.spec.token_budget,
-          sampling=r.spec.sampling, check_every=r.spec.check_every, mesh=run.mesh,
-          defer_verify=False, timeline=run.timeline)
+      run.runner = RolloutRunner(run.model_config, run.tokenizer, run.verifier,
+          RunnerSpec(batch_size=r.batch_size, prompt_len=r.prompt_len, max_attempts=1,
+          token_budget=r.spec.token_budget, sampling=r.spec.sampling,
+          check_every=r.spec.check_every), mesh=run.mesh, defer_verify=False,
+          timeline=run.timeline)
     state = algorithms.family(config).init_state(config, run)
     iteration = algorithms.ppo.iteration if name == "ppo" else algorithms.group.iteration
     rows = []

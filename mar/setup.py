@@ -24,7 +24,7 @@ from mar import parallel
 from mar.data import sources
 from mar.data.tokenizer import Tokenizer
 from mar.lte import hints
-from mar.rollout.runner import RolloutRunner
+from mar.rollout.runner import RolloutRunner, RunnerSpec
 from mar.rollout import shape as rollout_shape
 from mar.sampling import SamplingParams
 from mar.verify import BatchVerifier
@@ -75,12 +75,13 @@ def _runner(config, cfg, tokenizer, verifier, *, rows: int, max_attempts: int, s
   """A rollout runner with the config's prompt, budget and engine keys (training's and the
   evaluations' differ only in the keyword arguments)."""
   r = config.rollout
-  return RolloutRunner(
-      cfg, tokenizer, verifier, batch_size=rows, prompt_len=r.prompt_len,
-      max_attempts=max_attempts, token_budget=r.token_budget, sampling=sampling,
-      check_every=r.check_every, hint_feedback_len=hint_feedback_len,
-      feedback_text=hints.hint_feedback_text, stop_at_box=stop_at_box,
-      refill_rows=r.refill_rows, refill_wait=r.refill_wait, verify_every=r.verify_every, **kw)
+  spec = RunnerSpec(
+      batch_size=rows, prompt_len=r.prompt_len, max_attempts=max_attempts,
+      token_budget=r.token_budget, sampling=sampling, check_every=r.check_every,
+      hint_feedback_len=hint_feedback_len, stop_at_box=stop_at_box, refill_rows=r.refill_rows,
+      refill_wait=r.refill_wait, verify_every=r.verify_every)
+  return RolloutRunner(cfg, tokenizer, verifier, spec, feedback_text=hints.hint_feedback_text,
+                       **kw)
 
 
 def load_train_data(config) -> list:

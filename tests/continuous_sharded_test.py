@@ -155,7 +155,7 @@ class DataSplitTest(absltest.TestCase):
     import numpy as np  # pylint: disable=g-import-not-at-top
     from mar import sampling  # pylint: disable=g-import-not-at-top
     from mar.data import prompts  # pylint: disable=g-import-not-at-top
-    from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+    from mar.rollout.runner import RolloutRunner, RunnerSpec  # pylint: disable=g-import-not-at-top
     import scripted  # pylint: disable=g-import-not-at-top
     import testutil  # pylint: disable=g-import-not-at-top
     n = 16
@@ -174,11 +174,10 @@ class DataSplitTest(absltest.TestCase):
     question = [prompts.multi_attempt_prompt(f"{q}+q", 2) for q in range(n)]
 
     def run(mesh):
-      runner = RolloutRunner(
-          self.cfg, self.tok, testutil.ListVerifier(), batch_size=8, prompt_len=64,  # pylint: disable=protected-access
-          max_attempts=2, token_budget=40, sampling=sampling.SamplingParams(temperature=0.0),
-          refill_rows=1, refill_wait=1, verify_every=2,
-          choose_fn=scripted.script_chooser(script, lengths), sampling_mesh=mesh)
+      runner = RolloutRunner(self.cfg, self.tok, testutil.ListVerifier(), RunnerSpec(batch_size=8,
+          prompt_len=64, max_attempts=2, token_budget=40,
+          sampling=sampling.SamplingParams(temperature=0.0), refill_rows=1, refill_wait=1,
+          verify_every=2), choose_fn=scripted.script_chooser(script, lengths), sampling_mesh=mesh)
       ep = jax.device_get(runner.run(self.params, question, golds, n_attempts,
                                      jax.random.PRNGKey(0)))
       return ep, runner.take_stats()

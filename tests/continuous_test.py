@@ -226,7 +226,7 @@ class RunnerTest(absltest.TestCase):
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
   def _runner(self, texts, max_attempts, stop_at_box):
-    from mar.rollout.runner import RolloutRunner  # pylint: disable=g-import-not-at-top
+    from mar.rollout.runner import RolloutRunner, RunnerSpec  # pylint: disable=g-import-not-at-top
     enc = [[self.tok.encode(t) for t in row] for row in texts]
     width = max(len(x) for row in enc for x in row)
     script = np.zeros((len(enc), max_attempts, width), np.int32)
@@ -234,12 +234,10 @@ class RunnerTest(absltest.TestCase):
     for q, row in enumerate(enc):
       for t, ids in enumerate(row):
         script[q, t, :len(ids)], lengths[q, t] = ids, len(ids)
-    return RolloutRunner(
-        self.cfg, self.tok, testutil.ListVerifier(), batch_size=2, prompt_len=64,
-        max_attempts=max_attempts, token_budget=40,
-        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
-        refill_rows=1, refill_wait=1, verify_every=2,
-        choose_fn=scripted.script_chooser(script, lengths))
+    return RolloutRunner(self.cfg, self.tok, testutil.ListVerifier(), RunnerSpec(batch_size=2,
+        prompt_len=64, max_attempts=max_attempts, token_budget=40,
+        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box, refill_rows=1,
+        refill_wait=1, verify_every=2), choose_fn=scripted.script_chooser(script, lengths))
 
   def test_single_turn_queue_and_stop_rules(self):
     n = 5

@@ -12,7 +12,7 @@ from mar.algorithms import refined
 from mar.data.datasets import Example
 from mar.lte import hints
 from mar.rl import grpo
-from mar.rollout.runner import RolloutRunner
+from mar.rollout.runner import RolloutRunner, RunnerSpec
 import scripted
 from testutil import tiny_config
 
@@ -40,10 +40,10 @@ class HintAwareRunner:
   def __init__(self, run, hint_id):
     r, tok = run.runner, run.tokenizer
     self.hint_id, self.tok = hint_id, tok
-    make = lambda text: RolloutRunner(
-        run.model_config, tok, run.verifier, batch_size=r.batch_size, prompt_len=r.prompt_len,
-        max_attempts=1, token_budget=r.spec.token_budget, sampling=r.spec.sampling,
-        stop_at_box=r.stop_predicate is not None, choose_fn=scripted.text_chooser(tok, text))
+    make = lambda text: RolloutRunner(run.model_config, tok, run.verifier,
+        RunnerSpec(batch_size=r.batch_size, prompt_len=r.prompt_len, max_attempts=1,
+        token_budget=r.spec.token_budget, sampling=r.spec.sampling,
+        stop_at_box=r.stop_predicate is not None), choose_fn=scripted.text_chooser(tok, text))
     self.wrong, self.right = make("\\boxed{-1}"), make("\\boxed{7}")
 
   def run_host(self, params, texts, answers, key, n_attempts=None):

@@ -11,7 +11,7 @@ import numpy as np
 from mar import overlap, setup
 from mar.data import synthetic
 from mar.lte import hints
-from mar.rollout.runner import RolloutRunner
+from mar.rollout.runner import RolloutRunner, RunnerSpec
 from mar.sampling import SamplingParams
 from testutil import tiny_config
 
@@ -35,11 +35,10 @@ class DeferredVerificationTest(absltest.TestCase):
 
   def _runner(self, defer: bool, timeline=None) -> RolloutRunner:
     r = self.mar_run
-    return RolloutRunner(r.model_config, r.tokenizer, r.verifier, batch_size=4,
-                         prompt_len=r.runner.prompt_len, max_attempts=1,
-                         token_budget=self.config.rollout.token_budget,
-                         sampling=SamplingParams(temperature=1.0), defer_verify=defer,
-                         timeline=timeline)
+    return RolloutRunner(r.model_config, r.tokenizer, r.verifier, RunnerSpec(batch_size=4,
+        prompt_len=r.runner.prompt_len, max_attempts=1,
+        token_budget=self.config.rollout.token_budget, sampling=SamplingParams(temperature=1.0)),
+        defer_verify=defer, timeline=timeline)
 
   def _mixed_outcome_key(self):
     """A sampling key under which some prompts are solved and some not (both reward
@@ -90,9 +89,8 @@ class DeferredVerificationTest(absltest.TestCase):
   def test_multi_attempt_cannot_defer(self):
     r = self.mar_run
     with self.assertRaisesRegex(ValueError, "single-turn"):
-      RolloutRunner(r.model_config, r.tokenizer, r.verifier, batch_size=4, prompt_len=64,
-                    max_attempts=2, token_budget=8, sampling=SamplingParams(),
-                    defer_verify=True)
+      RolloutRunner(r.model_config, r.tokenizer, r.verifier, RunnerSpec(batch_size=4, prompt_len=64,
+          max_attempts=2, token_budget=8, sampling=SamplingParams()), defer_verify=True)
 
 
 class DeviceTimelineTest(absltest.TestCase):

@@ -46,9 +46,9 @@ class TrainingSetTest(absltest.TestCase):
 
   def _runner(self, config, max_attempts):
     # A verifier is never called here; a tiny model config: nothing is compiled.
-    return runner_lib.RolloutRunner(
-        QwenConfig.tiny(), self.tok, verifier=None, batch_size=config.rollout.batch_size,
-        prompt_len=1024, max_attempts=max_attempts, token_budget=8, sampling=SamplingParams())
+    return runner_lib.RolloutRunner(QwenConfig.tiny(), self.tok, verifier=None,
+        spec=runner_lib.RunnerSpec(batch_size=config.rollout.batch_size, prompt_len=1024,
+        max_attempts=max_attempts, token_budget=8, sampling=SamplingParams()))
 
   def _check(self, config, copies: int):
     """Prefill tokens computed / real over an epoch of steps, as the engine runs them."""

@@ -12,7 +12,7 @@ import numpy as np
 from mar import models, sampling
 from mar.data import prompts
 from mar.lte import hints
-from mar.rollout.runner import RolloutRunner
+from mar.rollout.runner import RolloutRunner, RunnerSpec
 import scripted
 import testutil
 
@@ -28,12 +28,10 @@ class StopRuleTest(absltest.TestCase):
     cls.params = models.init_params(cls.cfg, jax.random.PRNGKey(0))
 
   def _runner(self, text, stop_at_box, budget=40, max_attempts=1, prompt_len=48):
-    return RolloutRunner(
-        self.cfg, self.tok, testutil.ListVerifier(), batch_size=2, prompt_len=prompt_len,
-        max_attempts=max_attempts, token_budget=budget,
-        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box,
-        refill_rows=1, refill_wait=1, verify_every=2,
-        choose_fn=scripted.text_chooser(self.tok, text))
+    return RolloutRunner(self.cfg, self.tok, testutil.ListVerifier(), RunnerSpec(batch_size=2,
+        prompt_len=prompt_len, max_attempts=max_attempts, token_budget=budget,
+        sampling=sampling.SamplingParams(temperature=0.0), stop_at_box=stop_at_box, refill_rows=1,
+        refill_wait=1, verify_every=2), choose_fn=scripted.text_chooser(self.tok, text))
 
   def _run(self, text, stop_at_box, budget=40):
     prompt = hints.chat_prompt(hints.plain_prompt("3+4"))

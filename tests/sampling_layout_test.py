@@ -15,7 +15,7 @@ from mar import parallel, setup
 from mar.data import synthetic
 from mar.lte import hints
 from mar.models import sharding
-from mar.rollout.runner import RolloutRunner
+from mar.rollout.runner import RolloutRunner, RunnerSpec
 from mar.sampling import SamplingParams
 from testutil import tiny_config
 
@@ -38,10 +38,10 @@ class SamplingLayoutTest(absltest.TestCase):
 
   def _runner(self, mesh, max_attempts=1, temperature=1.0, dtype=None):
     r = self.run_
-    return RolloutRunner(r.model_config, r.tokenizer, r.verifier, batch_size=8,
-                         prompt_len=self.config.rollout.prompt_len, max_attempts=max_attempts,
-                         token_budget=24, sampling=SamplingParams(temperature=temperature),
-                         mesh=r.mesh, sampling_mesh=mesh, sampling_dtype=dtype)
+    return RolloutRunner(r.model_config, r.tokenizer, r.verifier, RunnerSpec(batch_size=8,
+        prompt_len=self.config.rollout.prompt_len, max_attempts=max_attempts, token_budget=24,
+        sampling=SamplingParams(temperature=temperature)), mesh=r.mesh, sampling_mesh=mesh,
+        sampling_dtype=dtype)
 
   def _episodes(self, runner, n_attempts=1):
     out = runner.run(self.run_.params, self.prompts, self.answers, [n_attempts] * 8,

@@ -26,7 +26,7 @@ from mar.models.config import QwenConfig
 from mar.rollout import continuous
 from mar.rollout import spec as spec_lib
 from mar.rollout.host import AttemptVerifier
-from mar.sampling import boxed_stop_predicate
+from mar.sampling import SamplingParams, boxed_stop_predicate
 
 
 @dataclasses.dataclass
@@ -76,8 +76,29 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"a prompt of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunnerSpec:
+  """What a runner's programs are built for (one compile per prompt bucket)."""
+
+  batch_size: int  # rows decoding together, over all hosts
+  prompt_len: int  # the largest prompt bucket
+  max_attempts: int  # M
+  token_budget: int  # generated tokens an episode's attempts share
+  sampling: SamplingParams
+  check_every: int = 1  # tokens between stop-predicate checks
+  hint_feedback_len: int = 0  # > 0: hybrid feedback turns that list the wrong answers so far
+  stop_at_box: bool = True  # an attempt ends at its first closed \boxed{} (else: run to EOS)
+  refill_rows: int = 0  # rows one in-program refill prefills (0: batch_size // 16, >= 1)
+  refill_wait: int = 16  # decode steps a freed row may wait for others before a refill
+  verify_every: int = 8  # decode steps between verification checks
+
+  @property
+  def single_turn(self) -> bool:
+    return self.max_attempts == 1 and not self.hint_feedback_len
+
+
 class RolloutRunner:
-  """Owns the compiled engine programs for a (rows, spec): one per prompt bucket.
+  """Owns the compiled engine programs for a `RunnerSpec`: one per prompt bucket.
 
   Each call queues all its prompts (`_run_queue`) at the smallest bucket (`prompt_buckets`:
   powers of two from 64, then prompt_len) that holds the longest, and the dialogue slots
@@ -92,65 +113,70 @@ class RolloutRunner:
   """
 
   def __init__(self, model_config: QwenConfig, tokenizer: Tokenizer, verifier,
-               *, batch_size: int, prompt_len: int, max_attempts: int, token_budget: int,
-               sampling, check_every: int = 1, hint_feedback_len: int = 0, mesh=None,
-               defer_verify: bool | None = None, timeline=None, stop_at_box: bool = True,
-               sampling_mesh=None, sampling_dtype=None, refill_rows: int = 0,
-               refill_wait: int = 16, verify_every: int = 8, choose_fn=None,
-               feedback_text=None):
-    self.tok = tokenizer
-    self.model_config = model_config
-    self.batch_size, self.prompt_len = batch_size, prompt_len
+               spec: RunnerSpec, *, mesh=None, sampling_mesh=None, sampling_dtype=None,
+               timeline=None, defer_verify: bool | None = None, feedback_text=None,
+               choose_fn=None):
+    """`mesh`: the training layout; `sampling_mesh` / `sampling_dtype`: the rollout's own
+    (rows over its 'data', weights in that dtype over its 'tensor'); `timeline`: an
+    `overlap.DeviceTimeline` to register programs with; `defer_verify`: verify single-turn
+    queues on the host after the program (default: whenever single-turn); `feedback_text`:
+    writes hybrid feedback turns; `choose_fn`: a scripted token chooser (tests)."""
+    self.tok, self.model_config = tokenizer, model_config
+    self.batch_size, self.prompt_len = spec.batch_size, spec.prompt_len
     self.processes = jax.process_count()
-    if batch_size % self.processes:
-      raise ValueError(f"rollout batch_size {batch_size} does not split over "
+    if spec.batch_size % self.processes:
+      raise ValueError(f"rollout batch_size {spec.batch_size} does not split over "
                        f"{self.processes} hosts")
-    self.local_batch = batch_size // self.processes
-    single_turn = max_attempts == 1 and not hint_feedback_len
-    self.deferred = single_turn if defer_verify is None else defer_verify
-    if self.deferred and not single_turn:
+    self.local_batch = spec.batch_size // self.processes
+    self.deferred = spec.single_turn if defer_verify is None else defer_verify
+    if self.deferred and not spec.single_turn:
       raise ValueError("defer_verify needs a single-turn rollout (max_attempts=1, no hints)")
     # Multi-attempt rollouts on several hosts: the per-turn callback needs the whole batch
     # of its program on one host, so each host runs its own rows on its own devices.
     self.per_host = self.processes > 1 and not self.deferred
-    self._host_params_cache: tuple = (None, None)
-    fb_tokens, fb_lengths = feedback_table(tokenizer, max_attempts)
+    fb_tokens, fb_lengths = feedback_table(tokenizer, spec.max_attempts)
     self.feedback = (np.asarray(fb_tokens), np.asarray(fb_lengths))
-    self._feedback_len = max(fb_tokens.shape[1], hint_feedback_len)
-    self.buckets = prompt_buckets(prompt_len)
-    self.spec = spec_lib.RolloutSpec(
-        max_attempts=max_attempts,
-        token_budget=token_budget,
-        cache_len=spec_lib.cache_len_for(prompt_len, token_budget, max_attempts, self._feedback_len),
-        sampling=sampling,
-        stop_ids=(tokenizer.im_end_id, tokenizer.eos_id),
-        check_every=check_every,
-        hint_feedback_len=hint_feedback_len,
-        # Run to EOS (verl, LTE): the single-turn response keeps its EOS as a trained action.
-        keep_stop_token=single_turn and not stop_at_box,
-    )
+    self._feedback_len = max(fb_tokens.shape[1], spec.hint_feedback_len)
+    self.buckets = prompt_buckets(spec.prompt_len)
+    self.spec = self._rollout_spec(spec)
     self.verify_fn = AttemptVerifier(tokenizer, verifier, feedback_text=feedback_text)
     strings = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
     # An attempt ends at its first closed \boxed{} only under multi-attempt's rule.
-    self.stop_predicate = boxed_stop_predicate(strings) if stop_at_box else None
-    self.mesh = mesh
-    # The sampling layout: rows over sampling_mesh's 'data', weights in sampling_dtype over
-    # its 'tensor', made from the training layout once per distinct params (`reshard_stats`).
+    self.stop_predicate = boxed_stop_predicate(strings) if spec.stop_at_box else None
+    self.mesh, self.timeline = mesh, timeline
+    # The sampling layout, made from the training layout once per distinct params
+    # (`reshard_stats`).
     self.sampling_mesh, self.sampling_dtype = sampling_mesh, sampling_dtype
     self._sampling_params_cache: tuple = (None, None)
+    self._host_params_cache: tuple = (None, None)
     self.reshard_stats: dict = {}
-    self.timeline = timeline  # an overlap.DeviceTimeline, if the caller measures overlap
     # Prompt tokens computed by prefill vs real ones, since the runner was built.
     self.prefill_tokens = {"computed": 0, "real": 0}
     # The engine runs any number of prompts as one queue (padded to a multiple of
     # the rows, so it compiles for a few queue lengths and one program per prompt bucket);
     # one program over the global rows when deferred on several hosts, else this host's rows.
-    self._engine_rows = self.local_batch if (self.per_host or self.processes == 1) else batch_size
-    self._engine_args = dict(refill_rows=refill_rows, refill_wait=refill_wait,
-                             verify_every=verify_every)
-    self._choose_fn = choose_fn  # tests pass a scripted policy here
+    self._engine_rows = (self.local_batch if (self.per_host or self.processes == 1)
+                         else spec.batch_size)
+    self._engine_args = dict(refill_rows=spec.refill_rows, refill_wait=spec.refill_wait,
+                             verify_every=spec.verify_every)
+    self._choose_fn = choose_fn
     self._continuous: dict[tuple, object] = {}  # (prompt bucket, groups) -> its engine
     self._stats: list = []  # the engine's counters of each program since take_stats
+
+  def _rollout_spec(self, spec: RunnerSpec) -> spec_lib.RolloutSpec:
+    """The engine's spec at the largest prompt bucket."""
+    return spec_lib.RolloutSpec(
+        max_attempts=spec.max_attempts,
+        token_budget=spec.token_budget,
+        cache_len=spec_lib.cache_len_for(spec.prompt_len, spec.token_budget,
+                                         spec.max_attempts, self._feedback_len),
+        sampling=spec.sampling,
+        stop_ids=(self.tok.im_end_id, self.tok.eos_id),
+        check_every=spec.check_every,
+        hint_feedback_len=spec.hint_feedback_len,
+        # Run to EOS (verl, LTE): the single-turn response keeps its EOS as a trained action.
+        keep_stop_token=spec.single_turn and not spec.stop_at_box,
+    )
 
   def spec_for(self, bucket: int) -> spec_lib.RolloutSpec:
     """The rollout spec of one prompt bucket: its cache holds that bucket, not the largest."""

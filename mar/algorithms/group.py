@@ -164,7 +164,7 @@ def iteration(config, run, state: dict, examples, step: int):
                                          plain, first, none_pass, key_b, timer)
   state = common.unpark_state(run, state, timer)
   extra, logp_hinted = _hinted(config, run, state["policy"], extra, users,
-                               int(none_pass.sum()) * g if extra is not None else 0)
+                               int(none_pass.sum()) * g)
   rng = np.random.default_rng([config.seed, step, 2, jax.process_index()])
   batch, plan_metrics = refined.refined_batch(config, run, state["policy"], first, extra,
                                               logp_hinted, plain, rewards, none_pass, rng)

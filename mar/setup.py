@@ -208,12 +208,20 @@ def _with_value(config, section: str, field: str, value):
   return c
 
 
+def _local_device(mesh):
+  """This process's first device of `mesh` (one another host owns reports nothing here)."""
+  return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
 def resolve_auto_sizes(config, cfg: models.QwenConfig, mesh, params) -> dict:
   """Sets the config's -1 sizes (`auto_sizes`) in place, before the runner and learner are
   built; returns them (logged)."""
-  devices = list(mesh.devices.flat)
-  stats = devices[0].memory_stats() or {}
-  sizes = auto_sizes(config, cfg, mesh, parallel.per_device_bytes(params, devices[0]),
+  section = methods.of(config).hparams(config)
+  if int(config.rollout.batch_size) >= 0 and int(section.micro_batches) >= 0:
+    return {}
+  device = _local_device(mesh)  # every host sees the same figures on its own devices
+  stats = device.memory_stats() or {}
+  sizes = auto_sizes(config, cfg, mesh, parallel.per_device_bytes(params, device),
                      stats.get("bytes_limit"))
   for k, v in sizes.items():
     section, field = k.split(".")
@@ -267,10 +275,11 @@ def offload_state(config, run: Run, state) -> bool:
     return False
   if want is True:
     return True
-  stats = devices[0].memory_stats() or {}
+  device = _local_device(run.mesh) if run.mesh is not None else jax.local_devices()[0]
+  stats = device.memory_stats() or {}
   if "bytes_limit" not in stats:
     return False
-  need = (parallel.per_device_bytes([state, run.ref], devices[0])
+  need = (parallel.per_device_bytes([state, run.ref], device)
           + rollout_device_bytes(config, run.model_config, run.mesh))
   budget = float(config.mesh.get("hbm_fraction", 0.9)) * stats["bytes_limit"]
   logging.info("train.offload_state=auto: state + rollout %.2f GiB per device vs %.2f GiB "

@@ -6,15 +6,14 @@ keeps a projection's weight split and all-gathers the *activations* of every 'fs
 rows instead, then all-reduces the projection's output (bench/README.md, "FSDP"). With a
 `FsdpLayout` in `QwenConfig.fsdp` (the learners' model config, `sharding.with_fsdp`):
 
-* `in_layer` runs a training layer per device on its rows (`shard_map`, manual over the
-  batch axes): each FSDP-split weight is cast to the compute dtype and all-gathered there,
-  in the forward and again in the rematerialised backward, one layer at a time; the
-  gather's transpose reduce-scatters the weight's gradient, so each device reduces only
-  its own slice. Gradients of unsplit weights (norms, biases) are summed (an all-reduce).
-* Elsewhere (the embedding and LM head, rows that do not split evenly) `gather` casts a
-  weight and constrains it to its gathered layout; its custom VJP constrains the gradient
-  back to the stored layout, which XLA (CPU and TPU, jax 0.10.2) reduces with an all-reduce
-  of the whole gradient and a local slice. `rows` keeps activations split by rows there.
+* `gather` casts a weight to the compute dtype and constrains it to its gathered layout
+  inside the (rematerialised) layer, so each layer all-gathers its own weights in the
+  forward and again in the backward, one layer at a time; its custom VJP constrains the
+  weight's gradient back to the stored layout. XLA (CPU and TPU, jax 0.10.2) reduces the
+  layer's gradients with one all-reduce (on TPU in the compute dtype) and keeps the local
+  slice, rather than a reduce-scatter (bench/README.md counts them);
+* `rows` keeps the activations split by rows over the batch axes, so the matmuls run on
+  local rows against the gathered weights.
 
 The numbers are those of the unconstrained program: only where they live changes.
 """
@@ -98,60 +97,3 @@ def rows(layout: FsdpLayout | None, x: jax.Array) -> jax.Array:
       kept.append(a)
   spec = PartitionSpec(tuple(kept) if kept else None, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec))
-
-
-def _manual(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
-  """`spec` with only the mesh axes in `axes` (the manual ones of `in_layer`)."""
-  out = []
-  for e in spec:
-    kept = tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a in axes)
-    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
-  return PartitionSpec(*out)
-
-
-def layer_rows_local(layout: FsdpLayout | None, x: jax.Array) -> bool:
-  """Whether `in_layer` applies: a layout, and rows that split evenly over its batch axes."""
-  return layout is not None and x.shape[0] % math.prod(
-      layout.mesh.shape[a] for a in layout.batch_axes) == 0
-
-
-def in_layer(layout: FsdpLayout, fn, weights: dict, x: jax.Array, *row_args, dtype):
-  """fn(gathered weights, x, *row_args) -> x, run per device on its rows (`shard_map`,
-  manual over the batch axes; 'tensor' stays automatic).
-
-  Each FSDP-split weight is cast to the compute dtype (matrices) and all-gathered over the
-  batch axes inside, so the backward's transpose of the gather is a reduce-scatter of the
-  weight's gradient (each device reduces only its own slice), not an all-reduce of the
-  whole gradient followed by a slice, which is what `gather`'s constraints leave to XLA.
-  Weights not split over the batch axes come in whole; their gradients are summed.
-  """
-  axes = layout.batch_axes
-  rows = PartitionSpec(axes)
-  specs, dims = {}, {}
-  for name, w in weights.items():
-    stored = layout.specs(name)
-    spec = _manual(stored[0], axes) if stored is not None else PartitionSpec()
-    specs[name] = spec
-    split = [d for d, e in enumerate(spec) if e is not None]
-    dims[name] = (split[0], spec[split[0]]) if split else None
-
-  def body(ws, x_, *args):
-    out = {}
-    for name, w in ws.items():
-      cast = (dtype if w.ndim >= 2 and jnp.finfo(dtype).bits < jnp.finfo(w.dtype).bits
-              else w.dtype)
-      w = w.astype(cast)
-      if dims[name] is not None:
-        d, axis = dims[name]
-        w = jax.lax.all_gather(w, axis, axis=d, tiled=True)
-      out[name] = w
-    return fn(out, x_, *args)
-
-  row_specs = jax.tree.map(lambda _: rows, row_args)
-  mesh = layout.mesh
-  # Every axis manual when the others have size 1 (XLA handles a fully manual region best).
-  manual = (frozenset(mesh.axis_names)
-            if all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in axes)
-            else frozenset(axes))
-  return jax.shard_map(body, mesh=mesh, in_specs=(specs, rows, *row_specs),
-                       out_specs=rows, axis_names=manual)(weights, x, *row_args)

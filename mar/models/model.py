@@ -316,13 +316,6 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
   array (it already covers validity and causality by slot), or to its live blocks only when
   `mask` is a `LiveSlots`.
   """
-  if kv is None and fsdp.layer_rows_local(config.fsdp, x) and not isinstance(mask, LiveSlots):
-    # Training: the layer per device on its rows, weights gathered inside (gradients
-    # reduce-scattered, `fsdp.in_layer`).
-    plain = config.replace(fsdp=None)
-    x = fsdp.in_layer(config.fsdp, lambda w, x_, cs, m: _layer(plain, w, x_, cs, m)[0], lp, x,
-                      rope_cs, mask, dtype=config.dtype)
-    return x, None
   lp, x = fsdp.gather(config.fsdp, lp, config.dtype), fsdp.rows(config.fsdp, x)
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
   q, k, v = _project_qkv(config, lp, h, rope_cs)

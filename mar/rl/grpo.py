@@ -152,8 +152,8 @@ class GRPOLearner:
   score_rows: int = 0
 
   def __post_init__(self):
-    # Each layer all-gathers its FSDP-split weights and reduce-scatters their gradients
-    # (`models.fsdp.in_layer`; bench/README.md counts the collectives).
+    # Each layer all-gathers its FSDP-split weights; their gradients come back in the stored
+    # layout (XLA reduces them with an all-reduce, bench/README.md: not a reduce-scatter yet).
     self.config = sharding.with_fsdp(self.config, self.mesh, self.rules)
     c, hp, mesh, rules = self.config, self.hp, self.mesh, self.rules
     if self.pack_len and hp.separate_norm and hp.agg == "seq_mean_token_sum_norm":

@@ -51,6 +51,21 @@ def write_rows(cache: qwen.KVCache, rows: jax.Array, small: qwen.KVCache) -> qwe
   return qwen.KVCache(k=k, v=v, valid=valid)
 
 
+def copy_row(cache: qwen.KVCache, dst: jax.Array, src: jax.Array, p: int) -> qwen.KVCache:
+  """Row `dst` of a [B, S] cache <- row `src`'s slots 0..P-1, later slots invalid
+  (dst == B: nothing is written)."""
+  s = cache.valid.shape[1]
+  valid = cache.valid.at[dst].set(jnp.pad(cache.valid[src, :p], (0, s - p)), mode="drop")
+  take = lambda c, row_axis, slot_axis: jax.lax.slice_in_dim(
+      jax.lax.dynamic_slice_in_dim(c, src, 1, row_axis), 0, p, axis=slot_axis)
+  if qwen.is_unstacked(cache.k):  # keys [B, K, Dh, S], values [B, K, S, Dh]
+    k = tuple(_set_rows(c, dst[None], take(c, 0, 3), 0, 3) for c in cache.k)
+    v = tuple(_set_rows(c, dst[None], take(c, 0, 2), 0, 2) for c in cache.v)
+  else:  # [L, B, K, S, Dh]
+    k, v = (_set_rows(c, dst[None], take(c, 1, 3), 1, 3) for c in (cache.k, cache.v))
+  return qwen.KVCache(k=k, v=v, valid=valid)
+
+
 def _pad_slots_left(cache: qwen.KVCache, p: int) -> qwen.KVCache:
   """A one-prompt cache of W slots as P slots, the W at the end (the rest empty, invalid)."""
   w = cache.valid.shape[1]
@@ -70,12 +85,20 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   that holds its prompt, into slots P-W..P-1 of its row: the tokens computed follow the row's
   own prompt, not the longest one that refills with it, and a row's cache and logits do not
   depend on which rows refill with it. Skipped rows compute nothing (a branch of zeros).
+  A prompt equal to the one before it (a GRPO group's members queue one after another) is
+  not prefilled again: its row gets a copy of that row's prompt slots and logits, the very
+  numbers a prefill would give.
   The live cache is never an operand of a branch (XLA would copy it into each branch's
   output): the branches return one prompt's [1, P] cache, written in after the switch.
   Returns (cache, logits [R, V] after each prompt, rope_pos [R] = real prompt tokens).
   """
   r, p = prompt_tokens.shape
+  b = cache.valid.shape[0]
   widths = tuple(w for w in widths if w < p) + (p,)
+  real = rows < b
+  same = (jnp.all(prompt_tokens[1:] == prompt_tokens[:-1], axis=1)
+          & jnp.all(prompt_mask[1:] == prompt_mask[:-1], axis=1) & real[1:] & real[:-1])
+  repeat = jnp.concatenate([jnp.zeros((1,), bool), same])  # [R]: copy row i - 1's prompt
 
   def prefill_at(w, toks, mask):
     st = prefill(config, params, toks[None, p - w:], mask[None, p - w:], w)
@@ -87,12 +110,14 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
 
   def one(i, carry):
     cache_, logits, rope = carry
-    toks, mask, row = prompt_tokens[i], prompt_mask[i], rows[i]
+    toks, mask, row, rep = prompt_tokens[i], prompt_mask[i], rows[i], repeat[i]
     n = mask.sum().astype(jnp.int32)
-    k = jnp.where(row < cache_.valid.shape[0], jnp.searchsorted(jnp.asarray(widths), n),
-                  len(widths))
+    k = jnp.where(real[i] & ~rep, jnp.searchsorted(jnp.asarray(widths), n), len(widths))
     small, row_logits = jax.lax.switch(k, branches, toks, mask)
-    cache_ = write_rows(cache_, row[None], small)  # rows == B: dropped
+    cache_ = write_rows(cache_, jnp.where(rep, b, row)[None], small)  # rows == B: dropped
+    prev = jnp.maximum(i - 1, 0)
+    cache_ = copy_row(cache_, jnp.where(rep, row, b), rows[prev], p)
+    row_logits = jnp.where(rep, logits[prev], row_logits)
     return cache_, logits.at[i].set(row_logits), rope.at[i].set(n)
 
   logits = jnp.zeros((r, config.vocab_size), jnp.float32)

@@ -51,21 +51,6 @@ def write_rows(cache: qwen.KVCache, rows: jax.Array, small: qwen.KVCache) -> qwe
   return qwen.KVCache(k=k, v=v, valid=valid)
 
 
-def copy_row(cache: qwen.KVCache, dst: jax.Array, src: jax.Array, p: int) -> qwen.KVCache:
-  """Row `dst` of a [B, S] cache <- row `src`'s slots 0..P-1, later slots invalid
-  (dst == B: nothing is written)."""
-  s = cache.valid.shape[1]
-  valid = cache.valid.at[dst].set(jnp.pad(cache.valid[src, :p], (0, s - p)), mode="drop")
-  take = lambda c, row_axis, slot_axis: jax.lax.slice_in_dim(
-      jax.lax.dynamic_slice_in_dim(c, src, 1, row_axis), 0, p, axis=slot_axis)
-  if qwen.is_unstacked(cache.k):  # keys [B, K, Dh, S], values [B, K, S, Dh]
-    k = tuple(_set_rows(c, dst[None], take(c, 0, 3), 0, 3) for c in cache.k)
-    v = tuple(_set_rows(c, dst[None], take(c, 0, 2), 0, 2) for c in cache.v)
-  else:  # [L, B, K, S, Dh]
-    k, v = (_set_rows(c, dst[None], take(c, 1, 3), 1, 3) for c in (cache.k, cache.v))
-  return qwen.KVCache(k=k, v=v, valid=valid)
-
-
 def _pad_slots_left(cache: qwen.KVCache, p: int) -> qwen.KVCache:
   """A one-prompt cache of W slots as P slots, the W at the end (the rest empty, invalid)."""
   w = cache.valid.shape[1]
@@ -86,7 +71,7 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   own prompt, not the longest one that refills with it, and a row's cache and logits do not
   depend on which rows refill with it. Skipped rows compute nothing (a branch of zeros).
   A prompt equal to the one before it (a GRPO group's members queue one after another) is
-  not prefilled again: its row gets a copy of that row's prompt slots and logits, the very
+  not prefilled again: its row gets that row's prefilled cache and logits, the very
   numbers a prefill would give.
   The live cache is never an operand of a branch (XLA would copy it into each branch's
   output): the branches return one prompt's [1, P] cache, written in after the switch.
@@ -109,19 +94,21 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   branches = [functools.partial(prefill_at, w) for w in widths] + [skip]
 
   def one(i, carry):
-    cache_, logits, rope = carry
+    cache_, logits, rope, last = carry
     toks, mask, row, rep = prompt_tokens[i], prompt_mask[i], rows[i], repeat[i]
     n = mask.sum().astype(jnp.int32)
     k = jnp.where(real[i] & ~rep, jnp.searchsorted(jnp.asarray(widths), n), len(widths))
-    small, row_logits = jax.lax.switch(k, branches, toks, mask)
-    cache_ = write_rows(cache_, jnp.where(rep, b, row)[None], small)  # rows == B: dropped
-    prev = jnp.maximum(i - 1, 0)
-    cache_ = copy_row(cache_, jnp.where(rep, row, b), rows[prev], p)
-    row_logits = jnp.where(rep, logits[prev], row_logits)
-    return cache_, logits.at[i].set(row_logits), rope.at[i].set(n)
+    small = jax.lax.switch(k, branches, toks, mask)
+    # A repeated prompt writes the previous row's prefill again (kept in the carry: reading
+    # it back from the live cache would make XLA copy the cache).
+    small = jax.tree.map(lambda x, y: jnp.where(rep, y, x), small, last)
+    cache_ = write_rows(cache_, row[None], small[0])  # rows == B: dropped
+    return cache_, logits.at[i].set(small[1]), rope.at[i].set(n), small
 
   logits = jnp.zeros((r, config.vocab_size), jnp.float32)
-  return jax.lax.fori_loop(0, r, one, (cache, logits, jnp.zeros((r,), jnp.int32)))
+  last = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  out = jax.lax.fori_loop(0, r, one, (cache, logits, jnp.zeros((r,), jnp.int32), last))
+  return out[:3]
 
 
 def token_keys(key: jax.Array, seq: jax.Array, index: jax.Array) -> jax.Array:

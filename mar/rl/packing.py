@@ -32,10 +32,11 @@ from mar import parallel
 PAD_INDEX = np.iinfo(np.int32).max
 
 
-def bucket_rows(rows: int, multiple: int = 1) -> int:
-  """Rows rounded up to a multiple of `multiple`, then to 3 significant bits (<= 12.5 % more)."""
+def bucket_rows(rows: int, multiple: int = 1, bits: int = 3) -> int:
+  """Rows rounded up to a multiple of `multiple`, then to `bits` significant bits (3: <= 12.5 %
+  more)."""
   m = max(-(-rows // multiple), 1)
-  shift = max(m.bit_length() - 3, 0)
+  shift = max(m.bit_length() - bits, 0)
   m = -(-m >> shift) << shift
   return m * multiple
 
@@ -125,16 +126,18 @@ def _first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def mini_batch_rows(needed: int, micro_rows: int | None = None, shards: int = 1):
+def mini_batch_rows(needed: int, micro_rows: int | None = None, shards: int = 1,
+                    bits: int = 3):
   """(rows, micro-batches) of a packed mini-batch that needs `needed` rows.
 
   Up to `micro_rows` rows: one micro-batch, rows bucketed over `shards`. Beyond: a bucketed
-  number of micro-batches of `micro_rows` rows each (a multiple of `shards`).
+  number of micro-batches of `micro_rows` rows each (a multiple of `shards`). `bits`: the
+  buckets' significant bits.
   """
   if micro_rows is None or needed <= micro_rows:
-    rows = bucket_rows(needed, shards)
+    rows = bucket_rows(needed, shards, bits)
     return (rows if micro_rows is None else min(rows, micro_rows)), 1
-  m = bucket_rows(-(-needed // micro_rows))
+  m = bucket_rows(-(-needed // micro_rows), bits=bits)
   return m * micro_rows, m
 
 
@@ -217,8 +220,10 @@ def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, shards: int
     raise ValueError(f"packing.py: {n} sequences are not divisible into {num_mini_batches} "
                      "mini-batches")
   groups = _mini_batch_rows(valid, row_len, num_mini_batches, shared)
+  # Shared-prompt rows hold whole groups (~1 per row): their count varies by a row or two
+  # from step to step, so it is bucketed coarser (2 significant bits) to compile once.
   rows, micro = mini_batch_rows(max([len(g) for g in groups] + [min_rows, 1]), micro_rows,
-                                shards)
+                                shards, bits=3 if shared is None else 2)
   total = rows * num_mini_batches
   index = np.full((total, row_len), PAD_INDEX, np.int32)
   seg = np.zeros((total, row_len), np.int32)

@@ -95,21 +95,22 @@ def token_logprobs(
 
 
 def score_slots_host(mask: np.ndarray, prev: np.ndarray | None = None,
-                     minimum: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                     minimum: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Host: the `token_logprobs` score_slots of the True slots of `mask` [B, S].
 
   Sources are `prev` [B, S] (each slot's predecessor, -1: none, then the slot is not
-  scored; default: the slot before). K, the
-  pairs per row, is the largest row's count rounded up to a power of two (>= minimum), so
-  programs compile for a few widths; padding pairs target slot S.
+  scored; default: the slot before). K, the pairs per row, is the largest row's count
+  rounded up to a power of two, at least `minimum` (default: S / 2 rounded up to one) and
+  at most S, so programs compile for one or two widths; padding pairs target slot S.
   """
   mask = np.asarray(mask, bool)
   b, s = mask.shape
   if prev is None:
     prev = np.broadcast_to(np.arange(s, dtype=np.int32) - 1, (b, s))
   mask = mask & (np.asarray(prev) >= 0)
-  k = max(int(mask.sum(1).max(initial=0)), 1)
-  k = max(minimum, 1 << (k - 1).bit_length())
+  pow2 = lambda n: 1 << (max(n, 1) - 1).bit_length()
+  k = min(max(pow2(int(mask.sum(1).max(initial=0))),
+              pow2(s // 2) if minimum is None else minimum), s)
   tgt = np.full((b, k), s, np.int32)
   src = np.zeros((b, k), np.int32)
   for r in range(b):

@@ -66,6 +66,25 @@ class SingleTurnTest(parameterized.TestCase):
       self.assertFalse(set(a.tokens[q][a.action_mask[q]].tolist()) & set(stop_ids))
     self.assertEqual(int(sb["sampled"]), int(sa["sampled"]))
 
+  def test_repeated_prompts_copy_the_prefill(self):
+    """GRPO groups queue one prompt several times in a row: one fill prefills it once and
+    copies its row; the episodes equal HF's (greedy) and those of one row at a time
+    (sampled, where no fill holds two of them)."""
+    p = self.prompts
+    queue = [p[0]] * 3 + [p[1]] + [p[2]] * 2 + [p[3]] * 3
+    ref = testutil.hf_greedy(self.hf, queue, 12)
+    ep, _ = testutil.engine_single_turn(self.config, self.params, queue, rows=len(queue),
+                                        budget=12, widths=(4, 8, 16))
+    self.assertEqual(responses(ep), ref)
+    runs = [testutil.engine_single_turn(self.config, self.params, queue, rows=rows, budget=12,
+                                        temperature=1.0, key=7, refill_rows=1)
+            for rows in (len(queue), 1)]
+    (a, _), (b, _) = runs
+    self.assertGreater(len({tuple(r) for r in responses(a)[:3]}), 1)  # samples differ
+    for name in ("tokens", "valid", "action_mask"):
+      np.testing.assert_array_equal(getattr(a, name), getattr(b, name), name)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+
 
 class MultiAttemptTest(absltest.TestCase):
   """Scripted attempts: dialogue text, masks, rewards, feedback turns; the same with any B."""

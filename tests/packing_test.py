@@ -133,6 +133,53 @@ class GroupLossTest(parameterized.TestCase):
       np.testing.assert_allclose(m_b[k], m_a[k], rtol=LOSS_TOL, atol=LOSS_TOL, err_msg=k)
     _close_trees(self, g_b, g_a)
 
+  @parameterized.named_parameters(
+      ("grpo", dict(), False, 1),
+      ("lte_entropy_hinted", dict(entropy_coef=0.001), True, 1),
+      ("micro_batches", dict(micro_batches=2), False, 1),
+      ("two_mini_batches", dict(), False, 2),
+  )
+  def test_shared_prompts_loss_and_gradient_equal_padded(self, over, hinted, mini):
+    """Groups of 4 with one prompt: packed once per row, each response attending to it."""
+    config = testutil.tiny_model_config()
+    params = models.init_params(config, jax.random.key(0), std=0.2)
+    batch = _group_batch(config, params)
+    for k in ("tokens", "valid"):  # members 4g..4g+3 share member 4g's prompt (slots < 8)
+      batch[k][:, :8] = np.repeat(batch[k][::4, :8], 4, axis=0)
+    batch["action_mask"][5] = False  # a member with nothing trained is left out
+    if not hinted:
+      batch["hinted"] = np.zeros_like(batch["hinted"])
+    if mini > 1:
+      del batch["old_logp"]
+      lp = jax.jit(lambda p, t, v: grpo.scoring.token_logprobs(config, p, t, v))
+      batch["old_logp"] = np.asarray(lp(params, batch["tokens"], batch["valid"]))
+    hp = grpo.GRPOHparams(logprob_chunk=8, **over)
+    learner = grpo.GRPOLearner(config, hp, optim.make_optimizer(1e-3, 10), response_len=16,
+                               pack_len=48)
+    packed, counts = learner.pack_batch(batch, mini)
+    plain = packing.plan(batch["valid"], 48)
+    prompts = batch["valid"][:, :8].sum(1)
+    self.assertLess(counts["train/real_tokens"],  # member 5 left out, prompts shared
+                    batch["valid"].sum() - prompts[5] - batch["valid"][5, 8:].sum())
+    self.assertLess(counts["train/padded_positions"], plain.positions)
+    self.assertTrue((packed["prefix_ids"] > 0).any())
+    loss_fn = grpo.actor_loss_fn(config, hp, 16)
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    rows = len(packed["tokens"]) // mini
+    for k in range(mini):
+      part = lambda b, n: {f: jnp.asarray(v[k * n:(k + 1) * n]) for f, v in b.items()}
+      (loss_a, m_a), g_a = grad(params, part(batch, 16 // mini))
+      micro = len(packed["tokens"]) // mini // counts["micro_rows"]
+      step = jax.jit(make_update_step(loss_fn, _sgd(), micro_rows=counts["micro_rows"]))
+      new, _, m_b = step(params, _sgd().init(params), part(packed, rows))
+      g_b = jax.tree.map(lambda a, b: a - b, params, new)
+      np.testing.assert_allclose(m_b["loss"], loss_a, rtol=LOSS_TOL, atol=LOSS_TOL)
+      for name in m_a:
+        if micro == 1 or name in ("loss",):
+          np.testing.assert_allclose(m_b[name], m_a[name], rtol=LOSS_TOL, atol=LOSS_TOL,
+                                     err_msg=name)
+      _close_trees(self, g_b, g_a)
+
   def test_without_old_logp_pi_old_is_pi(self):
     """One on-policy mini-batch: the loss's own log-probs stand in for an old-logp pass."""
     config = testutil.tiny_model_config()

@@ -443,11 +443,16 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
   return slot - jax.lax.cummax(starts, axis=1)
 
 
-def _attention_mask(t: int, attention_mask: jax.Array, segment_ids=None) -> jax.Array:
-  """[B, T, T]: causal, to valid keys, and (packed rows) within the query's segment."""
+def _attention_mask(t: int, attention_mask: jax.Array, segment_ids=None,
+                    prefix_ids=None) -> jax.Array:
+  """[B, T, T]: causal, to valid keys, and (packed rows) within the query's segment or
+  its prefix segment."""
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
   if segment_ids is not None:
-    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if prefix_ids is not None:
+      same |= prefix_ids[:, :, None] == segment_ids[:, None, :]
+    mask &= same
   return mask
 
 
@@ -455,13 +460,17 @@ def _attention_mask(t: int, attention_mask: jax.Array, segment_ids=None) -> jax.
 
 
 def hidden_states(config: QwenConfig, params, tokens, positions=None, attention_mask=None,
-                  segment_ids=None):
+                  segment_ids=None, prefix_ids=None):
   """Uncached pass: tokens [B, T] -> final-normed hidden states [B, T, D].
 
   `segment_ids` [B, T] marks packed rows (several sequences per row, 0 = padding): tokens
   attend only within their segment and, unless `positions` is given, RoPE positions restart
   at 0 per segment, so each segment computes what it would alone in its own row.
+  `prefix_ids` [B, T] (with segment_ids and positions): a slot also attends to the segment
+  named there (0: none), e.g. responses packed after the one copy of their shared prompt.
   """
+  if prefix_ids is not None and (segment_ids is None or positions is None):
+    raise ValueError("hidden_states: prefix_ids needs segment_ids and positions")
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = (jnp.ones((b, t), bool) if segment_ids is None else segment_ids > 0)
@@ -469,7 +478,7 @@ def hidden_states(config: QwenConfig, params, tokens, positions=None, attention_
   if positions is None:
     positions = (default_positions(attention_mask) if segment_ids is None
                  else segment_positions(segment_ids))
-  mask = _attention_mask(t, attention_mask, segment_ids)
+  mask = _attention_mask(t, attention_mask, segment_ids, prefix_ids)
   rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x, _ = _run_layers(config, params, _embed(config, params, tokens), rope_cs, mask)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps)

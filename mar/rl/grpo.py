@@ -94,8 +94,12 @@ def actor_loss_fn(config: QwenConfig, hp: GRPOHparams, max_len: int):
   def loss_fn(params, mb):
     seg = mb.get("segment_ids")
     valid = mb["valid"] if seg is None else seg > 0
+    # The loss reads log-probs at action tokens only: score just those (`score_slots`).
+    slots = (mb["score_src"], mb["score_tgt"]) if "score_tgt" in mb else None
     out = scoring.token_logprobs(config, params, mb["tokens"], valid, hp.temperature,
-                                 hp.logprob_chunk, with_entropy=want_entropy, segment_ids=seg)
+                                 hp.logprob_chunk, with_entropy=want_entropy, segment_ids=seg,
+                                 score_slots=slots, positions=mb.get("positions"),
+                                 prefix_ids=mb.get("prefix_ids"))
     logp, entropy = out if want_entropy else (out, None)
     # No old_logp: the batch is learned in one optimizer step from the policy that sampled
     # it, so pi_old is pi itself (what a separate forward would give, without its cost).
@@ -217,10 +221,17 @@ class GRPOLearner:
 
     counts also carries `micro_rows`, the packed update's micro-batch row count."""
     batch = {k: np.asarray(v) for k, v in batch.items()}
-    p = self.plan(batch["valid"], num_mini_batches, self.hp.micro_batches)
+    # A group's members share their prompt: packed once per row, each response attending
+    # to it (`packing.plan`, prompts). The KL reference pass scores plain packed rows.
+    shared = None if self.hp.kl_coef else (batch["tokens"], batch["action_mask"])
+    p = packing.host_plan(batch["valid"], self.pack_len, num_mini_batches,
+                          self.hp.micro_batches, self.shards, shared=shared)
     mb = p.micro_batches
     out = packing.pack_host(batch, p, _PER_SEQUENCE)
     out["seq_counts"] = packing.sequence_counts(out["action_mask"], p.seq)
+    out["score_src"], out["score_tgt"] = scoring.score_slots_host(out["action_mask"], p.prev)
+    if p.prefix_ids is not None:
+      out.update(prefix_ids=p.prefix_ids, positions=p.rope_positions)
     # The normaliser of the (global) mini-batch each row belongs to.
     n, local_mb = len(batch["valid"]), len(p.index) // p.rows_per_mini_batch
     per = n // local_mb
@@ -256,6 +267,9 @@ class GRPOLearner:
     if self.pack_len:
       batch, counts = self.pack_batch(batch, num_mini_batches)
       update = self.packed_update(counts.pop("micro_rows"))
+    else:
+      batch = dict(batch)
+      batch["score_src"], batch["score_tgt"] = scoring.score_slots_host(batch["action_mask"])
     if self.mesh is not None:
       batch = parallel.put_batch(batch, self.mesh, self.rules)
     if self.hp.kl_coef:

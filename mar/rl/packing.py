@@ -32,10 +32,11 @@ from mar import parallel
 PAD_INDEX = np.iinfo(np.int32).max
 
 
-def bucket_rows(rows: int, multiple: int = 1) -> int:
-  """Rows rounded up to a multiple of `multiple`, then to 3 significant bits (<= 12.5 % more)."""
+def bucket_rows(rows: int, multiple: int = 1, bits: int = 3) -> int:
+  """Rows rounded up to a multiple of `multiple`, then to `bits` significant bits (3: <= 12.5 %
+  more)."""
   m = max(-(-rows // multiple), 1)
-  shift = max(m.bit_length() - 3, 0)
+  shift = max(m.bit_length() - bits, 0)
   m = -(-m >> shift) << shift
   return m * multiple
 
@@ -60,6 +61,12 @@ class PackPlan:
   shape: tuple[int, int]
   rows_per_mini_batch: int
   micro_batches: int = 1
+  # Shared prompts (`plan(..., shared=)`): int32 [R, L] each. prefix_ids: the segment a
+  # response slot also attends to (its prompt's copy), 0 elsewhere; rope_positions: RoPE
+  # positions; prev: the slot holding each slot's predecessor token (-1: none).
+  prefix_ids: np.ndarray | None = None
+  rope_positions: np.ndarray | None = None
+  prev: np.ndarray | None = None
 
   @property
   def row_len(self) -> int:
@@ -119,21 +126,77 @@ def _first_fit(lengths: np.ndarray, row_len: int) -> list[list[int]]:
   return rows
 
 
-def mini_batch_rows(needed: int, micro_rows: int | None = None, shards: int = 1):
+def mini_batch_rows(needed: int, micro_rows: int | None = None, shards: int = 1,
+                    bits: int = 3):
   """(rows, micro-batches) of a packed mini-batch that needs `needed` rows.
 
   Up to `micro_rows` rows: one micro-batch, rows bucketed over `shards`. Beyond: a bucketed
-  number of micro-batches of `micro_rows` rows each (a multiple of `shards`).
+  number of micro-batches of `micro_rows` rows each (a multiple of `shards`). `bits`: the
+  buckets' significant bits.
   """
   if micro_rows is None or needed <= micro_rows:
-    rows = bucket_rows(needed, shards)
+    rows = bucket_rows(needed, shards, bits)
     return (rows if micro_rows is None else min(rows, micro_rows)), 1
-  m = bucket_rows(-(-needed // micro_rows))
+  m = bucket_rows(-(-needed // micro_rows), bits=bits)
   return m * micro_rows, m
 
 
+def _units(start: np.ndarray, length: np.ndarray, shared, row_len: int, first: int,
+           last: int) -> list[list[tuple]]:
+  """Sequences first..last-1 as units of pieces (seq, first slot, length, is_response).
+
+  Plain (shared None): one piece per sequence. Shared prompts (shared = (tokens, action)):
+  a sequence's prompt is its valid slots before its first action token, its response the
+  rest of its span; consecutive sequences with equal prompts form a group, and a unit is
+  the group's prompt once, then as many of its members' responses as fit in row_len.
+  Sequences without an action token are left out (nothing of theirs is trained).
+  """
+  if shared is None:
+    return [[(i, int(start[i]), int(length[i]), False)] for i in range(first, last)
+            if length[i] > 0]
+  tokens, action = shared
+  has_action = action.any(1)
+  cut = np.where(has_action, action.argmax(1), 0)  # first action slot
+  prompt_of = lambda j: tuple(tokens[j, start[j]:cut[j]])
+  units, i = [], first
+  while i < last:
+    j = i + 1
+    while j < last and prompt_of(j) == prompt_of(i):
+      j += 1
+    lp = int(cut[i] - start[i])
+    unit = None
+    for m in range(i, j):
+      lr = int(start[m] + length[m] - cut[m])
+      if not has_action[m]:
+        continue
+      if lp + lr > row_len:
+        raise ValueError(f"packing.py: sequence {m} has {lp + lr} tokens > row length "
+                         f"{row_len}")
+      if unit is None or sum(x[2] for x in unit) + lr > row_len:
+        unit = [(i, int(start[i]), lp, False)]
+        units.append(unit)
+      unit.append((m, int(cut[m]), lr, True))
+    i = j
+  return units
+
+
+def _mini_batch_rows(valid, row_len, num_mini_batches, shared=None):
+  """Per mini-batch: its rows, each a list of units (first-fit decreasing by unit length)."""
+  start, length = _spans(valid)
+  per = len(length) // num_mini_batches
+  if shared is not None:
+    shared = tuple(np.asarray(x) for x in shared)
+  out = []
+  for k in range(num_mini_batches):
+    units = _units(start, length, shared, row_len, k * per, (k + 1) * per)
+    sizes = np.asarray([sum(x[2] for x in u) for u in units], np.int64)
+    out.append([[units[u] for u in row] for row in _first_fit(sizes, row_len)])
+  return out
+
+
 def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, shards: int = 1,
-         min_rows: int = 0, base: int = 0, micro_rows: int | None = None) -> PackPlan:
+         min_rows: int = 0, base: int = 0, micro_rows: int | None = None,
+         shared=None) -> PackPlan:
   """Packs the valid spans of an [N, S] batch into rows of `row_len` slots.
 
   `shards`: row counts are multiples of it (the mesh's batch shards). `micro_rows`: at most
@@ -141,45 +204,64 @@ def plan(valid: np.ndarray, row_len: int, num_mini_batches: int = 1, shards: int
   `min_rows`: at least this many rows per mini-batch (on several hosts, the largest count
   over hosts, so every host's plan has the same shape). `base`: added to every index
   (this host's first slot in the global [N_global * S] layout).
+
+  `shared` = (tokens, action_mask) [N, S]: consecutive sequences with the same prompt (the
+  tokens before their first action) share one copy of it (a GRPO group): each response is
+  its own segment that also attends to the prompt's (`prefix_ids`), with RoPE positions
+  continuing the prompt's, so every response token sees what it saw unpacked while the
+  prompt is computed once per row it is in. Sequences without action tokens are left out.
+  The plan then carries prefix_ids, rope_positions and prev; only response slots may be scored
+  (`scoring.token_logprobs`' score_slots from `prev`); prompt slots hold the group's first
+  member's prompt.
   """
   valid = np.asarray(valid, bool)
   n, s = valid.shape
   if n % num_mini_batches:
     raise ValueError(f"packing.py: {n} sequences are not divisible into {num_mini_batches} "
                      "mini-batches")
-  start, length = _spans(valid)
-  per = n // num_mini_batches
-  groups = [[[i + k * per for i in row] for row in _first_fit(length[k * per:(k + 1) * per],
-                                                                row_len)]
-            for k in range(num_mini_batches)]
+  groups = _mini_batch_rows(valid, row_len, num_mini_batches, shared)
+  # Shared-prompt rows hold whole groups (~1 per row): their count varies by a row or two
+  # from step to step, so it is bucketed coarser (2 significant bits) to compile once.
   rows, micro = mini_batch_rows(max([len(g) for g in groups] + [min_rows, 1]), micro_rows,
-                                shards)
+                                shards, bits=3 if shared is None else 2)
   total = rows * num_mini_batches
   index = np.full((total, row_len), PAD_INDEX, np.int32)
   seg = np.zeros((total, row_len), np.int32)
   seq = np.full((total, row_len), -1, np.int32)
+  prefix = np.zeros((total, row_len), np.int32)
+  pos = np.zeros((total, row_len), np.int32)
+  prev = np.full((total, row_len), -1, np.int32)
   for k, group in enumerate(groups):
-    for r, members in enumerate(group):
-      at, row = 0, k * rows + r
-      for j, i in enumerate(members):
-        ln = int(length[i])
-        index[row, at:at + ln] = base + i * s + start[i] + np.arange(ln)
-        seg[row, at:at + ln] = j + 1
-        seq[row, at:at + ln] = i
-        at += ln
-  return PackPlan(index, seg, seq, (n, s), rows, micro)
+    for r, units in enumerate(group):
+      at, row, j = 0, k * rows + r, 0
+      for unit in units:
+        head_seg, head_end, head_len = j + 1, at + unit[0][2] - 1, unit[0][2]
+        for i, first, ln, response in unit:
+          j += 1
+          index[row, at:at + ln] = base + i * s + first + np.arange(ln)
+          seg[row, at:at + ln] = j
+          seq[row, at:at + ln] = i
+          prev[row, at + 1:at + ln] = at + np.arange(ln - 1)
+          if response:  # after its unit's prompt
+            prefix[row, at:at + ln] = head_seg
+            pos[row, at:at + ln] = head_len + np.arange(ln)
+            prev[row, at] = head_end if head_len else -1
+          else:
+            pos[row, at:at + ln] = np.arange(ln)
+          at += ln
+  extra = dict(prefix_ids=prefix, rope_positions=pos, prev=prev) if shared is not None else {}
+  return PackPlan(index, seg, seq, (n, s), rows, micro, **extra)
 
 
-def rows_needed(valid: np.ndarray, row_len: int, num_mini_batches: int = 1) -> int:
+def rows_needed(valid: np.ndarray, row_len: int, num_mini_batches: int = 1,
+                shared=None) -> int:
   """Rows per mini-batch before bucketing (to agree on `min_rows` across hosts)."""
-  _, length = _spans(valid)
-  per = len(length) // num_mini_batches
-  return max(len(_first_fit(length[k * per:(k + 1) * per], row_len))
-             for k in range(num_mini_batches))
+  groups = _mini_batch_rows(np.asarray(valid, bool), row_len, num_mini_batches, shared)
+  return max(len(g) for g in groups)
 
 
 def host_plan(valid, row_len: int, num_mini_batches: int = 1, micro_batches: int | None = None,
-              shards: int = 1, global_index: bool = False) -> PackPlan:
+              shards: int = 1, global_index: bool = False, shared=None) -> PackPlan:
   """This host's plan for its rows of a learner batch (every host calls it: a collective).
 
   row_len <= 0: the batch's own width. On several hosts each packs its own rows with the
@@ -187,6 +269,7 @@ def host_plan(valid, row_len: int, num_mini_batches: int = 1, micro_batches: int
   made of whole hosts' mini-batches, as in the padded layout. `micro_batches`: the padded
   layout's micro-batch count, whose row count bounds the packed micro-batches (None: no
   micro-batching, e.g. a log-prob pass). `global_index`: index the global [N_all, S] layout.
+  `shared`: (tokens, action_mask) to share prompts (see `plan`).
   """
   valid = np.asarray(valid, bool)
   n, s = valid.shape
@@ -197,10 +280,10 @@ def host_plan(valid, row_len: int, num_mini_batches: int = 1, micro_batches: int
   micro_rows = None
   if micro_batches is not None:
     micro_rows = max(n * hosts // num_mini_batches // micro_batches // hosts_per_mb, 1)
-  rows = parallel.max_over_hosts(rows_needed(valid, row_len, local_mb))
+  rows = parallel.max_over_hosts(rows_needed(valid, row_len, local_mb, shared))
   base = jax.process_index() * n * s if global_index else 0
   return plan(valid, row_len, local_mb, shards, min_rows=rows, base=base,
-              micro_rows=micro_rows)
+              micro_rows=micro_rows, shared=shared)
 
 
 # ----- moving data in and out of the packed layout (numpy or jax.numpy) -------------------

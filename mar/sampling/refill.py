@@ -70,12 +70,20 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   that holds its prompt, into slots P-W..P-1 of its row: the tokens computed follow the row's
   own prompt, not the longest one that refills with it, and a row's cache and logits do not
   depend on which rows refill with it. Skipped rows compute nothing (a branch of zeros).
+  A prompt equal to the one before it (a GRPO group's members queue one after another) is
+  not prefilled again: its row gets that row's prefilled cache and logits, the very
+  numbers a prefill would give.
   The live cache is never an operand of a branch (XLA would copy it into each branch's
   output): the branches return one prompt's [1, P] cache, written in after the switch.
   Returns (cache, logits [R, V] after each prompt, rope_pos [R] = real prompt tokens).
   """
   r, p = prompt_tokens.shape
+  b = cache.valid.shape[0]
   widths = tuple(w for w in widths if w < p) + (p,)
+  real = rows < b
+  same = (jnp.all(prompt_tokens[1:] == prompt_tokens[:-1], axis=1)
+          & jnp.all(prompt_mask[1:] == prompt_mask[:-1], axis=1) & real[1:] & real[:-1])
+  repeat = jnp.concatenate([jnp.zeros((1,), bool), same])  # [R]: copy row i - 1's prompt
 
   def prefill_at(w, toks, mask):
     st = prefill(config, params, toks[None, p - w:], mask[None, p - w:], w)
@@ -86,17 +94,21 @@ def fill_rows(config, params, cache: qwen.KVCache, rows: jax.Array, prompt_token
   branches = [functools.partial(prefill_at, w) for w in widths] + [skip]
 
   def one(i, carry):
-    cache_, logits, rope = carry
-    toks, mask, row = prompt_tokens[i], prompt_mask[i], rows[i]
+    cache_, logits, rope, last = carry
+    toks, mask, row, rep = prompt_tokens[i], prompt_mask[i], rows[i], repeat[i]
     n = mask.sum().astype(jnp.int32)
-    k = jnp.where(row < cache_.valid.shape[0], jnp.searchsorted(jnp.asarray(widths), n),
-                  len(widths))
-    small, row_logits = jax.lax.switch(k, branches, toks, mask)
-    cache_ = write_rows(cache_, row[None], small)  # rows == B: dropped
-    return cache_, logits.at[i].set(row_logits), rope.at[i].set(n)
+    k = jnp.where(real[i] & ~rep, jnp.searchsorted(jnp.asarray(widths), n), len(widths))
+    small = jax.lax.switch(k, branches, toks, mask)
+    # A repeated prompt writes the previous row's prefill again (kept in the carry: reading
+    # it back from the live cache would make XLA copy the cache).
+    small = jax.tree.map(lambda x, y: jnp.where(rep, y, x), small, last)
+    cache_ = write_rows(cache_, row[None], small[0])  # rows == B: dropped
+    return cache_, logits.at[i].set(small[1]), rope.at[i].set(n), small
 
   logits = jnp.zeros((r, config.vocab_size), jnp.float32)
-  return jax.lax.fori_loop(0, r, one, (cache, logits, jnp.zeros((r,), jnp.int32)))
+  last = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  out = jax.lax.fori_loop(0, r, one, (cache, logits, jnp.zeros((r,), jnp.int32), last))
+  return out[:3]
 
 
 def token_keys(key: jax.Array, seq: jax.Array, index: jax.Array) -> jax.Array:

@@ -53,9 +53,6 @@ class Method:
     """Whether the loss has a KL term to a frozen reference policy."""
     return bool(self.hparams(config).kl_coef)
 
-  def dynamic_sampling(self, config) -> bool:
-    return not self.is_ppo and bool(config.grpo.dynamic_sampling)
-
 
 METHODS = {m.name: m for m in (
     Method("ppo", "ppo"),

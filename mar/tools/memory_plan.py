@@ -230,7 +230,7 @@ def plan(config, model: QwenConfig, num_devices: int, device_memory_gib: float,
   rules = parallel.rules_from_config(config)
   compute = dtype_from_name(config.model.dtype)
   r, ppo_run = config.rollout, methods.of(config).is_ppo
-  lr = config.ppo.actor_lr if ppo_run else config.grpo.lr
+  lr = methods.of(config).policy_lr(config)
   opt = optim.make_optimizer(lr, max(config.train.num_steps, 1))
   rs = shape_lib.rollout_shape(config, feedback_len)
   slots, rollout_rows = rs.cache_len, rs.rows
@@ -495,7 +495,7 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
   remat = cfg.remat if remat is None else remat
   compute = dtype_from_name(config.model.dtype)
   ppo_run = methods.of(config).is_ppo
-  lr = config.ppo.actor_lr if ppo_run else config.grpo.lr
+  lr = methods.of(config).policy_lr(config)
   opt = optim.make_optimizer(lr, max(config.train.num_steps, 1))
   local_rows = math.ceil(us.rows / _split(us.rows, mesh, rules, "batch"))
   programs = {"update_actor": False, "update_critic": True} if ppo_run else {"update": False}

@@ -13,6 +13,7 @@ read (orbax skips them; they are deleted when a Checkpointer opens the directory
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import time
@@ -270,6 +271,19 @@ def _silence_closed_loop_callbacks() -> None:
 
     hook._mar_closed_loop_filter = True  # pylint: disable=protected-access
     sys.unraisablehook = hook
+    std_logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_errors)
+
+
+def _drop_unretrieved_read_errors(record: std_logging.LogRecord) -> bool:
+    """Drops asyncio's "Task exception was never retrieved" for tensorstore's DATA_LOSS reads.
+
+    The same failed restore as above: sibling reads of the corrupt step fail after the first
+    failure was raised, nobody awaits them, and asyncio logs each with its traceback. Only
+    that case is dropped (a DATA_LOSS error in an unretrieved task).
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    unretrieved = record.getMessage().startswith("Task exception was never retrieved")
+    return not (unretrieved and "DATA_LOSS" in str(exc))
 
 
 # ------------------------------------------------------ reading one array at a time

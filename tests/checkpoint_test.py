@@ -1,6 +1,7 @@
 """Checkpointer: round trips, retention, corrupt/partial steps, async saves, sharded restore."""
 
 import glob
+import logging
 import os
 import shutil
 import subprocess
@@ -225,6 +226,23 @@ class CheckpointTest(parameterized.TestCase):
         )
         self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
         self.assertIn("SHARDED_OK", proc.stdout)
+
+
+class ReadErrorLogFilterTest(absltest.TestCase):
+    """The corrupt-step fallback drops asyncio's report of unretrieved DATA_LOSS reads only."""
+
+    def _record(self, message, exc):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                 (type(exc), exc, None))
+
+    def test_drops_unretrieved_data_loss_and_keeps_the_rest(self):
+        keep = checkpoint._drop_unretrieved_read_errors  # pylint: disable=protected-access
+        lost = ValueError('DATA_LOSS: Error opening "zarr" driver')
+        self.assertFalse(keep(self._record("Task exception was never retrieved\nfuture: <Task>",
+                                           lost)))
+        self.assertTrue(keep(self._record("Task exception was never retrieved",
+                                          ValueError("something else"))))
+        self.assertTrue(keep(self._record("Unclosed client session", lost)))
 
 
 if __name__ == "__main__":

@@ -162,7 +162,6 @@ def refined_batch(config, run, policy, first, extra, logp_hinted, plain, rewards
   rewards, dapo_metrics = dapo_rewards(config, out, rewards)
   metrics.update(dapo_metrics)
   out["advantages"] = np.asarray(grpo.member_advantages(run.learner.hp, rewards))
-  out.pop("logp_hinted", None)
   batch = GroupBatch(**out)
   if run.learner.pack_len:  # packed on the host by the learner
     return batch, metrics

@@ -226,12 +226,17 @@ def _run_workers(root: str, tasks, tiny: bool, overrides, jobs: int) -> None:
     procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
   total = {t: arm_config(*t, tiny, overrides).train.num_steps for t in tasks}
   bar = progress(sum(total.values()), desc=f"replicate[{jobs} jobs] steps", log_every=10)
-  while any(p.poll() is None for p, _ in procs):
-    time.sleep(5)
-    bar.update(sum(_steps_done(arm_workdir(root, *t)) for t in tasks) - bar.n)
-  bar.close()
-  for p, log in procs:
-    log.close()
+  try:
+    while any(p.poll() is None for p, _ in procs):
+      time.sleep(5)
+      bar.update(max(0, sum(_steps_done(arm_workdir(root, *t)) for t in tasks) - bar.n))
+  finally:  # an interrupted suite stops its workers too (a rerun resumes them)
+    for p, log in procs:
+      if p.poll() is None:
+        p.terminate()
+        p.wait()
+      log.close()
+    bar.close()
   failed = [i for i, (p, _) in enumerate(procs) if p.returncode]
   if failed:
     raise RuntimeError(f"replicate: worker(s) {failed} failed; see "

@@ -100,7 +100,9 @@ class ArmsTest(parameterized.TestCase):
       self.assertLessEqual(row["rollout/logp_gap_mean"], row["rollout/logp_gap_max"])
       self.assertLess(row["train/first_minibatch_approx_kl"], KL_TOL)
 
-  @parameterized.product(arm=miniature.PPO_ARMS, pack_len=(-1, 0))
+  @parameterized.named_parameters(("multi_attempt_packed", "multi_attempt", -1),
+                                  ("multi_attempt_padded", "multi_attempt", 0),
+                                  ("single_turn_packed", "single_turn", -1))
   def test_ppo_arm(self, arm, pack_len):
     rows, seen = train_arm(arm, **{"train.pack_len": pack_len})
     self.assert_consistent(rows, PPO_KEYS)
@@ -127,7 +129,9 @@ class ArmsTest(parameterized.TestCase):
     self.assertLen(seen, 2)
     self.assertGreater(boxed_total, 0)  # the check saw boxes, not only -1 episodes
 
-  @parameterized.product(arm=miniature.GROUP_ARMS, pack_len=(-1, 0))
+  @parameterized.named_parameters(("grpo_packed", "grpo", -1),
+                                  ("grpo_extra_packed", "grpo_extra", -1),
+                                  ("lte_packed", "lte", -1), ("lte_padded", "lte", 0))
   def test_group_arm(self, arm, pack_len):
     rows, seen = train_arm(arm, **{"train.pack_len": pack_len})
     self.assert_consistent(rows, KEYS)

@@ -23,7 +23,8 @@ from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import packing
 from mar.rl import scoring
-from mar.rl.update import make_update_step, map_rows, mean_metrics, mini_batches
+from mar.rl.update import (first_approx_kl, make_update_step, map_rows, mean_metrics,
+                           mini_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,8 +250,8 @@ class GRPOLearner:
 
   def step(self, policy, opt_state, batch: GroupBatch, ref=None, num_mini_batches: int = 1):
     """One epoch over the batch, one optimizer step per mini-batch; metrics averaged over
-    them. Without old_logp (one mini-batch only) the policy's own log-probs stand in for
-    pi_old.
+    them, and the first mini-batch's approx-KL alone (`update.first_approx_kl`). Without
+    old_logp (one mini-batch only) the policy's own log-probs stand in for pi_old.
 
     With `pack_len` the batch is packed here (`pack_batch`); metrics then include the
     update's real tokens and computed positions (this host's)."""
@@ -280,4 +281,5 @@ class GRPOLearner:
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
       policy, opt_state, metrics = update(policy, opt_state, part)
       history.append(metrics)
-    return policy, opt_state, {**mean_metrics(history), **counts}
+    return policy, opt_state, {**mean_metrics(history), **counts,
+                               "train/first_minibatch_approx_kl": first_approx_kl(history)}

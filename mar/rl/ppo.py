@@ -25,7 +25,8 @@ from mar.rl import advantages as adv_lib
 from mar.rl import losses
 from mar.rl import packing
 from mar.rl import scoring
-from mar.rl.update import make_update_step, map_rows, mean_metrics, mini_batches
+from mar.rl.update import (first_approx_kl, make_update_step, map_rows, mean_metrics,
+                           mini_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: 
                    index=None, segment_ids=None, max_rows: int = 0, shards: int = 1,
                    constrain=lambda t: t) -> dict:
   """Everything the PPO losses need, computed once before the update; the sampler's
-  log-probs ride along as `sampler_logp` (TIS weights, rollout/* metrics).
+  log-probs ride along as `sampler_logp` (TIS weights, rollout/* metrics) and pi_old's
+  per-token entropy as `entropy` (train/entropy; no loss reads it).
 
   Padded (no `index`): the forwards run over the episodes' [B, S] rows and the batch keeps
   that layout (`valid`). Packed (a `rl.packing` plan's `index` and `segment_ids`): they run
@@ -69,9 +71,11 @@ def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: 
     chunk = constrain(chunk)
     seg = chunk.get("segment_ids")
     valid = chunk["valid"] if seg is None else seg > 0
-    lp = lambda p: scoring.token_logprobs(config, p, chunk["tokens"], valid, hp.temperature,
-                                          hp.logprob_chunk, segment_ids=seg)
-    out = {"old_logp": lp(policy),
+    lp = lambda p, **kw: scoring.token_logprobs(config, p, chunk["tokens"], valid,
+                                                hp.temperature, hp.logprob_chunk,
+                                                segment_ids=seg, **kw)
+    old_logp, entropy = lp(policy, with_entropy=True)
+    out = {"old_logp": old_logp, "entropy": entropy,
            "values": scoring.token_values(config, critic, chunk["tokens"], valid, seg)}
     if hp.kl_coef:
       out["ref_logp"] = lp(ref)
@@ -92,6 +96,7 @@ def score_episodes(config: QwenConfig, hp: PPOHparams, policy, ref, critic, ep: 
       "advantages": pk(advantages),
       "returns": pk(returns),
       "sampler_logp": pk(ep.logprobs),
+      "entropy": f["entropy"],
   }
 
 
@@ -179,9 +184,12 @@ class PPOLearner:
     self.score = jax.jit(lambda pol, ref, cri, ep, index=None, seg=None: constrain(
         score_episodes(c, hp, pol, ref, cri, constrain(ep), *constrain((index, seg)),
                        max_rows=self.score_rows, shards=self.shards, constrain=constrain)))
-    # rollout/* metrics of the whole batch: the sampler's log-probs against pi_old.
-    self.correction = jax.jit(lambda b: losses.rollout_correction(
-        b["old_logp"], b["sampler_logp"], b["action_mask"], hp.tis_cap)[1])
+    # Step metrics of the whole batch: rollout/* (the sampler's log-probs against pi_old)
+    # and pi_old's entropy over the action tokens.
+    self.correction = jax.jit(lambda b: {
+        **losses.rollout_correction(b["old_logp"], b["sampler_logp"], b["action_mask"],
+                                    hp.tis_cap)[1],
+        "train/entropy": losses.aggregate("token_mean", b["entropy"], b["action_mask"])})
     self.split = jax.jit(lambda b, n: parallel.split_mini_batches(b, n, mesh, rules),
                          static_argnums=1)
     actor_loss = parallel.batch_constrained(actor_loss_fn(c, hp), mesh, rules)
@@ -198,7 +206,9 @@ class PPOLearner:
            num_mini_batches: int = 1):
     """One PPO epoch on a rollout batch: one optimizer step per mini-batch, in order.
 
-    Returns new params/states and the metrics averaged over the mini-batches.
+    Returns new params/states and the metrics averaged over the mini-batches, plus the
+    first mini-batch's approx-KL alone (`update.first_approx_kl`), the rollout/* gap and
+    pi_old's entropy on the action tokens (train/entropy) of the whole batch.
     """
     size = episodes.tokens.shape[0]
     if size % num_mini_batches:
@@ -221,6 +231,7 @@ class PPOLearner:
       index, seg = parallel.put_batch((plan.index, plan.segment_ids), self.mesh, self.rules)
     batch = self.score(policy, ref, critic, episodes, index, seg)
     correction = self.correction(batch)
+    batch = {k: v for k, v in batch.items() if k != "entropy"}  # read by no update
     history = []
     for part in mini_batches(batch, num_mini_batches, self.split if self.mesh else None):
       critic, critic_state, c_metrics = update_critic(critic, critic_state, part)
@@ -228,7 +239,8 @@ class PPOLearner:
       history.append({**{f"actor/{k}": v for k, v in a_metrics.items()},
                       **{f"critic/{k}": v for k, v in c_metrics.items()}})
     metrics = {**mean_metrics(history), **counts,
-               **{k: float(v) for k, v in jax.device_get(correction).items()}}
+               **{k: float(v) for k, v in jax.device_get(correction).items()},
+               "train/first_minibatch_approx_kl": first_approx_kl(history, "actor/approx_kl")}
     return policy, actor_state, critic, critic_state, metrics
 
   def plan(self, valid: np.ndarray, num_mini_batches: int) -> packing.PackPlan:

@@ -138,6 +138,17 @@ def mean_metrics(history: list[dict]) -> dict:
   return {k: float(_reduce(k, np)([h[k] for h in host])) for k in host[0]}
 
 
+def first_approx_kl(history: list[dict], key: str = "approx_kl") -> float:
+  """train/first_minibatch_approx_kl: the approx-KL of the step's first mini-batch alone.
+
+  Its pi is still pi_old (nothing updated yet), so the value is ~0 when the learner scores
+  as it updates; the mean over all mini-batches would hide a ratio that is not 1 there. A
+  mini-batch of several micro-batches gives the mean of their token means (as `key` is
+  reduced over micro-batches in `make_update_step`).
+  """
+  return float(jax.device_get(history[0][key]))
+
+
 def mini_batches(batch: Any, num: int, split_fn: Callable | None = None) -> list:
   """Cuts a batch into `num` equal row slices, one optimizer step each.
 

@@ -129,7 +129,9 @@ class ArmsTest(parameterized.TestCase):
         boxed_total += any_boxed
         correct_total += any_correct
     self.assertLen(seen, 2)
-    self.assertGreater(boxed_total, 0)  # the check saw boxes, not only -1 episodes
+    # The check saw right and wrong boxes, not only -1 episodes.
+    self.assertGreater(boxed_total, correct_total)
+    self.assertGreater(correct_total, 0)
 
   @parameterized.named_parameters(
       ("grpo_packed", "grpo", -1, 1), ("grpo_extra_packed", "grpo_extra", -1, 1),
@@ -142,7 +144,7 @@ class ArmsTest(parameterized.TestCase):
       # their old log-probs under the hinted prompt they were sampled after
       self.assertGreater(sum(row["lte/num_replaced"] for row in rows), 0)
       self.assertEqual(any(row["hinted_token_frac"] > 0 for row in rows), arm == "lte")
-    boxed_total = 0
+    boxed_total = correct_total = 0
     for tok, answers, host in seen:
       self.assertLen(answers, len(host.responses))
       for i, gold in enumerate(answers):
@@ -154,8 +156,10 @@ class ArmsTest(parameterized.TestCase):
         self.assertEqual(float(host.reward[i]),
                          float(episode_reward(host.correct[i], boxed)), (i, text))
         boxed_total += boxed
+        correct_total += bool(host.correct[i])
     self.assertLen(seen, 2 + resampled)
-    self.assertGreater(boxed_total, 0)
+    self.assertGreater(boxed_total, correct_total)
+    self.assertGreater(correct_total, 0)
 
 
 class EntropyTest(absltest.TestCase):

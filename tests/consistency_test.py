@@ -100,11 +100,13 @@ class ArmsTest(parameterized.TestCase):
       self.assertLessEqual(row["rollout/logp_gap_mean"], row["rollout/logp_gap_max"])
       self.assertLess(row["train/first_minibatch_approx_kl"], KL_TOL)
 
-  @parameterized.named_parameters(("multi_attempt_packed", "multi_attempt", -1),
-                                  ("multi_attempt_padded", "multi_attempt", 0),
-                                  ("single_turn_packed", "single_turn", -1))
-  def test_ppo_arm(self, arm, pack_len):
-    rows, seen = train_arm(arm, **{"train.pack_len": pack_len})
+  # Packed (train.pack_len=-1) and padded (0) learner batches; two micro-batches in one case.
+  @parameterized.named_parameters(
+      ("multi_attempt_packed_micro", "multi_attempt", -1, 2),
+      ("multi_attempt_padded", "multi_attempt", 0, 1),
+      ("single_turn_packed", "single_turn", -1, 1))
+  def test_ppo_arm(self, arm, pack_len, micro):
+    rows, seen = train_arm(arm, **{"train.pack_len": pack_len, "ppo.micro_batches": micro})
     self.assert_consistent(rows, PPO_KEYS)
     for row in rows:  # pi_old's entropy on the action tokens: within (0, log V]
       self.assertBetween(row["train/entropy"], 1e-3, np.log(512))
@@ -127,20 +129,22 @@ class ArmsTest(parameterized.TestCase):
         boxed_total += any_boxed
         correct_total += any_correct
     self.assertLen(seen, 2)
-    self.assertGreater(boxed_total, 0)  # the check saw boxes, not only -1 episodes
+    # The check saw right and wrong boxes, not only -1 episodes.
+    self.assertGreater(boxed_total, correct_total)
+    self.assertGreater(correct_total, 0)
 
-  @parameterized.named_parameters(("grpo_packed", "grpo", -1),
-                                  ("grpo_extra_packed", "grpo_extra", -1),
-                                  ("lte_packed", "lte", -1), ("lte_padded", "lte", 0))
-  def test_group_arm(self, arm, pack_len):
-    rows, seen = train_arm(arm, **{"train.pack_len": pack_len})
+  @parameterized.named_parameters(
+      ("grpo_packed", "grpo", -1, 1), ("grpo_extra_packed", "grpo_extra", -1, 1),
+      ("lte_packed", "lte", -1, 1), ("lte_padded_micro", "lte", 0, 2))
+  def test_group_arm(self, arm, pack_len, micro):
+    rows, seen = train_arm(arm, **{"train.pack_len": pack_len, "grpo.micro_batches": micro})
     self.assert_consistent(rows, KEYS)
     resampled = sum(row["none_pass"] > 0 for row in rows) if arm != "grpo" else 0
     if arm != "grpo":  # rescued members are in the batch: LTE's hinted ones compare with
       # their old log-probs under the hinted prompt they were sampled after
       self.assertGreater(sum(row["lte/num_replaced"] for row in rows), 0)
       self.assertEqual(any(row["hinted_token_frac"] > 0 for row in rows), arm == "lte")
-    boxed_total = 0
+    boxed_total = correct_total = 0
     for tok, answers, host in seen:
       self.assertLen(answers, len(host.responses))
       for i, gold in enumerate(answers):
@@ -152,8 +156,10 @@ class ArmsTest(parameterized.TestCase):
         self.assertEqual(float(host.reward[i]),
                          float(episode_reward(host.correct[i], boxed)), (i, text))
         boxed_total += boxed
+        correct_total += bool(host.correct[i])
     self.assertLen(seen, 2 + resampled)
-    self.assertGreater(boxed_total, 0)
+    self.assertGreater(boxed_total, correct_total)
+    self.assertGreater(correct_total, 0)
 
 
 class EntropyTest(absltest.TestCase):

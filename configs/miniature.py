@@ -36,6 +36,13 @@ PPO_ARMS = ("multi_attempt", "single_turn")
 GROUP_ARMS = ("grpo", "grpo_extra", "lte")
 # The synthetic task of every arm, training and evaluation (see the docstring for the choice).
 TASK = dict(min_digits=1, max_digits=1, num_operands=2, ops="+-")
+# The design of record (docstring): budget, evaluation sizes.
+NUM_STEPS = 24
+EVAL_EVERY = 8
+EVAL_PROBLEMS = 128
+ATTEMPT_SAMPLES = 16  # sampled episodes per problem and k (PPO arms)
+PASSK_SAMPLES = 32  # samples per problem (GRPO-family arms)
+PASSK_K = 8  # the k of the LTE claim's Pass@k
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +61,7 @@ def get_config(arg: str | None = None):
   c.optim.update(dict(warmup_ratio=0.05))
   c.checkpoint.update(dict(every_steps=8, keep=2))
   c.verify.workers = 2
-  c.train.num_steps = 24  # 5 arms x 3 seeds: ~18 CPU minutes measured (README)
+  c.train.num_steps = NUM_STEPS
   if arm in PPO_ARMS:
     _ppo_arm(c, arm)
   else:
@@ -71,9 +78,12 @@ def _ppo_arm(c, arm: str) -> None:
   if arm == "single_turn":
     c.rollout.update(dict(max_attempts=1, attempts="fixed", prompt="single_turn"))
   c.ppo.update(dict(actor_lr=3e-4, critic_lr=1e-3, kl_coef=0.01, mini_batches=2))
-  # Both arms: accuracy with k attempts, the multi-attempt prompt stating k (METHODS.md §1).
-  c.eval.update(dict(benchmarks=("synthetic",), kinds=("attempts",), max_attempts=4,
-                     batch_size=128, every_steps=0))
+  # Both arms: accuracy with k attempts, the multi-attempt prompt stating k (METHODS.md §1),
+  # greedy and sampled EVAL_SAMPLES times per problem at the training temperature.
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("attempts",), max_attempts=2,
+                     attempt_samples=ATTEMPT_SAMPLES, batch_size=256, every_steps=EVAL_EVERY,
+                     temperature=1.0, top_p=1.0, expected_accuracy=True))
+  c.eval.synthetic.num_examples = EVAL_PROBLEMS
 
 
 def _group_arm(c, arm: str) -> None:
@@ -82,9 +92,10 @@ def _group_arm(c, arm: str) -> None:
   c.rollout.update(dict(prompts_per_step=16, token_budget=24, max_attempts=1,
                         attempts="fixed", stop_at_box=False))
   c.grpo.update(dict(group_size=8, lr=3e-4))
-  c.eval.update(dict(benchmarks=("synthetic",), kinds=("passk",), num_samples=8, ks=(1, 8),
-                     batch_size=256, every_steps=8, stop_at_box=False))
-  c.eval.synthetic.num_examples = 128
+  c.eval.update(dict(benchmarks=("synthetic",), kinds=("passk",), num_samples=PASSK_SAMPLES,
+                     ks=(1, PASSK_K), batch_size=256, every_steps=EVAL_EVERY, stop_at_box=False,
+                     temperature=1.0, top_p=1.0, expected_accuracy=True))
+  c.eval.synthetic.num_examples = EVAL_PROBLEMS
 
 
 def _tiny(c) -> None:
@@ -93,7 +104,8 @@ def _tiny(c) -> None:
   c.train.num_steps = 2
   c.data.synthetic.num_examples = 64
   c.eval.synthetic.num_examples = 8
-  c.eval.update(dict(batch_size=16, every_steps=1 if c.method != "ppo" else 0))
+  c.eval.update(dict(batch_size=16, every_steps=1 if c.method != "ppo" else 0,
+                     attempt_samples=2, num_samples=4, ks=(1, 4)))
   c.checkpoint.every_steps = 1
   c.verify.workers = 1
   if c.method == "ppo":
@@ -101,5 +113,3 @@ def _tiny(c) -> None:
   else:
     c.rollout.prompts_per_step = 2
     c.grpo.group_size = 4
-    c.eval.num_samples = 4
-    c.eval.ks = (1, 4)

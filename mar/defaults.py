@@ -94,6 +94,9 @@ def base_config() -> ConfigDict:
       # --config.eval.benchmarks=aime24,math500  --config.eval.ks='(1,8)'
       benchmarks=("math500",), kinds=("attempts",), every_steps=0, at_start=True, at_end=True,
       max_attempts=4, num_samples=16, temperature=0.6, top_p=0.95, ks=(1, 16),
+      # Low-variance twins (mar/evaluate.py): m sampled episodes per problem and k beside
+      # each greedy attempt run (0 = off), and the teacher-forced expected accuracy.
+      attempt_samples=0, expected_accuracy=False,
       max_problems=0, batch_size=16,
       checkpoint_step=-1,  # eval mode: -1 = the latest checkpoint, else exactly this step
       stop_at_box=True))  # as rollout.stop_at_box, for evaluation runs

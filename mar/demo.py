@@ -169,13 +169,28 @@ def _warm_start_seed(config) -> int:
 
 
 def warm_start_key(config) -> str:
-  """Hash of everything the demo folder depends on: warm-start config, task, M, seed."""
+  """Hash of everything the demo folder depends on: warm-start config, task, M, seed, and
+  the numerics that build it (`numerics_key`)."""
   d = config.model.demo.to_dict() if hasattr(config.model.demo, "to_dict") else dict(config.model.demo)
   s = config.data.synthetic
   spec = {"version": _CACHE_VERSION, "demo": d, "attempts": _sft_attempts(config),
-          "seed": _warm_start_seed(config),
+          "seed": _warm_start_seed(config), "numerics": numerics_key(),
           "task": {k: s.get(k) for k in ("min_digits", "max_digits", "num_operands", "ops")}}
   return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def numerics_key() -> dict:
+  """What changes the warm start's floats for a fixed config: a build is bit-for-bit
+  repeatable on the same backend, jax version, XLA flags and CPU thread count, but XLA:CPU
+  splits its matmuls' sums by the threads it has, so 200 SFT steps on 1 thread and on 2
+  end on different weights (a different step-0 accuracy). The cache key covers them all."""
+  import jaxlib
+
+  key = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
+         "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  if key["backend"] == "cpu":
+    key["cpu_threads"] = len(os.sched_getaffinity(0))
+  return key
 
 
 _CACHE_VERSION = 1  # bump when the warm start's code changes what it builds

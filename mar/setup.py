@@ -53,13 +53,14 @@ class Run:
   timeline: overlap.DeviceTimeline = dataclasses.field(default_factory=overlap.DeviceTimeline)
 
   def eval_runner(self, config, kind: str) -> RolloutRunner:
-    """Greedy multi-attempt runner ('attempts') or the sampling runner ('passk'), cached."""
+    """The evaluations' runners, cached: greedy multi-attempt ('attempts'), sampled
+    multi-attempt ('sampled_attempts') and single-turn sampling ('passk')."""
     if kind not in self._eval_runners:
-      e, attempts = config.eval, kind == "attempts"
+      e, attempts = config.eval, kind in ("attempts", "sampled_attempts")
       self._eval_runners[kind] = _runner(
           config, self.model_config, self.tokenizer, self.verifier, rows=e.batch_size,
           max_attempts=e.max_attempts if attempts else 1,
-          sampling=(SamplingParams(temperature=0.0) if attempts else
+          sampling=(SamplingParams(temperature=0.0) if kind == "attempts" else
                     SamplingParams(temperature=e.temperature, top_p=e.top_p)),
           hint_feedback_len=config.rollout.hint_feedback_len if attempts else 0,
           stop_at_box=e.stop_at_box, mesh=self.mesh, sampling_mesh=self.runner.sampling_mesh,

@@ -73,7 +73,9 @@ def train(config, workdir: str) -> dict:
     logging.info("resumed from checkpoint at step %d (data position %d)", start, position)
     writer.truncate_after(start)
   elif config.eval.at_start:
-    evaluate.run_eval(config, run, state["policy"], workdir, step=0)
+    start_eval = evaluate.scalars(evaluate.run_eval(config, run, state["policy"], workdir, step=0))
+    if start_eval:
+      writer.write(0, start_eval)
   last: dict = {}
   bar = metrics_lib.progress(config.train.num_steps, desc=f"train[{config.method}]",
                              initial=start)
@@ -85,13 +87,14 @@ def train(config, workdir: str) -> dict:
     last.update({f"rollout/reshard_{k}": v for k, v in run.runner.reshard_stats.items()})
     last = parallel.mean_over_hosts(last)
     done = step + 1
+    if _should_eval(config, done):  # before the row is written: it carries eval/* scalars
+      last.update(evaluate.scalars(
+          evaluate.run_eval(config, run, state["policy"], workdir, step=done)))
     writer.write(done, last)
     bar.update(1)
     bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))
     ckpt.save(done, state, extra={"step": done, "data_position": position},
               force=done == config.train.num_steps)
-    if _should_eval(config, done):
-      evaluate.run_eval(config, run, state["policy"], workdir, step=done)
   bar.close()
   ckpt.wait()
   ckpt.close()

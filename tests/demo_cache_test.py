@@ -1,5 +1,6 @@
 """The demo's warm-start cache: built once per (warm-start config, seed), verified on load."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,6 +92,40 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even
 jax.jit(lambda x: jnp.sin(x) @ x.T + 1.5)(jnp.ones((8, 8))).block_until_ready()
 print(len(hits))
 """
+
+
+_BUILD = """
+import json, os, sys
+from configs import demo as demo_config
+from mar import demo
+c = demo_config.get_config()
+c.model.demo.update(dict(sft_steps=3, sft_batch=4))
+path = demo.ensure_demo_model(c, sys.argv[1])
+with open(os.path.join(path, "manifest.json")) as f:
+  print(json.dumps(json.load(f)))
+"""
+
+
+class ReproducibleWarmStartTest(absltest.TestCase):
+  """The same config and numerics build the same warm start; other numerics get their own key."""
+
+  def _build(self, **env):
+    env = testutil.subprocess_env(MAR_CACHE=tempfile.mkdtemp(), **env)
+    out = subprocess.run([sys.executable, "-c", _BUILD, tempfile.mkdtemp()], env=env,
+                         cwd=_REPO, check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  def test_two_builds_are_bit_identical_and_threading_is_keyed(self):
+    a, b = self._build(), self._build()
+    self.assertEqual(a, b)  # same key, same sha256 of every file (the weights included)
+    one_thread = self._build(XLA_FLAGS="--xla_cpu_multi_thread_eigen=false")
+    self.assertNotEqual(one_thread["key"], a["key"])
+
+  def test_numerics_key_names_what_changes_the_floats(self):
+    key = demo.numerics_key()
+    self.assertEqual(key["backend"], "cpu")
+    self.assertEqual(key["cpu_threads"], len(os.sched_getaffinity(0)))
+    self.assertIn("jaxlib", key)
 
 
 class CompilationCacheTest(absltest.TestCase):

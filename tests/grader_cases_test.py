@@ -10,7 +10,12 @@ Half the cases are `heldout`, fixed by a hash of the id before the verifier was 
 
 Known disagreements: bare lists (`10, 4, -2`) are compared in any order, as Math-Verify and
 OlympiadBench do and the MATH "enter all solutions" answers need; Hendrycks' string grader
-treats them as ordered (2 cases). Tuples and intervals are ordered.
+treats them as ordered (2 cases). Tuples and intervals are ordered. Math-Verify's
+numina_cases/24 holds `W(x)=1orW(x)=-1` equal to a malformed gold (`\\\\boxed{` unclosed),
+which Math-Verify reads as its last number, -1; on the well-formed gold Math-Verify says
+unequal too (1 case). The cases of issue 23 item 6 (thousands separators, ordered triples,
+plain-text fractions) were written for its fixes (394/407 agreed before them); their split
+is sha256(id) parity.
 
   python tests/grader_cases_test.py --report   # agreement overall and held-out, as JSON
 """
@@ -27,7 +32,8 @@ from mar import verify
 from mar.data import datasets
 
 CASES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "grader_cases.jsonl")
-MIN_AGREEMENT = 0.97
+MIN_AGREEMENT = 0.99  # 404/407 at issue 23 item 6 (the 3 known disagreements above)
+MIN_HELDOUT_AGREEMENT = 0.98  # 193/195 then
 _FIELDS = {"id": str, "split": str, "class": str, "expected": bool, "gold": str, "response": str, "source": str}
 
 
@@ -83,7 +89,8 @@ class GraderCasesTest(absltest.TestCase):
     self.assertGreaterEqual(len(self.cases), 300)
     classes = collections.Counter(c["class"] for c in self.cases)
     for name in ("decimal_comma", "trailing_backslash", "answer_own_line", "minerva_final_answer",
-                 "base_n", "ordered_list"):
+                 "base_n", "ordered_list", "thousands_separator", "ordered_triple",
+                 "fraction_last_number"):
       self.assertGreaterEqual(classes[name], 5, name)
     splits = collections.Counter(c["split"] for c in self.cases)
     self.assertGreater(splits["heldout"], 0.4 * len(self.cases))
@@ -96,7 +103,7 @@ class GraderCasesTest(absltest.TestCase):
     agreement = self.report["agreement"]
     msg = "disagreements:\n" + "\n".join(self.report["disagreements"])
     self.assertGreaterEqual(agreement["all"], MIN_AGREEMENT, msg)
-    self.assertGreaterEqual(agreement["heldout"], MIN_AGREEMENT, msg)
+    self.assertGreaterEqual(agreement["heldout"], MIN_HELDOUT_AGREEMENT, msg)
 
   def test_bad_record_names_line_and_field(self):
     with tempfile.TemporaryDirectory() as tmp:

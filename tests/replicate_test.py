@@ -7,11 +7,13 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import numpy as np
 import pytest
 import testutil
 
 from configs import miniature
 from mar.evaluation import compare, report
+from mar.metrics import read_jsonl
 from mar.tools import replicate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,6 +31,15 @@ def _ppo_run(root, accs_first, accs_last, last_step=4):
           for step, accs in ((0, accs_first), (last_step, accs_last))
           for k, a in enumerate(accs, start=1)]
   _write_jsonl(report.eval_path(root), rows)
+  return root
+
+
+def _sampled(root, first, last, last_step=4):
+  """Appends sampled_attempts rows (k = 1, 2) at step 0 and `last_step`."""
+  rows = [report.metric_row(step, "synthetic", report.SAMPLED_ATTEMPTS, k, a, 10)
+          for step, accs in ((0, first), (last_step, last)) for k, a in enumerate(accs, 1)]
+  with open(report.eval_path(root), "a", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
   return root
 
 
@@ -85,6 +96,39 @@ class CompareTest(absltest.TestCase):
     self.assertFalse(effect["holds"])
     self.assertEqual(effect["none_pass"]["lte"], 6.0)
 
+  def test_judged_arms_and_claims(self):
+    # Sampled twins: the metric of record of the PPO arms and claim (a)'s gains.
+    for (arm, seed), last in {("multi_attempt", 0): (.30, .40), ("multi_attempt", 1): (.32, .44),
+                              ("single_turn", 0): (.31, .33), ("single_turn", 1): (.29, .30)
+                              }.items():
+      _sampled(self.runs[arm][seed], (.10, .12), last)
+    rep = compare.build_report(self.runs, "test", tail=2)
+    ma = rep["arms"]["multi_attempt"]
+    self.assertEqual(ma["metric"], "sampled_att@1")
+    self.assertAlmostEqual(ma["start"], 0.10)
+    self.assertAlmostEqual(ma["end_mean"], 0.31)
+    half = 12.7062047 * 0.01  # t(0.975, 1) * sd / sqrt(n), sd = 0.01 * sqrt(2)
+    np.testing.assert_allclose(ma["end_ci95"], [0.31 - half, 0.31 + half], rtol=1e-6)
+    self.assertTrue(ma["above_start"])  # 0.183 > 0.10
+    lte = rep["arms"]["lte"]
+    self.assertEqual((lte["metric"], lte["start"], lte["end_mean"]), ("pass@1", .3, .45))
+    self.assertFalse(lte["above_start"])  # one seed: no interval, so not shown above
+    (a, b) = rep["claims"]
+    self.assertEqual(a["gains"]["multi_attempt"], [pytest.approx(.10), pytest.approx(.12)])
+    self.assertAlmostEqual(a["difference"], 0.11 - 0.015)
+    self.assertLess(a["ci95"][0], a["difference"])
+    # Claim (b) needs >= 2 seeds per arm for its intervals: one seed cannot hold.
+    self.assertFalse(b["holds"])
+    self.assertAlmostEqual(b["tests"]["none_pass: lte - grpo"]["difference"], 1.5 - 4.0)
+
+  def test_interval_and_welch_difference(self):
+    lo, hi = compare.interval95([1.0, 2.0, 3.0])
+    self.assertAlmostEqual((hi - lo) / 2, 4.302652730 * 1.0 / 3 ** 0.5, places=6)
+    d = compare.difference95([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    self.assertAlmostEqual(d["difference"], 2.0)
+    self.assertAlmostEqual(d["df"], 2.0)  # all variance on one side: df = n - 1
+    self.assertAlmostEqual(d["ci95"][0], 2.0 - 4.302652730 / 3 ** 0.5, places=6)
+
   def test_figures_written(self):
     rep = compare.build_report(self.runs, "test")
     out = tempfile.mkdtemp()
@@ -135,10 +179,11 @@ class ReplicateEndToEndTest(absltest.TestCase):
 
   def test_tiny_suite(self):
     # One seed keeps this to a few CPU minutes; spreads over seeds are CompareTest's job.
+    # Two worker processes share the five arms (the suite's design).
     work = tempfile.mkdtemp()
     env = testutil.subprocess_env()
     cmd = [sys.executable, "-m", "mar.tools.replicate", "--suite=miniature", "--tiny",
-           "--seeds=0", f"--workdir={work}"]
+           "--seeds=0", "--jobs=2", f"--workdir={work}"]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=2400)
     with open(os.path.join(work, replicate.REPORT_FILE)) as f:
       rep = json.load(f)
@@ -146,8 +191,10 @@ class ReplicateEndToEndTest(absltest.TestCase):
     for arm in miniature.PPO_ARMS:
       a = rep["multi_attempt"]["arms"][arm]
       self.assertEqual(set(a["seeds"]), {"0"})
-      self.assertEqual(set(a["accuracy"]), {"1", "2", "3", "4"})
+      self.assertEqual(set(a["accuracy"]), {"1", "2"})
       self.assertEqual(a["gain_1_to_2"]["n"], 1)
+      self.assertEqual(a["sampled_gain_1_to_2"]["n"], 1)
+      self.assertEqual(rep["arms"][arm]["metric"], "sampled_att@1")
     for arm in miniature.GROUP_ARMS:
       seed = rep["lte"]["arms"][arm]["seeds"]["0"]
       self.assertEqual(sorted(seed["none_pass"]), ["1", "2"])  # one value per training step
@@ -155,12 +202,19 @@ class ReplicateEndToEndTest(absltest.TestCase):
       self.assertEqual(seed["k"], 4)
     self.assertIn("holds", rep["multi_attempt"]["effect"])
     self.assertIn("holds", rep["lte"]["effect"])
+    self.assertEqual(set(rep["arms"]), set(miniature.ARMS))
+    self.assertEqual([c["claim"][:3] for c in rep["claims"]], ["(a)", "(b)"])
     self.assertEqual(set(rep["timings_s"]["arms"]), {f"{a}/seed_0" for a in miniature.ARMS})
+    self.assertEqual(rep["timings_s"]["suite_runs"][0]["jobs"], 2)
+    # Every run logs eval/expected_accuracy with its evaluations, step 0 included.
+    for arm in miniature.ARMS:
+      rows = read_jsonl(os.path.join(work, arm, "seed_0", "metrics.jsonl"))
+      self.assertIn("eval/expected_accuracy", rows[-1])
     # Step 0 (the shared warm start) was evaluated once per evaluation kind and copied.
     ppo_start = [[r for r in report.read_eval_rows(os.path.join(work, arm, "seed_0"))
                   if r["step"] == 0] for arm in miniature.PPO_ARMS]
     self.assertEqual(ppo_start[0], ppo_start[1])
-    self.assertLen(ppo_start[0], 4)
+    self.assertLen(ppo_start[0], 5)  # att@1, att@2, their sampled twins, E[acc]
     for name in compare.FIGURES.values():
       self.assertGreater(os.path.getsize(os.path.join(work, replicate.FIGURES_DIR, name)), 5000)
     # A rerun finds every arm finished and trains nothing.

@@ -188,6 +188,17 @@ EQUAL = [
     ("Answer:\n$$\n12\n$$", "12"),
     # a set gold is unordered even against a tuple
     ("(2,1)", "\\{1,2\\}"),
+    # issue 23 item 6: MATH's thousands separators, in a list too; ordered triples
+    ("The answer is $\\boxed{11,\\! 111,\\! 111,\\! 100}$.", "11111111100"),
+    ("11111111100", "11,\\! 111,\\! 111,\\! 100"),
+    ("1{,}000", "1000"),
+    ("(1{,}000, 2)", "(1000, 2)"),
+    ("(1,000, 2, 3)", "(1000,2,3)"),
+    ("1,000, 2,500", "2500, 1000"),
+    ("\\left(1,2,3\\right)", "(1, 2, 3)"),
+    ("(0.5, 0, -3)", "\\left( \\frac{1}{2}, 0, -3 \\right)"),
+    # a plain-text fraction is the last number whole
+    ("So the probability that Alice wins is 2/3.", "\\frac{2}{3}"),
 ]
 
 # (prediction, gold): not equal.
@@ -246,6 +257,16 @@ NOT_EQUAL = [
     ("4, 10, -2", "(10, 4, -2)"),
     ("\\{4,10,-2\\}", "(10,4,-2)"),
     ("[3, 1]", "[1, 3]"),
+    # issue 23 item 6: `,\\!` separates thousands only before three digits; triples in order
+    ("1,\\!2", "12"),
+    ("(1,\\!2,3)", "(12,3)"),
+    ("1,2", "12"),
+    ("12", "1,2"),
+    ("11,\\! 111,\\! 111,\\! 101", "11111111100"),
+    ("(1,000,2, 3)", "(1000,2,3)"),  # `1,000,2`: no thousands group ends the item
+    ("(1,2,3)", "(1,3,2)"),
+    ("(1,2,3)", "(1,23)"),
+    ("The ratio of the two areas is 2/3.", "3"),
 ]
 
 BOXED = [
@@ -285,6 +306,9 @@ ANSWERS = [
     ("Answer \\[\n 9 \n\\]", "9"),
     ("x is $ 7 $ and then $\n 9 \n$", "7"),
     ("Soucis : 2,74 $ a..", "2,74"),
+    ("the probability is 2/3. <|im_start|>user", "2/3"),
+    ("so x = -1/2", "-1/2"),
+    ("on 12/25/2020", "2020"),
 ]
 
 
@@ -436,7 +460,12 @@ class NormalizeTest(parameterized.TestCase):
       (".5", "0.5"),
       ("185\\", "185"),
       ("185 \\\\", "185"),
-      ("14 {, }916", "14 ,916"),
+      ("14 {, }916", "14916"),
+      ("11,\\! 111,\\! 111,\\! 100", "11111111100"),
+      ("1{,}000.5", "1000.5"),
+      ("1,\\!2", "1,2"),  # no thousands group follows: a comma
+      ("(1,\\!2,3)", "(1,2,3)"),
+      ("1{,}5", "1,5"),
   )
   def test_normalize(self, raw, want):
     self.assertEqual(normalize.normalize(raw), want)
@@ -451,6 +480,14 @@ class NormalizeTest(parameterized.TestCase):
   @parameterized.parameters("x", "3x", "1e999", "\\frac{1}{0}", "2^{10}", "1,2", "", "32, 349", "1, 000")
   def test_not_a_plain_number(self, s):
     self.assertIsNone(normalize.parse_number(s))
+
+  @parameterized.parameters(
+      ("1,000, 2", "1000, 2"), ("(1,000,000, 2,500)", "(1000000, 2500)"), ("11,000, 1.5", "11000, 1.5"),
+      ("1,000,2", "1,000,2"), ("1,000,2, 3", "1,000,2, 3"), ("1,0000, 2", "1,0000, 2"),
+      ("x_1,000, 2", "x_1,000, 2"), ("0,100, 2", "0,100, 2"),
+  )
+  def test_join_item_thousands(self, s, want):
+    self.assertEqual(normalize.join_item_thousands(s), want)
 
   @parameterized.parameters(
       ("1000,99", "1000.99"), ("0,111", "0.111"), ("1,22", "1.22"), ("-3,5", "-3.5"), ("1,0000", "1"),
@@ -559,6 +596,14 @@ def _adversarial_strings():
       "1000,99" * 5000,
       "1" * 5000 + "_3",
       "Z" * 300 + "_{36}",
+      "1,\\! " * 5000,
+      "1" + " " * 50_000 + ",\\!" + " " * 50_000 + "000",
+      "1{,}" * 5000,
+      "(" + "1,000, " * 3000 + ")",
+      "(" + "1,000, " * 250 + "1,000,2)",  # under MAX_ANSWER_CHARS: reaches the list rule
+      "1" + " " * 900 + ",\\!" + " " * 900 + "00",
+      "1,000," * 5000 + " 2",
+      "1/" * 20_000,
   ]
 
 
@@ -567,6 +612,7 @@ _PIECES = [
     "(", ")", "[", "]", "\\{", "\\}", "$", "\\left(", "\\right)", "\\text{", "\\pi", "\\infty", "i",
     "e", "%", "\\%", " ", "\n", "!", "\x00", "\\cdot", "10^{", "\\times", "\\cup", "\\begin{pmatrix}",
     "\\\\", "&", "\\end{pmatrix}", "\\le", "<", "\\pm", "\\$", "°", "é", "\\", "*", "/",
+    ",\\!", "{,}", "000", ", ",
 ]
 
 

@@ -13,6 +13,13 @@ Two comparisons, whichever arms are present:
 
 Every number is given per seed and as mean / std / min / max over seeds; the figures draw
 the mean with the min-max range shaded.
+
+The judged report (`arms`, `claims`; configs/miniature.py's design) uses each arm's metric of
+record, the low-variance one where the runs computed it: sampled accuracy with k = 1
+(`sampled_attempts` rows) for the PPO arms, Pass@1 for the group arms. Per arm: the warm
+start's value, the mean at the last step and its 95 % t-interval over seeds. Per claim: the
+per-seed figures and Welch's 95 % interval of each difference of means; a claim holds when
+every interval it needs excludes 0 in the claimed direction.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -45,6 +53,39 @@ def spread(values: Sequence[float]) -> dict:
     return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
   return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
           "max": float(v.max()), "n": int(v.size)}
+
+
+def interval95(values: Sequence[float]) -> list[float]:
+  """The 95 % t-interval of the mean of `values` (n >= 2; else [nan, nan])."""
+  v = np.asarray(values, np.float64)
+  if v.size < 2:
+    return [float("nan")] * 2
+  half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+  return [float(v.mean() - half), float(v.mean() + half)]
+
+
+def difference95(a: Sequence[float], b: Sequence[float]) -> dict:
+  """mean(a) - mean(b) with Welch's 95 % interval (unequal variances, independent seeds)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  diff = float(a.mean() - b.mean())
+  if min(a.size, b.size) < 2:
+    return {"difference": diff, "ci95": [float("nan")] * 2, "df": float("nan")}
+  va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+  se = np.sqrt(va + vb)
+  if not se > 0:
+    return {"difference": diff, "ci95": [diff, diff], "df": float("inf")}
+  df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+  half = stats.t.ppf(0.975, df) * se
+  return {"difference": diff, "ci95": [float(diff - half), float(diff + half)], "df": float(df)}
+
+
+def metric_curve(workdir: str, metric: str, k: int) -> dict[int, float]:
+  """{step: value} of one metric row kind at `k` (mean over benchmarks)."""
+  by_step: dict[int, list[float]] = {}
+  for r in _eval_rows(workdir):
+    if report.row_kind(r) == metric and r["k"] == k:
+      by_step.setdefault(r["step"], []).append(r["value"])
+  return {s: float(np.mean(v)) for s, v in sorted(by_step.items())}
 
 
 def _eval_rows(workdir: str) -> list[dict]:
@@ -110,6 +151,12 @@ def multi_attempt_comparison(runs: Mapping[str, Mapping[int, str]]) -> dict:
       acc = attempt_accuracy(wd)
       last = acc["last"]
       seeds[str(seed)] = {**acc, "gain_1_to_2": last.get(2, np.nan) - last.get(1, np.nan)}
+      sampled = {k: metric_curve(wd, report.SAMPLED_ATTEMPTS, k) for k in (1, 2)}
+      if all(sampled.values()):  # the low-variance twin, when the runs computed it
+        seeds[str(seed)].update({
+            "sampled_first": {k: c[min(c)] for k, c in sampled.items()},
+            "sampled_last": {k: c[max(c)] for k, c in sampled.items()},
+            "sampled_gain_1_to_2": sampled[2][max(sampled[2])] - sampled[1][max(sampled[1])]})
     ks = sorted({k for s in seeds.values() for k in s["last"]})
     out["arms"][arm] = {
         "seeds": seeds,
@@ -118,6 +165,8 @@ def multi_attempt_comparison(runs: Mapping[str, Mapping[int, str]]) -> dict:
         "accuracy_before": {str(k): spread([s["first"][k] for s in seeds.values()
                                             if k in s["first"]]) for k in ks},
         "gain_1_to_2": spread([s["gain_1_to_2"] for s in seeds.values()]),
+        "sampled_gain_1_to_2": spread([s["sampled_gain_1_to_2"] for s in seeds.values()
+                                       if "sampled_gain_1_to_2" in s]),
     }
   arms = out["arms"]
   if all(a in arms for a in PPO_ARMS):
@@ -171,12 +220,86 @@ def lte_comparison(runs: Mapping[str, Mapping[int, str]], tail: int = 5) -> dict
   return out
 
 
-def build_report(runs: Mapping[str, Mapping[int, str]], suite: str, tail: int = 5) -> dict:
-  """The whole report (JSON-ready): both comparisons and the runs they were read from."""
+def record_metric(arm: str, workdir: str) -> tuple[str, dict[int, float]]:
+  """An arm's metric of record and its curve: sampled accuracy at k = 1 (else greedy) for
+  the PPO arms, Pass@1 for the group arms."""
+  if arm in GROUP_ARMS:
+    return "pass@1", metric_curve(workdir, report.PASSK_METRIC, 1)
+  sampled = metric_curve(workdir, report.SAMPLED_ATTEMPTS, 1)
+  if sampled:
+    return "sampled_att@1", sampled
+  rows = [r for r in _eval_rows(workdir) if report.row_kind(r) == "attempts" and
+          r["attempts"] == 1]
+  return "att@1", {r["step"]: r["accuracy"] for r in rows}
+
+
+def judged_arms(runs: Mapping[str, Mapping[int, str]]) -> dict:
+  """{arm: {"metric", "start", "end_mean", "end_ci95", "end", "above_start"}}: the last
+  evaluated step's metric of record per seed against the warm start's (step 0)."""
+  out = {}
+  for arm, seeds in runs.items():
+    curves = {str(s): record_metric(arm, wd) for s, wd in sorted(seeds.items())}
+    name = next(iter(curves.values()))[0]
+    ends = {s: c[max(c)] for s, (_, c) in curves.items()}
+    starts = [c[min(c)] for _, c in curves.values() if min(c) == 0]
+    ci = interval95(list(ends.values()))
+    start = float(np.mean(starts)) if starts else float("nan")
+    out[arm] = {"metric": name, "start": start, "end_mean": float(np.mean(list(ends.values()))),
+                "end_ci95": ci, "end": ends, "above_start": bool(ci[0] > start)}
+  return out
+
+
+def judged_claims(runs: Mapping[str, Mapping[int, str]], ma: dict, lte: dict) -> list[dict]:
+  """The papers' two claims, each tested across seeds (module docstring)."""
+  claims = []
+  arms = ma.get("arms", {})
+  if all(a in arms for a in PPO_ARMS):
+    gains = {a: [s["sampled_gain_1_to_2"] if "sampled_gain_1_to_2" in s else s["gain_1_to_2"]
+                 for s in arms[a]["seeds"].values()] for a in PPO_ARMS}
+    d = difference95(gains["multi_attempt"], gains["single_turn"])
+    claims.append({
+        "claim": "(a) multi-attempt PPO's gain from k = 1 to k = 2 exceeds single-turn PPO's",
+        "metric": "sampled accuracy gain k=1->2" if "sampled_gain_1_to_2" in next(iter(
+            arms["multi_attempt"]["seeds"].values())) else "greedy accuracy gain k=1->2",
+        "gains": gains, **d, "holds": bool(d["ci95"][0] > 0)})
+  arms = lte.get("arms", {})
+  if all(a in arms for a in GROUP_ARMS):
+    tests = {}
+    for other in ("grpo", "grpo_extra"):
+      per = lambda a, key: [s[key] for s in arms[a]["seeds"].values()]
+      tests[f"none_pass: lte - {other}"] = difference95(per("lte", "final_none_pass"),
+                                                        per(other, "final_none_pass"))
+      tests[f"pass@k: lte - {other}"] = difference95(per("lte", "final_pass@k"),
+                                                     per(other, "final_pass@k"))
+    holds = {name: (t["ci95"][1] < 0 if name.startswith("none_pass") else t["ci95"][0] > 0)
+             for name, t in tests.items()}
+    k = next(iter(arms["lte"]["seeds"].values()))["k"]
+    claims.append({
+        "claim": f"(b) LTE leaves fewer none-pass groups, and reaches a higher Pass@{k}, than "
+                 "GRPO and than GRPO + extra rollouts",
+        "none_pass_tail_steps": lte["tail_steps"], "tests": tests, "each_holds": holds,
+        "holds": bool(all(holds.values()))})
+  return claims
+
+
+def build_report(runs: Mapping[str, Mapping[int, str]], suite: str,
+                 tail: int | None = None) -> dict:
+  """The whole report (JSON-ready): both comparisons, the judged arms and claims, and the
+  runs they were read from. `tail`: none-pass steps averaged (default: the last quarter)."""
+  if tail is None:
+    tail = max(5, _steps_trained(runs) // 4)
+  ma, lte = multi_attempt_comparison(runs), lte_comparison(runs, tail)
   return {"suite": suite,
           "runs": {a: {str(s): wd for s, wd in sorted(r.items())} for a, r in runs.items()},
-          "multi_attempt": multi_attempt_comparison(runs),
-          "lte": lte_comparison(runs, tail)}
+          "arms": judged_arms(runs), "claims": judged_claims(runs, ma, lte),
+          "multi_attempt": ma, "lte": lte}
+
+
+def _steps_trained(runs) -> int:
+  """The last evaluated step of any run (0 if none)."""
+  steps = [report.steps_of(_eval_rows(wd))[-1] for seeds in runs.values() for wd in
+           seeds.values()]
+  return max(steps, default=0)
 
 
 # ----- figures -------------------------------------------------------------------------------
@@ -289,9 +412,30 @@ def _pm(s: dict, scale: float = 100.0, digits: int = 1) -> str:
   return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 
+def judged_markdown(rep: dict) -> str:
+  """The metric of record per arm (warm start -> end, 95 % interval) and each claim."""
+  arms = rep.get("arms", {})
+  if not arms:
+    return ""
+  out = ["| arm | metric of record | warm start | end: mean over seeds (95 % CI) | seeds "
+         "| above the warm start |", "|---|---|---|---|---|---|"]
+  for arm, a in arms.items():
+    lo, hi = a["end_ci95"]
+    out.append(f"| {LABELS[arm]} | {a['metric']} | {100 * a['start']:.1f} | "
+               f"{100 * a['end_mean']:.1f} ({100 * lo:.1f} .. {100 * hi:.1f}) | {len(a['end'])}"
+               f" | {'yes' if a['above_start'] else 'no'} |")
+  for c in rep.get("claims", []):
+    out += ["", f"**{c['claim']}: {'holds' if c['holds'] else 'does not hold'}.**"]
+    tests = c.get("tests") or {c["metric"]: c}
+    for name, t in tests.items():
+      lo, hi = t["ci95"]
+      out.append(f"- {name}: difference {t['difference']:+.4f} (95 % CI {lo:+.4f} .. {hi:+.4f})")
+  return "\n".join(out)
+
+
 def markdown(rep: dict) -> str:
   """Both comparisons as markdown tables (mean ± std over seeds), the papers' rows beside."""
-  out = []
+  out = [judged_markdown(rep), ""] if rep.get("arms") else []
   ma = rep["multi_attempt"].get("arms", {})
   if ma:
     ks = sorted({int(k) for a in ma.values() for k in a["accuracy"]})

@@ -1,10 +1,15 @@
 """Evaluation results as rows of `<workdir>/eval.jsonl`, and the table printed from them.
 
-Two row kinds, with exactly these keys (a contract with plots and notebooks):
+Two row shapes, with exactly these keys (a contract with plots and notebooks):
 
 * attempt curve: `{"step", "benchmark", "attempts", "accuracy", "n"}` — greedy accuracy
   when the prompt allows `attempts` attempts (a separate run per value, METHODS.md §1);
-* pass@k: `{"step", "benchmark", "metric": "pass@k", "k", "value", "n"}`.
+* metric rows: `{"step", "benchmark", "metric", "k", "value", "n"}` with `metric` one of
+  `"pass@k"` (Pass@k from n samples per problem), `"sampled_attempts"` (accuracy with `k`
+  attempts, the mean over `eval.attempt_samples` sampled episodes per problem at the eval
+  temperature: the low-variance twin of the greedy curve) and `"expected_accuracy"` (k = 1:
+  the exact probability, by teacher forcing, that a response at T = 1 opens with the
+  canonical correct answer; `eval/expected_accuracy` in metrics.jsonl).
 
 `accuracy` and `value` are fractions in [0, 1]; `n` is the number of problems scored.
 The printed table shows percent. A later row for the same (step, benchmark, column)
@@ -27,6 +32,9 @@ EVAL_FILE = "eval.jsonl"
 ATTEMPT_KEYS = frozenset({"step", "benchmark", "attempts", "accuracy", "n"})
 PASSK_KEYS = frozenset({"step", "benchmark", "metric", "k", "value", "n"})
 PASSK_METRIC = "pass@k"
+SAMPLED_ATTEMPTS = "sampled_attempts"
+EXPECTED_ACCURACY = "expected_accuracy"
+METRICS = (PASSK_METRIC, SAMPLED_ATTEMPTS, EXPECTED_ACCURACY)
 AVERAGE = "average"
 
 
@@ -44,22 +52,27 @@ def attempt_row(step: int, benchmark: str, attempts: int, accuracy: float, n: in
 
 def passk_row(step: int, benchmark: str, k: int, value: float, n: int) -> dict:
     """Mean pass@k (fraction) on `benchmark` over n problems."""
-    row = {"step": int(step), "benchmark": str(benchmark), "metric": PASSK_METRIC, "k": int(k),
+    return metric_row(step, benchmark, PASSK_METRIC, k, value, n)
+
+
+def metric_row(step: int, benchmark: str, metric: str, k: int, value: float, n: int) -> dict:
+    """A metric row (one of METRICS; fraction) on `benchmark` over n problems."""
+    row = {"step": int(step), "benchmark": str(benchmark), "metric": str(metric), "k": int(k),
            "value": float(value), "n": int(n)}
     validate_row(row)
     return row
 
 
 def row_kind(row: dict) -> str:
-    """'attempts' or 'pass@k'; raises ValueError for any other key set."""
+    """'attempts' or the row's metric (one of METRICS); raises ValueError for anything else."""
     keys = set(row)
     if keys == ATTEMPT_KEYS:
         return "attempts"
-    if keys == PASSK_KEYS and row.get("metric") == PASSK_METRIC:
-        return PASSK_METRIC
+    if keys == PASSK_KEYS and row.get("metric") in METRICS:
+        return row["metric"]
     raise ValueError(
         f"eval row keys {sorted(keys)}: expected {sorted(ATTEMPT_KEYS)} or {sorted(PASSK_KEYS)}"
-        f" with metric={PASSK_METRIC!r}"
+        f" with metric one of {METRICS}"
     )
 
 
@@ -112,11 +125,18 @@ def steps_of(rows: Sequence[dict]) -> list[int]:
     return sorted({int(r["step"]) for r in rows})
 
 
+_HEADERS = {SAMPLED_ATTEMPTS: (1, "s-att@{k}"), EXPECTED_ACCURACY: (2, "E[acc]"),
+            PASSK_METRIC: (3, "pass@{k}")}
+
+
 def _column(row: dict) -> tuple[int, int, str]:
-    """Sort key and header: attempt columns first (by attempts), then pass@k (by k)."""
-    if row_kind(row) == "attempts":
+    """Sort key and header: greedy attempt columns (by attempts), sampled attempt columns,
+    the expected accuracy, then pass@k (by k)."""
+    kind = row_kind(row)
+    if kind == "attempts":
         return (0, row["attempts"], f"att@{row['attempts']}")
-    return (1, row["k"], f"pass@{row['k']}")
+    order, header = _HEADERS[kind]
+    return (order, row["k"], header.format(k=row["k"]))
 
 
 @dataclasses.dataclass
@@ -158,7 +178,8 @@ def eval_table(rows: Sequence[dict], step: int) -> EvalTable:
 def format_table(rows: Sequence[dict], step: int | None = None) -> str:
     """A per-benchmark table at `step` (default: the latest), percent, with an average row.
 
-    Columns: `att@k` = accuracy with k attempts allowed, `pass@k`. The average is the
+    Columns: `att@k` = greedy accuracy with k attempts allowed, `s-att@k` the same sampled
+    (mean over episodes), `E[acc]` the expected accuracy, `pass@k`. The average is the
     unweighted mean over benchmarks (as both papers report it), shown only when every
     benchmark has that column.
     """

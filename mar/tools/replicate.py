@@ -17,9 +17,12 @@ Both write `<workdir>/report.json` (mar.evaluation.compare) and `<workdir>/figur
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 
@@ -29,10 +32,11 @@ from absl import logging
 import ml_collections
 
 from mar.evaluation import compare, report
+from mar.metrics import METRICS_FILE
 
 _SUITE = flags.DEFINE_enum("suite", "miniature", ["miniature", "paper"], "Which comparison set.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root of the arms' workdirs and the report.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (config.seed) per arm.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "RL seeds (config.seed) per arm.")
 _ARMS = flags.DEFINE_list("arms", list(compare.PPO_ARMS + compare.GROUP_ARMS), "Arms to run.")
 _TINY = flags.DEFINE_bool("tiny", False, "Seconds-long settings (configs/miniature.py ',tiny').")
 _PPO_MODEL = flags.DEFINE_string(
@@ -44,6 +48,11 @@ _REPORT_ONLY = flags.DEFINE_bool(
 _COMPILE_CACHE = flags.DEFINE_bool(
     "compile_cache", True, "Persist XLA programs under the mar cache: the seeds and arms "
     "that share shapes compile once.")
+_JOBS = flags.DEFINE_integer(
+    "jobs", 2, "Runs trained at once, each in its own worker process (the miniature suite's "
+    "design: 2 on a 2-core machine).")
+_WORKER = flags.DEFINE_bool("worker", False, "Internal (set by --jobs): train the (arm, seed) "
+                            "pairs this process claims first, then exit.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config override for every arm, KEY=VALUE (e.g. train.num_steps=10).")
 flags.mark_flags_as_required(["workdir"])
@@ -52,6 +61,9 @@ REPORT_FILE = "report.json"
 SUMMARY_FILE = "report.md"  # the tables of report.json beside the papers' numbers
 FIGURES_DIR = "figures"
 TIMINGS_FILE = "timings.json"
+CLAIMS_DIR = "claims"  # --jobs: which worker trains which (arm, seed)
+LOGS_DIR = "logs"
+START_EVAL_DIR = "start_eval"  # the warm start's step-0 rows, per evaluation kind
 
 # arm -> (config file, variant) of the paper-scale runs
 PAPER_CONFIGS = {
@@ -128,48 +140,131 @@ def run_arm(config, workdir: str) -> dict | None:
           "steps": config.train.num_steps}
 
 
-def run_miniature(root: str, arms, seeds, tiny: bool, overrides) -> dict:
-  """Every (arm, seed) in turn; returns runs[arm][seed] = workdir and records the timings."""
+def run_miniature(root: str, arms, seeds, tiny: bool, overrides, jobs: int = 1) -> dict:
+  """Every (arm, seed), `jobs` at a time; returns runs[arm][seed] = workdir.
+
+  With jobs > 1 each of `jobs` worker processes claims the next unclaimed (arm, seed) in
+  seed-major order (a claim file under `<root>/claims`), so the costlier arms balance
+  themselves; this process shows the steps done over all runs and records the suite's wall
+  time. Worker logs: `<root>/logs/`.
+  """
   from mar import demo
 
   timings_path = os.path.join(root, TIMINGS_FILE)
   first = arm_config(arms[0], seeds[0], tiny, overrides)
-  wall, cpu = time.perf_counter(), _cpu_seconds()
+  wall, cpu, load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
   demo.ensure_demo_model(first, root)  # the shared warm start, built once into the cache
   if "warm_start" not in _read_json(timings_path):
     _record_timing(timings_path, "warm_start", {"wall_s": time.perf_counter() - wall,
                                                 "cpu_s": _cpu_seconds() - cpu})
+  tasks = [(arm, seed) for seed in seeds for arm in arms]
+  pending = [t for t in tasks if not _finished_task(root, *t, tiny, overrides)]
+  for arm, seed in sorted(set(tasks) - set(pending)):
+    logging.info("replicate: %s already finished", arm_workdir(root, arm, seed))
+  if jobs <= 1 or len(pending) <= 1:
+    train_tasks(root, pending, tiny, overrides)
+  elif pending:
+    _run_workers(root, pending, tiny, overrides, jobs)
+  _record_timing(timings_path, "suite", {"wall_s": time.perf_counter() - wall, "jobs": jobs,
+                                         "load_avg_1m": [load, os.getloadavg()[0]],
+                                         "runs": len(tasks)})
   runs: dict = {}
-  start_rows: dict = {}  # eval kind -> step-0 rows of the first run evaluating that way
-  for seed in seeds:
-    for arm in arms:
-      config = arm_config(arm, seed, tiny, overrides)
-      wd = arm_workdir(root, arm, seed)
-      _share_start_eval(config, wd, start_rows)
-      spent = run_arm(config, wd)
-      if _start_rows(wd):
-        start_rows.setdefault(_eval_kind(config), _start_rows(wd))
-      if spent:
-        _record_timing(timings_path, "arms", {f"{arm}/seed_{seed}": spent})
-      runs.setdefault(arm, {})[seed] = wd
+  for arm, seed in tasks:
+    if _finished_task(root, arm, seed, tiny, overrides):
+      runs.setdefault(arm, {})[seed] = arm_workdir(root, arm, seed)
+  missing = [f"{a}/seed_{s}" for a, s in tasks if s not in runs.get(a, {})]
+  if missing:
+    raise RuntimeError(f"replicate: runs did not finish: {missing} (logs: "
+                       f"{os.path.join(root, LOGS_DIR)}); rerun the command to resume them")
   return runs
 
 
+def _finished_task(root: str, arm: str, seed: int, tiny: bool, overrides) -> bool:
+  return finished(arm_config(arm, seed, tiny, overrides), arm_workdir(root, arm, seed))
+
+
+def train_tasks(root: str, tasks, tiny: bool, overrides, claim: bool = False) -> None:
+  """Trains each (arm, seed) in order (with `claim`, only those this process claims first),
+  sharing the warm start's step-0 evaluation through `<root>/start_eval/`."""
+  timings_path = os.path.join(root, TIMINGS_FILE)
+  for arm, seed in tasks:
+    if claim and not _claim(root, arm, seed):
+      continue
+    config = arm_config(arm, seed, tiny, overrides)
+    wd = arm_workdir(root, arm, seed)
+    _share_start_eval(config, wd, root)
+    spent = run_arm(config, wd)
+    _publish_start_eval(config, wd, root)
+    if spent:
+      _record_timing(timings_path, "arms", {f"{arm}/seed_{seed}": spent})
+
+
+def _claim(root: str, arm: str, seed: int) -> bool:
+  """True for the one process that creates the claim file of (arm, seed)."""
+  path = os.path.join(root, CLAIMS_DIR, f"{arm}_seed_{seed}")
+  try:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return True
+  except FileExistsError:
+    return False
+
+
+def _run_workers(root: str, tasks, tiny: bool, overrides, jobs: int) -> None:
+  """`jobs` worker processes over `tasks`, with one progress bar of steps over all runs."""
+  from mar.metrics import progress
+
+  shutil.rmtree(os.path.join(root, CLAIMS_DIR), ignore_errors=True)  # claims of a killed suite
+  os.makedirs(os.path.join(root, CLAIMS_DIR))
+  os.makedirs(os.path.join(root, LOGS_DIR), exist_ok=True)
+  argv = [sys.executable, "-m", "mar.tools.replicate", "--suite=miniature", f"--workdir={root}",
+          "--worker", "--seeds=" + ",".join(str(s) for _, s in tasks),
+          "--arms=" + ",".join(a for a, _ in tasks), f"--tiny={tiny}"]
+  argv += [f"--set={o}" for o in overrides]
+  procs = []
+  for i in range(jobs):
+    log = open(os.path.join(root, LOGS_DIR, f"worker_{i}.log"), "a", encoding="utf-8")
+    procs.append((subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log))
+  total = {t: arm_config(*t, tiny, overrides).train.num_steps for t in tasks}
+  bar = progress(sum(total.values()), desc=f"replicate[{jobs} jobs] steps", log_every=10)
+  while any(p.poll() is None for p, _ in procs):
+    time.sleep(5)
+    bar.update(sum(_steps_done(arm_workdir(root, *t)) for t in tasks) - bar.n)
+  bar.close()
+  for p, log in procs:
+    log.close()
+  failed = [i for i, (p, _) in enumerate(procs) if p.returncode]
+  if failed:
+    raise RuntimeError(f"replicate: worker(s) {failed} failed; see "
+                       f"{os.path.join(root, LOGS_DIR)}/worker_<i>.log")
+
+
+def _steps_done(workdir: str) -> int:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for line in f if line.strip() and json.loads(line).get("step", 0) > 0)
+
+
 def _record_timing(path: str, key: str, entry: dict) -> None:
-  """Merges `entry` into timings.json[key], re-read first: suites over disjoint seeds may
-  share one workdir (e.g. one process per seed). The 1-minute load average at the time
-  says how far other jobs inflated the wall clock."""
-  timings = _read_json(path)
-  if key == "arms":
-    entry = {name: {**t, "load_avg_1m": os.getloadavg()[0]} for name, t in entry.items()}
-    timings.setdefault(key, {}).update(entry)
-  else:
-    timings[key] = entry
-  _write_json(path, timings)
+  """Merges `entry` into timings.json[key] under a file lock: workers share the file. The
+  1-minute load average at the time says how far other jobs inflated the wall clock."""
+  with open(path + ".lock", "a", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    timings = _read_json(path)
+    if key == "arms":
+      entry = {name: {**t, "load_avg_1m": os.getloadavg()[0]} for name, t in entry.items()}
+      timings.setdefault(key, {}).update(entry)
+    elif key == "suite":
+      timings.setdefault("suite_runs", []).append(entry)  # one per invocation (resumes)
+    else:
+      timings[key] = entry
+    _write_json(path, timings)
 
 
-def _eval_kind(config) -> tuple:
-  return tuple(config.eval.kinds), tuple(config.eval.benchmarks)
+def _start_eval_path(config, root: str) -> str:
+  kind = "_".join(tuple(config.eval.kinds) + tuple(config.eval.benchmarks))
+  return os.path.join(root, START_EVAL_DIR, f"{kind}.jsonl")
 
 
 def _start_rows(workdir: str) -> list[dict]:
@@ -178,15 +273,26 @@ def _start_rows(workdir: str) -> list[dict]:
           if os.path.exists(path) else [])
 
 
-def _share_start_eval(config, workdir: str, start_rows: dict) -> None:
+def _share_start_eval(config, workdir: str, root: str) -> None:
   """Step 0 is the shared warm start under the same evaluation for every arm of a kind
-  (greedy attempt curves; Pass@k with the step-0 PRNG key), so it is evaluated once and its
-  rows are copied into the other arms' eval.jsonl instead of being recomputed."""
-  kind = _eval_kind(config)
-  if kind in start_rows and not os.path.exists(report.eval_path(workdir)):
-    report.append_eval_rows(workdir, start_rows[kind])
+  (greedy attempt curves; sampled ones with the step-0 PRNG keys), so it is evaluated once
+  and its rows are copied into the other arms' eval.jsonl instead of being recomputed."""
+  path = _start_eval_path(config, root)
+  if os.path.exists(path) and not os.path.exists(report.eval_path(workdir)):
+    report.append_eval_rows(workdir, report.read_eval_rows(path))
   if _start_rows(workdir):
     config.eval.at_start = False
+
+
+def _publish_start_eval(config, workdir: str, root: str) -> None:
+  """The first run of a kind to finish its step-0 evaluation publishes it (atomically)."""
+  path, rows = _start_eval_path(config, root), _start_rows(workdir)
+  if rows and not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
 
 
 def paper_commands(root: str, arms, seeds, ppo_model: str = "/ckpt/Qwen2.5-Math-1.5B",
@@ -231,14 +337,17 @@ def write_report(root: str, runs: dict, suite: str) -> dict:
 
 
 def summary(rep: dict) -> str:
-  """A few lines: each effect, its numbers, and whether it holds."""
+  """A few lines: each arm's metric of record against the warm start, each claim's verdict."""
   lines = []
-  for name in ("multi_attempt", "lte"):
-    effect = rep[name].get("effect")
-    if effect:
-      numbers = {k: v for k, v in effect.items() if k not in ("claim", "holds")}
-      lines.append(f"{effect['claim']}: {'HOLDS' if effect['holds'] else 'DOES NOT HOLD'} "
-                   f"{json.dumps(numbers)}")
+  for arm, a in rep.get("arms", {}).items():
+    lo, hi = a["end_ci95"]
+    lines.append(f"{arm}: {a['metric']} {100 * a['start']:.1f} -> {100 * a['end_mean']:.1f} % "
+                 f"(95 % CI {100 * lo:.1f}..{100 * hi:.1f}; n={len(a['end'])}) "
+                 f"{'above' if a['above_start'] else 'NOT above'} the warm start")
+  for c in rep.get("claims", []):
+    figures = {k: v for k, v in c.items() if k not in ("claim", "holds")}
+    lines.append(f"{c['claim']}: {'HOLDS' if c['holds'] else 'DOES NOT HOLD'} "
+                 f"{json.dumps(figures)}")
   return "\n".join(lines) or "no complete comparison (missing arms)"
 
 
@@ -270,8 +379,11 @@ def main(argv):
     from mar import config_utils  # imports jax: after the flags are parsed
 
     config_utils.enable_compilation_cache()
+  if _WORKER.value:
+    train_tasks(root, list(zip(arms, seeds)), _TINY.value, _SET.value, claim=True)
+    return
   if _SUITE.value == "miniature" and not _REPORT_ONLY.value:
-    runs = run_miniature(root, arms, seeds, _TINY.value, _SET.value)
+    runs = run_miniature(root, arms, seeds, _TINY.value, _SET.value, _JOBS.value)
   else:
     if _SUITE.value == "paper":
       print("# paper-scale runs (accelerators; see launch/README.md), one per arm and seed:")

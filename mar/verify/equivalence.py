@@ -246,8 +246,11 @@ def _elementwise(p: str, g: str, depth: int) -> bool | None:
   None where this rule does not apply or cannot tell (unordered lists that differ).
   """
   pb, gb = norm.outer_brackets(p), norm.outer_brackets(g)
-  pe = norm.split_top_level(pb.inner if pb else p)
-  ge = norm.split_top_level(gb.inner if gb else g)
+  p_items, g_items = (pb.inner if pb else p), (gb.inner if gb else g)
+  pe, ge = norm.split_top_level(p_items), norm.split_top_level(g_items)
+  if len(pe) != len(ge):  # `(1,000, 2)` vs `(1000, 2)`: a thousands comma split a number
+    pe = norm.split_top_level(norm.join_item_thousands(p_items))
+    ge = norm.split_top_level(norm.join_item_thousands(g_items))
   if len(ge) < 2 and len(pe) < 2:
     return None
   if len(pe) != len(ge) or len(ge) > _MAX_ELEMENTS:

@@ -12,8 +12,11 @@ import re
 # Openers whose braced argument is a final answer. The last one in the text wins.
 _BOX_OPENERS = ("\\boxed", "\\fbox")
 # A number: integer, decimal (".5" too), with thousands separators or a decimal comma
-# (`2,75`; normalize.decimal_comma decides later whether `1,000` is a thousand).
-_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+,\d+(?![\d,])|\d+)(?:\.\d+)?|-?\.\d+")
+# (`2,75`; normalize.decimal_comma decides later whether `1,000` is a thousand), or a
+# plain fraction read whole (`2/3`, as Math-Verify does; not its denominator `3`).
+_NUMBER_RE = re.compile(
+    r"-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+,\d+(?![\d,])|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?|-?\.\d+"
+)
 _BRACE_RE = re.compile(r"[{}]")
 _DOLLAR_RE = re.compile(r"(?<!\\)\$\$?")
 # Minerva's closing line: "Final Answer: The final answer is $X$. I hope it is correct."
@@ -149,7 +152,7 @@ def extract_answer(response: str) -> str | None:
 
   The last answer statement (`extract_final`: last closed box, or a later Minerva
   final-answer phrase); otherwise whichever comes last of the last math segment
-  (`$...$`, `\\(...\\)`, `\\[...\\]`) and the last number, where inline math
+  (`$...$`, `\\(...\\)`, `\\[...\\]`) and the last number (`2/3` whole), where inline math
   split over lines does not count. None when there is neither (or the input is not a
   string).
   """

@@ -35,12 +35,18 @@ _FRAC_BRACE_D_RE = re.compile(r"\\frac\s*(\{[^{}]*\})\s*(\d)")
 _SQRT_SHORT_RE = re.compile(r"\\sqrt\s*(\d|[a-zA-Z](?![a-zA-Z]))")
 _LEADING_DOT_RE = re.compile(r"(?<![\d.])\.(\d)")
 _BRACED_COMMA_RE = re.compile(r"\{\s*,\s*\}")  # `14{,}916`, `14 {, }916`
+# MATH's thousands separators `,\!` and `{,}` between a digit and exactly three digits
+# (`11,\! 111`, `14 {, }916`). Anywhere else they are a comma (`(1,\!2)` is a pair).
+_THOUSANDS_MARK_RE = re.compile(r"(?<=\d)\s*(?:,\\!|\{\s*,\s*\})\s*(?=\d{3}(?!\d))")
 # A comma followed by a blank separates list items, never thousands (`32, 349`).
 _LIST_COMMA_RE = re.compile(r",\s")
 # One comma between digits. Thousands when 1-3 digits (no leading 0) precede it and exactly
 # three follow (`1,000`); any other grouping can only be a decimal comma (`1000,99`, `0,111`).
 _COMMA_NUM_RE = re.compile(r"([+-]?)(\d+),(\d+)")
 _THOUSANDS_GROUP_RE = re.compile(r"[1-9]\d{0,2}")
+# A thousands-grouped number as a list item: `1,000` in `(1,000, 2)`, where `, ` separates
+# items. Not `1,000,2` (the group must end the item) nor the tail of `11,000` or `0.1,000`.
+_ITEM_THOUSANDS_RE = re.compile(r"(?<![\w.,])[1-9]\d{0,2}(?:,\d{3})+(?=$|,\s|[^\d,])")
 _POINT_DECIMAL_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
 # A base-n numeral: digits (upper-case letters above 9) and a base subscript, `1112122_3`.
 _BASE_NUM_RE = re.compile(r"([0-9A-Z]+)_(?:\{(\d{1,2})\}|(\d))")
@@ -117,7 +123,7 @@ def normalize(s: str) -> str:
   """Canonical LaTeX form of a final answer (single spaces kept).
 
   Drops what never changes the value: delimiters, `\\left`/`\\right`, spacing
-  commands, `^\\circ`, `\\%`, `\\$`, thousands `,\\!`, `dfrac`, trailing unit
+  commands, `^\\circ`, `\\%`, `\\$`, thousands `,\\!` and `{,}`, `dfrac`, trailing unit
   text and a trailing period; unwraps `\\text{...}`; expands `\\frac43`, `\\sqrt2`.
   """
   s = s.replace("\x00", "")
@@ -126,7 +132,8 @@ def normalize(s: str) -> str:
   s = strip_math_delimiters(s)
   s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
   s = _strip_trailing_backslashes(s)
-  s = s.replace(",\\!", "")
+  s = _THOUSANDS_MARK_RE.sub("", s)
+  s = s.replace(",\\!", ",")
   s = _BRACED_COMMA_RE.sub(",", s)
   s = _LEFT_RIGHT_RE.sub("", s)
   s = _SPACING_RE.sub(" ", s)
@@ -323,6 +330,14 @@ def split_top_level(s: str) -> list[str]:
       start = i + 1
   parts.append(s[start:].strip())
   return parts
+
+
+def join_item_thousands(s: str) -> str:
+  """`1,000, 2` -> `1000, 2`: in a list whose items are separated by `, `, a comma inside a
+  thousands-grouped number is not a separator. `s` unchanged when it has no `, `."""
+  if not _LIST_COMMA_RE.search(s):
+    return s
+  return _ITEM_THOUSANDS_RE.sub(lambda m: m.group().replace(",", ""), s)
 
 
 @dataclasses.dataclass(frozen=True)

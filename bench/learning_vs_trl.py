@@ -14,8 +14,9 @@ both share and every remaining difference are written to the JSON (`matching`).
 Metric of record: Pass@1 from eval.num_samples samples per problem on eval.synthetic at the
 eval temperature, computed by mar's evaluator (`evaluate.passk_rows`, one PRNG key for every
 model) on each trained model loaded from its HF folder: mar's from `export.at_end` (f32),
-TRL's from `save_pretrained`; also Pass@k at the config's largest k, and the warm start's
-values once. Writes `--out` (default bench/results/learning_vs_trl.json); TRL is a
+TRL's from `save_pretrained`; also Pass@k at the config's largest k, the teacher-forced
+expected accuracy when eval.expected_accuracy is on (no sampling noise), and the warm
+start's values once. Writes `--out` (default bench/results/learning_vs_trl.json); TRL is a
 bench-only dependency (`pip install trl`).
 """
 
@@ -48,10 +49,12 @@ from configs import miniature  # noqa: E402
 from mar import config_utils, demo, evaluate, export, metrics, models, parallel  # noqa: E402
 from mar import setup, train  # noqa: E402
 from mar.data import synthetic  # noqa: E402
+from mar.lte import hints  # noqa: E402
 from mar.rl import optim  # noqa: E402
 
 ARM = "grpo"
 METRIC = "pass@1"
+EXPECTED = "expected_accuracy"  # eval.expected_accuracy's teacher-forced P(correct), k = 1
 DEFAULT_OUT = os.path.join(_HERE, "results", "learning_vs_trl.json")
 
 
@@ -109,8 +112,8 @@ def train_mar(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   train.train(config, workdir)
   wall = time.perf_counter() - t0
-  rows = sorted(metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE)),
-                key=lambda r: r["step"])
+  rows = sorted((r for r in metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
+                 if "reward_mean" in r), key=lambda r: r["step"])
   return {"per_step_reward": [float(r["reward_mean"]) for r in rows],
           "per_step_response_length": [float(r["response_length"]) for r in rows],
           "per_step_lr": mar_lrs(config),
@@ -198,6 +201,11 @@ def train_trl(config, run, model_path: str, workdir: str) -> dict:
 # ----- the one evaluator -------------------------------------------------------------------
 
 
+def plain_prompt(question: str) -> str:
+  """The single-turn prompt passk_rows samples from."""
+  return hints.chat_prompt(hints.plain_prompt(question))
+
+
 class Evaluator:
   """mar's Pass@k (`evaluate.passk_rows`) of any model folder of the warm start's shape.
 
@@ -224,6 +232,9 @@ class Evaluator:
     rows = evaluate.passk_rows(self.config, self.run, params, self.examples, "synthetic",
                                self.key_step)
     out = {f"pass@{r['k']}": r["value"] for r in rows}
+    if self.config.eval.expected_accuracy:  # the same quantity without sampling noise
+      out[EXPECTED] = evaluate.expected_accuracy(self.config, self.run, params, self.examples,
+                                                 plain_prompt)
     out["eval_s"] = time.perf_counter() - t0
     return out
 
@@ -240,11 +251,21 @@ def summarize(side: dict, seeds, k_name: str) -> dict:
   pick = lambda key: {str(s): side["runs"][s][key] for s in seeds}
   return {"per_step_reward": pick("per_step_reward"), "final": final,
           "final_mean": float(np.mean(list(final.values()))),
-          "final_pass_at_k": final_k, "final_pass_at_k_mean": float(np.mean(list(final_k.values()))),
+          "final_pass_at_k": final_k,
+          "final_pass_at_k_mean": float(np.mean(list(final_k.values()))),
           "per_step_lr": pick("per_step_lr"),
           "per_step_response_length": pick("per_step_response_length"),
           "train_s": pick("train_s"), "s_per_step_median": pick("s_per_step_median"),
-          "eval_s": {str(s): side["runs"][s]["eval"]["eval_s"] for s in seeds}}
+          "eval_s": {str(s): side["runs"][s]["eval"]["eval_s"] for s in seeds},
+          **_expected(side, seeds)}
+
+
+def _expected(side: dict, seeds) -> dict:
+  if EXPECTED not in side["runs"][seeds[0]]["eval"]:
+    return {}
+  final = {str(s): side["runs"][s]["eval"][EXPECTED] for s in seeds}
+  return {"final_expected_accuracy": final,
+          "final_expected_accuracy_mean": float(np.mean(list(final.values())))}
 
 
 def matching(config) -> dict:
@@ -264,8 +285,9 @@ def matching(config) -> dict:
           "reward: 1 when the last \\boxed{} answer matches (mar's extract_boxed + "
           "answers_match), else 0; no length penalty",
           "advantage: (r - group mean) / (group std, ddof = 1, + eps); TRL scale_rewards=group",
-          f"loss: clipped surrogate (eps {g.clip_low} / {g.clip_high}), token mean over all response tokens "
-          "of the batch (mar agg=token_mean, TRL loss_type=bnpo), no KL (beta 0), no entropy",
+          f"loss: clipped surrogate (eps {g.clip_low} / {g.clip_high}), token mean over all "
+          "response tokens of the batch (mar agg=token_mean, TRL loss_type=bnpo), no KL "
+          "(beta 0), no entropy term",
           f"optimizer: AdamW lr {g.lr}, b1 {o.b1}, b2 {o.b2}, eps 1e-8, weight decay "
           f"{o.weight_decay}, global-norm clip {o.grad_clip}; schedule: linear warm-up over "
           f"ceil({o.warmup_ratio} x steps) = {warmup_steps(config)} steps from 0, cosine to "
@@ -333,8 +355,10 @@ def main():
   k_name = f"pass@{max(ks)}"
   start = evaluator(warm)
   loads.append(load_avg("after start eval"))
-  log(f"warm start: {METRIC} {start[METRIC]:.4f}, {k_name} {start[k_name]:.4f} "
-      f"({len(evaluator.examples)} problems x {ecfg.eval.num_samples}, eval {start['eval_s']:.1f} s)")
+  log(f"warm start: {METRIC} {start[METRIC]:.4f}, {k_name} {start[k_name]:.4f}, "
+      f"{EXPECTED} {start.get(EXPECTED, float('nan')):.4f} "
+      f"({len(evaluator.examples)} problems x {ecfg.eval.num_samples}, "
+      f"eval {start['eval_s']:.1f} s)")
 
   sides = {"mar": {"runs": {}}, "trl": {"runs": {}}}
   for seed in seeds:
@@ -351,7 +375,9 @@ def main():
       log(f"{name} seed {seed}: {steps} steps in {res['train_s']:.1f} s (median "
           f"{res['s_per_step_median']:.3f} s/step), reward {res['per_step_reward'][0]:.3f} -> "
           f"{res['per_step_reward'][-1]:.3f}; {METRIC} {res['eval'][METRIC]:.4f}, {k_name} "
-          f"{res['eval'][k_name]:.4f} (eval {res['eval']['eval_s']:.1f} s); load "
+          f"{res['eval'][k_name]:.4f}, {EXPECTED} "
+          f"{res['eval'].get(EXPECTED, float('nan')):.4f} (eval {res['eval']['eval_s']:.1f} s); "
+          "load "
           f"{loads[-1][1]}")
   evaluator.close()
 
@@ -359,7 +385,7 @@ def main():
       "config": {"name": f"configs/miniature.py:{ARM}", "steps": steps,
                  "prompts_per_step": ecfg.rollout.prompts_per_step,
                  "group_size": ecfg.grpo.group_size, "lr": ecfg.grpo.lr,
-                 "warmup_steps": warmup_steps(arm_config(seeds[0], steps, warm)),
+                 "warmup_steps": warmup_steps(ecfg),
                  "min_lr_ratio": ecfg.optim.min_lr_ratio, "grad_clip": ecfg.optim.grad_clip,
                  "temperature": ecfg.rollout.temperature, "token_budget": ecfg.rollout.token_budget,
                  "warm_start": warm,
@@ -371,6 +397,7 @@ def main():
       "k_metric": k_name,
       "start": start[METRIC],
       "start_pass_at_k": start[k_name],
+      "start_expected_accuracy": start.get(EXPECTED),
       "mar": summarize(sides["mar"], seeds, k_name),
       "trl": summarize(sides["trl"], seeds, k_name),
   }
@@ -378,7 +405,7 @@ def main():
   result["trl"]["final_min"], result["trl"]["final_max"] = min(trl_finals), max(trl_finals)
   # "Within TRL's seed spread or above": mar's mean at least TRL's lowest seed.
   result["mar_within_or_above_trl"] = bool(result["mar"]["final_mean"] >= min(trl_finals))
-  result["matching"] = matching(arm_config(seeds[0], steps, warm))
+  result["matching"] = matching(ecfg)
   loads.append(load_avg("end"))
   result["load_avg"] = loads
   result["wall_s"] = time.perf_counter() - t_start

@@ -86,10 +86,12 @@ def check_matchable(config) -> None:
                               mini_batches=1, dynamic_sampling=False, overlong_buffer=0,
                               mask_truncated=False, tis_cap=0.0)
   bad = {k: g[k] for k, v in want.items() if g[k] != v}
-  if config.method != "grpo" or bad or config.rollout.stop_at_box:
-    raise ValueError(f"learning_vs_trl: TRL is matched to plain GRPO run to EOS "
+  odd = config.method != "grpo" or config.rollout.stop_at_box or config.model.dtype != "float32"
+  if odd or bad:
+    raise ValueError(f"learning_vs_trl: TRL is matched to plain f32 GRPO run to EOS "
                      f"({want}, rollout.stop_at_box=False); the config has method="
-                     f"{config.method!r}, stop_at_box={config.rollout.stop_at_box}, {bad}")
+                     f"{config.method!r}, stop_at_box={config.rollout.stop_at_box}, "
+                     f"model.dtype={config.model.dtype!r}, {bad}")
 
 
 def warmup_steps(config) -> int:

@@ -62,6 +62,13 @@ def log(msg: str) -> None:
   print(f"[learning_vs_trl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def cpu_seconds() -> float:
+  """CPU time of this process and its reaped children: with wall time, what a run would take
+  on a quiet machine when other jobs share the cores (between cpu_s / cores and cpu_s)."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
 def load_avg(label: str) -> list:
   return [label, *(round(x, 2) for x in os.getloadavg())]
 
@@ -111,15 +118,15 @@ def mar_lrs(config) -> list[float]:
 def train_mar(config, workdir: str) -> dict:
   """mar.train.train (what replicate runs) in a fresh workdir; the policy exported to hf/."""
   shutil.rmtree(workdir, ignore_errors=True)  # train() would resume from a checkpoint
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), cpu_seconds()
   train.train(config, workdir)
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   rows = sorted((r for r in metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
                  if "reward_mean" in r), key=lambda r: r["step"])
   return {"per_step_reward": [float(r["reward_mean"]) for r in rows],
           "per_step_response_length": [float(r["response_length"]) for r in rows],
           "per_step_lr": mar_lrs(config),
-          "train_s": wall,
+          "train_s": wall, "train_cpu_s": cpu,
           "s_per_step_median": float(np.median([r["time/step"] for r in rows])),
           "model": os.path.join(workdir, "hf")}
 
@@ -179,10 +186,10 @@ def train_trl(config, run, model_path: str, workdir: str) -> dict:
       step_s.append(time.perf_counter() - self.t0)
 
   trainer.add_callback(Recorder())
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), cpu_seconds()
   with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs
     trainer.train()
-  wall = time.perf_counter() - t0
+  wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   logs = sorted((h for h in trainer.state.log_history if "reward" in h), key=lambda h: h["step"])
   # TRL must have seen mar's groups in mar's order: step s = prompts s*P.. each G times in a row.
   p, g = config.rollout.prompts_per_step, config.grpo.group_size
@@ -196,7 +203,8 @@ def train_trl(config, run, model_path: str, workdir: str) -> dict:
   return {"per_step_reward": [float(h["reward"]) for h in logs],
           "per_step_response_length": [float(h.get("completions/mean_length", np.nan))
                                        for h in logs],
-          "per_step_lr": lrs, "train_s": wall, "s_per_step_median": float(np.median(step_s)),
+          "per_step_lr": lrs, "train_s": wall, "train_cpu_s": cpu,
+          "s_per_step_median": float(np.median(step_s)),
           "model": out}
 
 
@@ -228,7 +236,7 @@ class Evaluator:
   def __call__(self, folder: str) -> dict:
     if models.QwenConfig.from_hf_dir(folder) != self.shape:
       raise ValueError(f"{folder}: config.json differs from the warm start's")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     _, params = models.load_hf(folder, dtype=jnp.float32, mesh=self.run.mesh,
                                rules=parallel.rules_from_config(self.config))
     rows = evaluate.passk_rows(self.config, self.run, params, self.examples, "synthetic",
@@ -237,7 +245,7 @@ class Evaluator:
     if self.config.eval.expected_accuracy:  # the same quantity without sampling noise
       out[EXPECTED] = evaluate.expected_accuracy(self.config, self.run, params, self.examples,
                                                  plain_prompt)
-    out["eval_s"] = time.perf_counter() - t0
+    out["eval_s"], out["eval_cpu_s"] = time.perf_counter() - t0, cpu_seconds() - c0
     return out
 
   def close(self):
@@ -257,8 +265,10 @@ def summarize(side: dict, seeds, k_name: str) -> dict:
           "final_pass_at_k_mean": float(np.mean(list(final_k.values()))),
           "per_step_lr": pick("per_step_lr"),
           "per_step_response_length": pick("per_step_response_length"),
-          "train_s": pick("train_s"), "s_per_step_median": pick("s_per_step_median"),
+          "train_s": pick("train_s"), "train_cpu_s": pick("train_cpu_s"),
+          "s_per_step_median": pick("s_per_step_median"),
           "eval_s": {str(s): side["runs"][s]["eval"]["eval_s"] for s in seeds},
+          "eval_cpu_s": {str(s): side["runs"][s]["eval"]["eval_cpu_s"] for s in seeds},
           **_expected(side, seeds)}
 
 
@@ -374,13 +384,13 @@ def main():
       res["eval"] = evaluator(res["model"])
       sides[name]["runs"][seed] = res
       loads.append(load_avg(f"after {name} seed {seed}"))
-      log(f"{name} seed {seed}: {steps} steps in {res['train_s']:.1f} s (median "
-          f"{res['s_per_step_median']:.3f} s/step), reward {res['per_step_reward'][0]:.3f} -> "
-          f"{res['per_step_reward'][-1]:.3f}; {METRIC} {res['eval'][METRIC]:.4f}, {k_name} "
-          f"{res['eval'][k_name]:.4f}, {EXPECTED} "
-          f"{res['eval'].get(EXPECTED, float('nan')):.4f} (eval {res['eval']['eval_s']:.1f} s); "
-          "load "
-          f"{loads[-1][1]}")
+      ev = res["eval"]
+      log(f"{name} seed {seed}: {steps} steps in {res['train_s']:.1f} s, CPU "
+          f"{res['train_cpu_s']:.1f} s (median {res['s_per_step_median']:.3f} s/step), reward "
+          f"{res['per_step_reward'][0]:.3f} -> {res['per_step_reward'][-1]:.3f}; {METRIC} "
+          f"{ev[METRIC]:.4f}, {k_name} {ev[k_name]:.4f}, {EXPECTED} "
+          f"{ev.get(EXPECTED, float('nan')):.4f} (eval {ev['eval_s']:.1f} s, CPU "
+          f"{ev['eval_cpu_s']:.1f} s); load {loads[-1][1]}")
   evaluator.close()
 
   result = {
@@ -400,6 +410,8 @@ def main():
       "start": start[METRIC],
       "start_pass_at_k": start[k_name],
       "start_expected_accuracy": start.get(EXPECTED),
+      # The first evaluation compiles the evaluator's programs; the others reuse them.
+      "start_eval_s": start["eval_s"], "start_eval_cpu_s": start["eval_cpu_s"],
       "mar": summarize(sides["mar"], seeds, k_name),
       "trl": summarize(sides["trl"], seeds, k_name),
   }

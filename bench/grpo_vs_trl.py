@@ -141,6 +141,41 @@ def bench_mar(model_path: str, pack_len: int, profile_dir: str = "") -> dict:
   return out
 
 
+def trl_records(config, run, steps: int) -> list[dict]:
+  """TRL's dataset: each step's prompts in mar's order (`train.batch_indices`, seeded by
+  config.seed), once each (the trainer repeats a prompt G times), as mar's chat texts."""
+  return [{"prompt": hints.chat_prompt(hints.plain_prompt(ex.question)), "answer": ex.answer}
+          for step in range(steps) for ex in step_prompts(config, run, step)]
+
+
+def hf_policy(model_path: str):
+  """(tokenizer, f32 model) of a mar model folder for TRL; generation stops at <|im_end|>
+  or <|endoftext|>, as mar's rollout does."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from mar.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
+  tok = Tokenizer.from_dir(model_path)
+  hf_tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=os.path.join(model_path, "tokenizer.json"),
+      eos_token="<|im_end|>", pad_token="<|endoftext|>")
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+  model.generation_config.eos_token_id = [tok.im_end_id, tok.eos_id]
+  model.generation_config.pad_token_id = tok.pad_id
+  return hf_tok, model
+
+
+def answer_reward(completions, answer, **_):
+  """TRL reward function: 1 when the completion's last \\boxed{} answer matches (mar's
+  extraction and `answers_match`), else 0."""
+  out = []
+  for text, gold in zip(completions, answer):
+    got = extract.extract_boxed(text)
+    out.append(float(got is not None and equivalence.answers_match(got, gold)))
+  return out
+
+
 def bench_trl(model_path: str) -> dict:
   import datasets  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -149,27 +184,9 @@ def bench_trl(model_path: str) -> dict:
 
   config = grpo_config(model_path, -1)
   run = setup.build_run(config, tempfile.mkdtemp())  # for the data order and the tokenizer
-  records = []
-  for step in range(STEPS):
-    for ex in step_prompts(config, run, step):
-      records.append({"prompt": hints.chat_prompt(hints.plain_prompt(ex.question)),
-                      "answer": ex.answer})
-  tok = run.tokenizer
+  records = trl_records(config, run, STEPS)
   run.close()
-  hf_tok = transformers.PreTrainedTokenizerFast(
-      tokenizer_file=os.path.join(model_path, "tokenizer.json"),
-      eos_token="<|im_end|>", pad_token="<|endoftext|>")
-  model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-  model.generation_config.eos_token_id = [tok.im_end_id, tok.eos_id]
-  model.generation_config.pad_token_id = tok.pad_id
-
-  def reward(completions, answer, **_):
-    out = []
-    for text, gold in zip(completions, answer):
-      got = extract.extract_boxed(text)
-      out.append(float(got is not None and equivalence.answers_match(got, gold)))
-    return out
-
+  hf_tok, model = hf_policy(model_path)
   g = config.grpo.group_size
   args = trl.GRPOConfig(
       output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(records) // STEPS * g,
@@ -183,7 +200,7 @@ def bench_trl(model_path: str) -> dict:
   data = datasets.Dataset.from_list(records)  # each prompt once; the trainer repeats it G times
   timings = {"generation": []}
 
-  trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args,
+  trainer = trl.GRPOTrainer(model=model, reward_funcs=answer_reward, args=args,
                             train_dataset=data, processing_class=hf_tok)
   generate = trainer._generate_single_turn  # pylint: disable=protected-access
 

@@ -321,23 +321,29 @@ def _band(ax, xs, per_seed: list[list[float]], label: str, color: str, scale: fl
 
 
 def plot_attempts(comparison: dict, out_path: str) -> str | None:
+  """Accuracy vs k after training per arm, the warm start dashed: the sampled curve (the
+  metric of record) beside the greedy one when the runs computed it."""
   arms = comparison.get("arms", {})
   if not arms:
     return None
-  fig, (ax,) = _figure(1)
-  for i, (arm, a) in enumerate(arms.items()):
-    seeds = list(a["seeds"].values())
-    ks = sorted(seeds[0]["last"])
-    _band(ax, ks, [[s["last"][k] for k in ks] for s in seeds], f"{LABELS[arm]}, trained",
-          COLORS[arm], marker="o", linewidth=2.2)
-    if i == 0:  # the shared starting model, once
-      _band(ax, ks, [[s["first"][k] for k in ks] for s in seeds], "warm start (step 0)",
-            "0.45", marker="o", linestyle="--", linewidth=1.3)
-  ax.set_xlabel("attempts allowed k (prompt states k)")
-  ax.set_ylabel("greedy accuracy (%)")
-  ax.set_xticks(ks)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize="small")
+  panels = [("", "greedy accuracy (%)")]
+  if all("sampled_last" in s for a in arms.values() for s in a["seeds"].values()):
+    panels.insert(0, ("sampled_", "sampled accuracy (%), 16 episodes per problem"))
+  fig, axes = _figure(len(panels))
+  for ax, (prefix, ylabel) in zip(axes, panels):
+    for i, (arm, a) in enumerate(arms.items()):
+      seeds = list(a["seeds"].values())
+      ks = sorted(seeds[0][prefix + "last"])
+      _band(ax, ks, [[s[prefix + "last"][k] for k in ks] for s in seeds],
+            f"{LABELS[arm]}, trained", COLORS[arm], marker="o", linewidth=2.2)
+      if i == 0:  # the shared starting model, once
+        _band(ax, ks, [[s[prefix + "first"][k] for k in ks] for s in seeds],
+              "warm start (step 0)", "0.45", marker="o", linestyle="--", linewidth=1.3)
+    ax.set_xlabel("attempts allowed k (prompt states k)")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
   fig.suptitle("Accuracy vs attempts: mean over seeds, min-max shaded")
   return _save(fig, out_path)
 

@@ -1,16 +1,16 @@
 """Both papers' central comparisons, with one command: runs the arms, writes report + figures.
 
-  python -m mar.tools.replicate --suite=miniature --workdir=/tmp/mar_mini [--seeds=0,1,2]
+  python -m mar.tools.replicate --suite=miniature --workdir=/tmp/mar_mini [--seeds=0,1,2,3,4] [--jobs=2]
   python -m mar.tools.replicate --suite=miniature --tiny --workdir=/tmp/t   # seconds, a check
   python -m mar.tools.replicate --suite=paper --workdir=/runs/paper         # commands + report
 
 `miniature` trains every arm of configs/miniature.py (multi-attempt PPO, single-turn PPO,
-GRPO, GRPO + extra rollouts, LTE) for each seed, one after another, each through
-`mar.train.train` in `<workdir>/<arm>/seed_<s>` from the same cached warm start. A finished
-arm (eval rows at its last step) is skipped and an interrupted one resumes from its
-checkpoint, so rerunning the command picks up where it stopped. `paper` prints the
-`mar.main` commands of the paper configs for the same layout (they need accelerators) and
-reports on whichever of those workdirs have finished.
+GRPO, GRPO + extra rollouts, LTE) for each seed, each through `mar.train.train` in
+`<workdir>/<arm>/seed_<s>` from the same cached warm start, `--jobs` runs at a time (worker
+processes). A finished arm (eval rows at its last step) is skipped and an interrupted one
+resumes from its checkpoint, so rerunning the command picks up where it stopped. `paper`
+prints the `mar.main` commands of the paper configs for the same layout (they need
+accelerators) and reports on whichever of those workdirs have finished.
 Both write `<workdir>/report.json` (mar.evaluation.compare) and `<workdir>/figures/*.png`.
 """
 

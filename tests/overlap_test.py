@@ -59,7 +59,6 @@ class DeferredVerificationTest(absltest.TestCase):
     self.assertTrue(deferred.deferred)
     t0 = time.perf_counter()
     got = deferred.run_host(self.mar_run.params, self.prompts, self.answers, key)
-    wall = time.perf_counter() - t0
     inline = self._runner(False)
     want = inline.run_host(self.mar_run.params, self.prompts, self.answers, key)
     self.assertGreater(inline.verify_fn.calls, 0)
@@ -73,7 +72,9 @@ class DeferredVerificationTest(absltest.TestCase):
     self.assertTrue(got.correct.any() and not got.correct.all(), got.reward)
     busy = timeline.busy_seconds(since=t0)
     self.assertGreater(busy, 0.0)
-    self.assertLessEqual(busy, wall + 1e-3)
+    # Busy time since t0 fits in the time since t0 (read after it: the last interval may be
+    # closed by the runner's thread just after run_host returns).
+    self.assertLessEqual(busy, time.perf_counter() - t0)
 
   def test_run_fills_rewards_of_a_deferred_batch(self):
     deferred, inline = self._runner(True), self._runner(False)

@@ -78,12 +78,12 @@ def attempt_curve(config, run, params, examples, benchmark: str, step: int) -> l
   The prompt is the multi-attempt one whatever the model was trained with (METHODS.md §1:
   the single-turn baseline's curve uses it too).
   """
+  greedy = run.eval_runner(config, "attempts")
   # The longest prompt (stating K attempts) decides which problems fit.
-  examples = _fitting(run.eval_runner(config, "attempts"), examples,
-                      _attempt_prompt(config.eval.max_attempts), benchmark)
+  examples = _fitting(greedy, examples, _attempt_prompt(config.eval.max_attempts), benchmark)
   rows = []
   for k in range(1, config.eval.max_attempts + 1):
-    acc = _attempt_accuracy(run.eval_runner(config, "attempts"), params, examples, k, 1, 0)
+    acc = _attempt_accuracy(greedy, params, examples, k, 1, 0)
     rows.append(report.attempt_row(step, benchmark, k, acc, len(examples)))
   m = config.eval.attempt_samples
   for k in range(1, config.eval.max_attempts + 1) if m else ():

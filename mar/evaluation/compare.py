@@ -79,10 +79,10 @@ def difference95(a: Sequence[float], b: Sequence[float]) -> dict:
   return {"difference": diff, "ci95": [float(diff - half), float(diff + half)], "df": float(df)}
 
 
-def metric_curve(workdir: str, metric: str, k: int) -> dict[int, float]:
-  """{step: value} of one metric row kind at `k` (mean over benchmarks)."""
+def metric_curve(rows: Sequence[dict], metric: str, k: int) -> dict[int, float]:
+  """{step: value} of one metric row kind at `k` (mean over benchmarks) in a run's rows."""
   by_step: dict[int, list[float]] = {}
-  for r in _eval_rows(workdir):
+  for r in rows:
     if report.row_kind(r) == metric and r["k"] == k:
       by_step.setdefault(r["step"], []).append(r["value"])
   return {s: float(np.mean(v)) for s, v in sorted(by_step.items())}
@@ -151,7 +151,8 @@ def multi_attempt_comparison(runs: Mapping[str, Mapping[int, str]]) -> dict:
       acc = attempt_accuracy(wd)
       last = acc["last"]
       seeds[str(seed)] = {**acc, "gain_1_to_2": last.get(2, np.nan) - last.get(1, np.nan)}
-      sampled = {k: metric_curve(wd, report.SAMPLED_ATTEMPTS, k) for k in (1, 2)}
+      rows = _eval_rows(wd)
+      sampled = {k: metric_curve(rows, report.SAMPLED_ATTEMPTS, k) for k in (1, 2)}
       if all(sampled.values()):  # the low-variance twin, when the runs computed it
         seeds[str(seed)].update({
             "sampled_first": {k: c[min(c)] for k, c in sampled.items()},
@@ -223,14 +224,14 @@ def lte_comparison(runs: Mapping[str, Mapping[int, str]], tail: int = 5) -> dict
 def record_metric(arm: str, workdir: str) -> tuple[str, dict[int, float]]:
   """An arm's metric of record and its curve: sampled accuracy at k = 1 (else greedy) for
   the PPO arms, Pass@1 for the group arms."""
+  rows = _eval_rows(workdir)
   if arm in GROUP_ARMS:
-    return "pass@1", metric_curve(workdir, report.PASSK_METRIC, 1)
-  sampled = metric_curve(workdir, report.SAMPLED_ATTEMPTS, 1)
+    return "pass@1", metric_curve(rows, report.PASSK_METRIC, 1)
+  sampled = metric_curve(rows, report.SAMPLED_ATTEMPTS, 1)
   if sampled:
     return "sampled_att@1", sampled
-  rows = [r for r in _eval_rows(workdir) if report.row_kind(r) == "attempts" and
-          r["attempts"] == 1]
-  return "att@1", {r["step"]: r["accuracy"] for r in rows}
+  return "att@1", {r["step"]: r["accuracy"] for r in rows
+                   if report.row_kind(r) == "attempts" and r["attempts"] == 1}
 
 
 def judged_arms(runs: Mapping[str, Mapping[int, str]]) -> dict:
@@ -249,28 +250,29 @@ def judged_arms(runs: Mapping[str, Mapping[int, str]]) -> dict:
   return out
 
 
-def judged_claims(runs: Mapping[str, Mapping[int, str]], ma: dict, lte: dict) -> list[dict]:
+def _per_seed(arm: dict, key: str) -> list:
+  return [s[key] for s in arm["seeds"].values()]
+
+
+def judged_claims(ma: dict, lte: dict) -> list[dict]:
   """The papers' two claims, each tested across seeds (module docstring)."""
   claims = []
   arms = ma.get("arms", {})
   if all(a in arms for a in PPO_ARMS):
-    gains = {a: [s["sampled_gain_1_to_2"] if "sampled_gain_1_to_2" in s else s["gain_1_to_2"]
-                 for s in arms[a]["seeds"].values()] for a in PPO_ARMS}
+    sampled = all("sampled_gain_1_to_2" in s for a in PPO_ARMS for s in arms[a]["seeds"].values())
+    key = "sampled_gain_1_to_2" if sampled else "gain_1_to_2"
+    gains = {a: _per_seed(arms[a], key) for a in PPO_ARMS}
     d = difference95(gains["multi_attempt"], gains["single_turn"])
     claims.append({
         "claim": "(a) multi-attempt PPO's gain from k = 1 to k = 2 exceeds single-turn PPO's",
-        "metric": "sampled accuracy gain k=1->2" if "sampled_gain_1_to_2" in next(iter(
-            arms["multi_attempt"]["seeds"].values())) else "greedy accuracy gain k=1->2",
+        "metric": f"{'sampled' if sampled else 'greedy'} accuracy gain k=1->2",
         "gains": gains, **d, "holds": bool(d["ci95"][0] > 0)})
   arms = lte.get("arms", {})
   if all(a in arms for a in GROUP_ARMS):
-    tests = {}
-    for other in ("grpo", "grpo_extra"):
-      per = lambda a, key: [s[key] for s in arms[a]["seeds"].values()]
-      tests[f"none_pass: lte - {other}"] = difference95(per("lte", "final_none_pass"),
-                                                        per(other, "final_none_pass"))
-      tests[f"pass@k: lte - {other}"] = difference95(per("lte", "final_pass@k"),
-                                                     per(other, "final_pass@k"))
+    tests = {f"{name}: lte - {other}": difference95(_per_seed(arms["lte"], key),
+                                                    _per_seed(arms[other], key))
+             for other in ("grpo", "grpo_extra")
+             for name, key in (("none_pass", "final_none_pass"), ("pass@k", "final_pass@k"))}
     holds = {name: (t["ci95"][1] < 0 if name.startswith("none_pass") else t["ci95"][0] > 0)
              for name, t in tests.items()}
     k = next(iter(arms["lte"]["seeds"].values()))["k"]
@@ -291,7 +293,7 @@ def build_report(runs: Mapping[str, Mapping[int, str]], suite: str,
   ma, lte = multi_attempt_comparison(runs), lte_comparison(runs, tail)
   return {"suite": suite,
           "runs": {a: {str(s): wd for s, wd in sorted(r.items())} for a, r in runs.items()},
-          "arms": judged_arms(runs), "claims": judged_claims(runs, ma, lte),
+          "arms": judged_arms(runs), "claims": judged_claims(ma, lte),
           "multi_attempt": ma, "lte": lte}
 
 

@@ -12,6 +12,10 @@ def get_config(arg: str | None = None):
   c = base_config()
   c.method = "ppo"
   c.train.num_steps = 40
+  # Learner rows of 256 slots hold ~3 dialogues (~73 real tokens each): 90 % of the positions
+  # are real tokens, against 64 % in rows of the rollout's width (-1), so the update is ~20 %
+  # shorter (0.85 vs 1.06 s a step on the 2-core VM).
+  c.train.pack_len = 256
   # The warm start teaches a careless habit: most first attempts are off by one, and after
   # the feedback turn the retry is right. RL has to teach getting it right the first time.
   c.model.demo = dict(enabled=True, vocab_size=512, sft_steps=400, sft_batch=32, sft_len=96,

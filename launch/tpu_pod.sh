@@ -55,7 +55,7 @@ case "${1:-}" in
     tpu scp /tmp/mar_src.tgz "$TPU_NAME":/tmp/mar_src.tgz --worker=all
     JAX_VERSION=$(python -c "import jax; print(jax.__version__)")
     on_all "mkdir -p ~/$REMOTE_DIR && tar xzf /tmp/mar_src.tgz -C ~/$REMOTE_DIR && \
-      cd ~/$REMOTE_DIR && pip install -q -r requirements.txt && \
+      cd ~/$REMOTE_DIR && pip install -q -r requirements.txt -r requirements-extras.txt && \
       pip install -q 'jax[tpu]==$JAX_VERSION' \
         -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
     # Model and data on every host's local disk (load_hf memory-maps local safetensors).

@@ -7,6 +7,7 @@ mistyped `--config.x.y=...` override fails instead of adding a new, unused field
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -22,6 +23,18 @@ CONFIG_FILE = "config.json"
 
 class ConfigError(ValueError):
     """A config value that cannot run: `mar.main` reports it as one line and exits 1."""
+
+
+def import_optional(name: str, feature: str):
+    """Imports `name`, a package of requirements-extras.txt, for `feature` (what needs it).
+
+    Missing, it raises a `ConfigError` that names the feature and the file to install.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"{feature} needs the optional package {name.split('.')[0]!r}, which is "
+                          f"not installed ({e}): pip install -r requirements-extras.txt") from None
 
 
 def cache_root() -> str:

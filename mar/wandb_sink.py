@@ -16,6 +16,8 @@ import uuid
 
 from absl import logging
 
+from mar import config_utils
+
 RUN_ID_FILE = "wandb_run_id"
 EVAL_FILE = "eval.jsonl"  # mar.evaluation.report writes it; read here as plain JSONL
 EVAL_TABLE = "eval/table"
@@ -40,7 +42,7 @@ class WandbSink:
                read_rows: Callable[[str], list[dict]], entity: str = ""):
     """`read_rows(path)` reads eval.jsonl (MetricsWriter passes its reader, which skips a
     line cut short by a crash; the sink stays below metrics so imports run one way)."""
-    import wandb  # pylint: disable=g-import-not-at-top  (only when enabled)
+    wandb = config_utils.import_optional("wandb", "config.metrics.wandb")
 
     self._wandb = wandb
     self.workdir = workdir

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import pyarrow as pa
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import testutil
 
 from configs import demo as demo_config
-from mar import defaults, setup
+from mar import config_utils, defaults, setup, wandb_sink
 from mar.data import datasets, sources, tfds_math
 from mar.verify.extract import extract_boxed
 
@@ -130,6 +131,23 @@ class FieldsAndErrorsTest(absltest.TestCase):
       f.write("not parquet")
     with self.assertRaisesRegex(datasets.DatasetError, r"junk\.parquet: not a readable Parquet"):
       sources.load_train(os.path.join(self.dir, "junk.parquet"))
+
+  def test_missing_optional_package_names_the_source_and_requirements_extras(self):
+    path = write_parquet(os.path.join(self.dir, "p.parquet"), [{"prompt": "a", "answer": "1"}])
+    hidden = {"pyarrow": None, "pyarrow.parquet": None, "tensorflow_datasets": None, "wandb": None}
+    with mock.patch.dict(sys.modules, hidden):
+      with self.assertRaisesRegex(config_utils.ConfigError,
+                                  r"Parquet source .*p\.parquet needs the optional package 'pyarrow'"
+                                  r".*pip install -r requirements-extras\.txt"):
+        sources.load_train(path)
+      with self.assertRaisesRegex(config_utils.ConfigError,
+                                  r"TFDS source tfds:mar_math/x needs .*'tensorflow_datasets'"
+                                  r".*requirements-extras\.txt"):
+        sources.load_train("tfds:mar_math/x")
+      with self.assertRaisesRegex(config_utils.ConfigError,
+                                  r"config\.metrics\.wandb needs .*'wandb'.*requirements-extras"):
+        wandb_sink.WandbSink(self.dir, {}, "p", read_rows=lambda path: [])
+    self.assertLen(sources.load_train(path), 1)  # installed again: reads as before
 
   def test_specs(self):
     self.assertEqual(sources.parse_tfds("tfds:mar_math/math500:test"), ("mar_math/math500", "test"))

@@ -111,7 +111,7 @@ def _one_split(folder: str, files: list[str]) -> list[str]:
 
 
 def _parquet_records(files: list[str], columns: Sequence[str] | None) -> Iterator[Record]:
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq = config_utils.import_optional("pyarrow.parquet", f"Parquet source {files[0]}")
 
   for path in files:
     try:
@@ -133,7 +133,7 @@ def _parquet_records(files: list[str], columns: Sequence[str] | None) -> Iterato
 
 
 def _tfds_records(spec: str, tfds_dir: str) -> Iterator[Record]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = config_utils.import_optional("tensorflow_datasets", f"TFDS source {spec}")
 
   name, split = parse_tfds(spec)
   if name.split("/")[0] == "mar_math":

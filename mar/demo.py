@@ -131,6 +131,11 @@ def sft_batch(tok, examples, max_attempts, p_wrong, seed, length, style, deltas=
   return _pack(dialogues, length, tok.pad_id)
 
 
+# The warm start's loss is read back every this many steps: in between, the host builds the
+# next batch while the device runs the current step.
+_LOSS_EVERY = 20
+
+
 def warm_start(cfg, params, tok, config, seed: int):
   """A few hundred supervised steps (Adam) on freshly generated dialogues."""
   d = config.model.demo
@@ -146,7 +151,8 @@ def warm_start(cfg, params, tok, config, seed: int):
     params, opt_state, m = update(params, opt_state,
                                   {"tokens": tokens, "valid": valid, "target": target})
     bar.update(1)
-    bar.set_postfix(loss=float(m["loss"]))
+    if step % _LOSS_EVERY == _LOSS_EVERY - 1:  # reading it waits for the step
+      bar.set_postfix(loss=float(m["loss"]))
   bar.close()
   return params
 

@@ -13,6 +13,7 @@ from absl import logging
 from mar import checkpoint as ckpt_lib
 from mar import config_utils
 from mar import evaluate
+from mar import plots
 from mar import setup
 from mar.algorithms import family
 
@@ -41,5 +42,6 @@ def evaluate_checkpoint(config, workdir: str) -> list[dict]:
       logging.info("evaluating checkpoint step %d", step)
     ckpt.close()
   rows = evaluate.run_eval(config, run, params, workdir, step=step)
+  plots.plot_all(workdir)
   run.close()
   return rows

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mar import plots
 from mar.data import prompts, sources
 from mar.evaluation import passk, report
 from mar.lte import hints
@@ -179,7 +178,8 @@ def scalars(rows) -> dict:
 
 
 def run_eval(config, run, params, workdir: str, step: int) -> list[dict]:
-  """All configured evaluations at `step`; appends rows, logs the table, redraws plots."""
+  """All configured evaluations at `step`; appends rows and logs the table (callers redraw
+  the plots, after the step's metrics row)."""
   rows = []
   for name in config.eval.benchmarks:
     examples = _eval_examples(config, run, name)
@@ -192,7 +192,6 @@ def run_eval(config, run, params, workdir: str, step: int) -> list[dict]:
   report.append_eval_rows(workdir, rows)
   logging.info("evaluation at step %d:\n%s", step,
                report.format_table(report.read_eval_rows(workdir), step))
-  plots.plot_all(workdir)
   return rows
 
 

@@ -55,6 +55,11 @@ def _should_eval(config, done: int) -> bool:
   return bool(periodic or (done == config.train.num_steps and config.eval.at_end))
 
 
+def _draw_plots(workdir: str) -> None:
+  if parallel.is_main_process():
+    plots.plot_all(workdir)
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last step's metrics."""
   os.makedirs(workdir, exist_ok=True)
@@ -76,6 +81,7 @@ def train(config, workdir: str) -> dict:
     start_eval = evaluate.scalars(evaluate.run_eval(config, run, state["policy"], workdir, step=0))
     if start_eval:
       writer.write(0, start_eval)
+    _draw_plots(workdir)
   last: dict = {}
   bar = metrics_lib.progress(config.train.num_steps, desc=f"train[{config.method}]",
                              initial=start)
@@ -91,6 +97,8 @@ def train(config, workdir: str) -> dict:
       last.update(evaluate.scalars(
           evaluate.run_eval(config, run, state["policy"], workdir, step=done)))
     writer.write(done, last)
+    if _should_eval(config, done) and done < config.train.num_steps:  # the last: drawn below
+      _draw_plots(workdir)
     bar.update(1)
     bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))
     ckpt.save(done, state, extra={"step": done, "data_position": position},
@@ -98,8 +106,7 @@ def train(config, workdir: str) -> dict:
   bar.close()
   ckpt.wait()
   ckpt.close()
-  if parallel.is_main_process():
-    plots.plot_all(workdir)
+  _draw_plots(workdir)
   writer.close()  # after the plots: W&B gets the final ones
   export.export_at_end(config, workdir, state["policy"])
   run.close()

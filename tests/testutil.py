@@ -54,6 +54,7 @@ def tiny_config(method="ppo", **over):
   c.model.path = shared_model()
   c.train.num_steps = 3
   c.rollout.prompts_per_step = 8
+  c.train.pack_len = -1  # rows of the rollout's width: the demo's 256 suits 64 prompts a step
   c.ppo.mini_batches = 2
   c.eval.update(dict(at_start=False, at_end=False))
   c.data.synthetic.num_examples = 64

@@ -43,6 +43,17 @@ class SingleTurnTest(parameterized.TestCase):
     np.testing.assert_array_equal(ep.attempts_used, 1)
     np.testing.assert_array_equal(ep.truncated, True)  # all ran out of budget
 
+  def test_greedy_equals_hf_with_a_cache_window(self):
+    """4-slot blocks: the 37-slot cache keeps an 8-slot window that refills write into and
+    decode reads first, then live blocks past it; the tokens stay HF's."""
+    config = self.config.replace(attn_block=4)
+    self.assertEqual(models.model.window_slots(config, max(testutil.ENGINE_PROMPT_LENS) + 20), 8)
+    ref = testutil.hf_greedy(self.hf, self.prompts, 20)
+    ep, stats = testutil.engine_single_turn(config, self.params, self.prompts, rows=3, budget=20,
+                                            widths=(4, 8, 16))
+    self.assertEqual(responses(ep), ref)
+    self.assertGreater(int(stats["prefill_calls"]), 1)
+
   @parameterized.parameters(0.0, 1.0)
   def test_same_results_with_any_number_of_rows(self, temperature):
     # Many stop ids: episodes end at different lengths, so rows free up at different steps.

@@ -50,6 +50,50 @@ class LiveAttentionTest(parameterized.TestCase):
     for a, c in ((outs[0][1].k, outs[1][1].k), (outs[0][1].v, outs[1][1].v)):
       np.testing.assert_allclose(a, c, atol=2e-5, rtol=2e-5)  # later layers' k/v follow h
 
+  @parameterized.product(t=(1, 3), unstacked=(False, True), inside=(True, False))
+  def test_window_matches_dense(self, t, unstacked, inside):
+    """A long cache's window (16 slots here) gives the dense path's outputs, whether every
+    query sits inside it (read alone) or not (window, then live blocks); the call's writes
+    below the window land in the window, the others in k / v."""
+    dense_cfg = QwenConfig.tiny("qwen3", vocab_size=64).replace(attn_block=1024)
+    block_cfg = dense_cfg.replace(attn_block=8)
+    w = qwen.window_slots(block_cfg, S)
+    self.assertEqual(w, qwen.WINDOW_BLOCKS * 8)
+    params = init_params(dense_cfg, jax.random.key(0))
+    b = 4
+    cache = _random_cache(dense_cfg, b, S, seed=t)
+    start = jnp.asarray([0, 3, 7, w - t] if inside else [0, 7, 20, S - t], jnp.int32)
+    rng = np.random.RandomState(5)
+    tokens = jnp.asarray(rng.randint(0, 64, (b, t)), jnp.int32)
+    positions = start[:, None] + jnp.arange(t)[None]
+    token_valid = jnp.asarray(rng.rand(b, t) < 0.9)
+    if unstacked:
+      params, cache = qwen.unstack_layers(params), qwen.unstack_cache(cache)
+    windowed = qwen.with_window(block_cfg, cache)
+    self.assertIsNotNone(windowed.k_win)
+    self.assertIsNone(qwen.with_window(dense_cfg, windowed).k_win)  # a short cache: none
+    fn = jax.jit(qwen.forward_cached, static_argnums=0)
+    h0, c0 = fn(dense_cfg, params, tokens, positions, token_valid, cache, start)
+    h1, c1 = fn(block_cfg, params, tokens, positions, token_valid, windowed, start)
+    np.testing.assert_allclose(np.asarray(h0), np.asarray(h1), atol=2e-5, rtol=2e-5)
+    c0, c1 = qwen.stack_cache(c0), qwen.stack_cache(c1)
+    for full, mine, win in ((c0.k, c1.k, c1.k_win), (c0.v, c1.v, c1.v_win)):
+      np.testing.assert_allclose(full[:, :, :, :w], win, atol=2e-5, rtol=2e-5)
+      np.testing.assert_allclose(full[:, :, :, w:], mine[:, :, :, w:], atol=2e-5, rtol=2e-5)
+
+  def test_window_reads_nothing_past_it(self):
+    """Inside its window, a step reads no slot of the long buffers (all NaN: harmless)."""
+    cfg = QwenConfig.tiny("qwen3", vocab_size=64).replace(attn_block=8)
+    params = init_params(cfg, jax.random.key(1))
+    cache = qwen.with_window(cfg, _random_cache(cfg, 2, 64, seed=0))
+    start = jnp.asarray([10, 13], jnp.int32)  # live length 14 <= 16
+    poisoned = cache._replace(k=jnp.full_like(cache.k, jnp.nan), v=jnp.full_like(cache.v, jnp.nan))
+    args = (jnp.ones((2, 1), jnp.int32), start[:, None], jnp.ones((2, 1), bool))
+    fn = jax.jit(qwen.forward_cached, static_argnums=0)
+    h, _ = fn(cfg, params, *args, cache, start)
+    h_poisoned, _ = fn(cfg, params, *args, poisoned, start)
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_poisoned))
+
   def test_reads_only_live_blocks(self):
     """Rows whose slots past the live length hold NaN still give finite, equal outputs."""
     cfg = QwenConfig.tiny("qwen3", vocab_size=64).replace(attn_block=8)

@@ -140,9 +140,11 @@ class PlanTest(absltest.TestCase):
     self.assertBetween(rows["optimizer state"] - 2 * rows["params (f32)"], 1, 64)  # counts
     self.assertEqual(rows["reference model"], 0)
     self.assertNotIn("critic", rows)
-    # 256 rows x 36 layers x 8 KV heads x 9216 slots x 128 x bf16, k and v, over 8 devices.
+    # 256 rows x 36 layers x 8 KV heads x (9216 slots + the 512-slot window) x 128 x bf16,
+    # k and v, over 8 devices.
+    self.assertEqual(qwen.window_slots(model, 9216), 512)
     self.assertEqual(rows["KV cache (rollout)"],
-                     (2 * 36 * 256 * 8 * 9216 * 128 * 2 + 256 * 9216) // 8)
+                     (2 * 36 * 256 * 8 * (9216 + 512) * 128 * 2 + 256 * 9216) // 8)
     self.assertLess(rows["activations, remat on"], rows["activations, remat off"] / 10)
     self.assertTrue(pl.fits)
     self.assertFalse(pm.plan(grpo_config(data=8, fsdp=1, tensor=1), model, 8, 80.0).fits)

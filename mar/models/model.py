@@ -32,7 +32,7 @@ are free), and cached passes scatter k/v in place instead of rebuilding the cach
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,16 +56,48 @@ class KVCache(NamedTuple):
   k: jax.Array
   v: jax.Array
   valid: jax.Array
+  # The first `window_slots` slots of a long cache, in buffers of their own (same layout as
+  # k / v), or None. Cached attention over the live blocks reads those slots here, in one
+  # dense pass, and writes them only here (k / v keep what prefill put there): reading the
+  # same slots out of the long buffer costs XLA:CPU a copy of each block, and writing one
+  # slot of each long row touches a page per row (bench/README.md).
+  k_win: Any = None
+  v_win: Any = None
+
+
+# The window a long cache keeps, in blocks of `attn_block` slots.
+WINDOW_BLOCKS = 2
+
+
+def window_slots(config: QwenConfig, cache_len: int) -> int:
+  """Slots of the dense window a cache of `cache_len` slots keeps (0: none, a short cache)."""
+  return WINDOW_BLOCKS * config.attn_block if reads_live_blocks(config, cache_len, 1) else 0
 
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   dtype = dtype or config.dtype
   shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+  w = window_slots(config, max_len)
+  win = jnp.zeros(shape[:3] + (w,) + shape[4:], dtype) if w else None
   return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
       valid=jnp.zeros((batch, max_len), bool),
+      k_win=win, v_win=win,
   )
+
+
+def with_window(config: QwenConfig, cache: KVCache) -> KVCache:
+  """`cache` with the window its length calls for, built from its first slots if missing."""
+  w = window_slots(config, cache.valid.shape[1])
+  if not w:
+    return cache._replace(k_win=None, v_win=None)
+  if cache.k_win is not None:
+    return cache
+  if is_unstacked(cache.k):  # keys [B, K, Dh, S], values [B, K, S, Dh]
+    return cache._replace(k_win=tuple(k[..., :w] for k in cache.k),
+                          v_win=tuple(v[:, :, :w] for v in cache.v))
+  return cache._replace(k_win=cache.k[:, :, :, :w], v_win=cache.v[:, :, :, :w])
 
 
 def unstack_cache(cache: KVCache) -> KVCache:
@@ -73,20 +105,26 @@ def unstack_cache(cache: KVCache) -> KVCache:
   if isinstance(cache.k, (tuple, list)):
     return cache
   n = cache.k.shape[0]
-  return cache._replace(k=tuple(jnp.swapaxes(cache.k[i], -1, -2) for i in range(n)),
-                        v=tuple(cache.v[i] for i in range(n)))
+  keys = lambda c: tuple(jnp.swapaxes(c[i], -1, -2) for i in range(n))
+  values = lambda c: tuple(c[i] for i in range(n))
+  return cache._replace(k=keys(cache.k), v=values(cache.v),
+                        k_win=None if cache.k_win is None else keys(cache.k_win),
+                        v_win=None if cache.v_win is None else values(cache.v_win))
 
 
 def stack_cache(cache: KVCache) -> KVCache:
   """Inverse of `unstack_cache`."""
   if not isinstance(cache.k, (tuple, list)):
     return cache
-  return cache._replace(k=jnp.stack([jnp.swapaxes(k, -1, -2) for k in cache.k]),
-                        v=jnp.stack(cache.v))
+  keys = lambda c: jnp.stack([jnp.swapaxes(k, -1, -2) for k in c])
+  return cache._replace(k=keys(cache.k), v=jnp.stack(cache.v),
+                        k_win=None if cache.k_win is None else keys(cache.k_win),
+                        v_win=None if cache.v_win is None else jnp.stack(cache.v_win))
 
 
 def pad_cache(cache: KVCache, max_len: int) -> KVCache:
-  """Appends empty (invalid) slots up to `max_len`, in either layout."""
+  """Appends empty (invalid) slots up to `max_len`, in either layout (the window, if any,
+  is kept: `with_window` adds one)."""
   extra = max_len - cache.valid.shape[1]
   if extra < 0:
     raise ValueError(f"pad_cache: cache has {cache.valid.shape[1]} slots > max_len {max_len}")
@@ -97,7 +135,7 @@ def pad_cache(cache: KVCache, max_len: int) -> KVCache:
     return jnp.pad(a, widths)
 
   per_layer = isinstance(cache.k, (tuple, list))
-  return KVCache(
+  return cache._replace(
       k=tuple(grow(k, -1) for k in cache.k) if per_layer else grow(cache.k, -2),
       v=tuple(grow(v, -2) for v in cache.v) if per_layer else grow(cache.v, -2),
       valid=grow(cache.valid, 1),
@@ -197,6 +235,8 @@ class LiveSlots(NamedTuple):
   valid: jax.Array
   q_slots: jax.Array
   n_blocks: jax.Array
+  # With a cache window (`KVCache.k_win`): the dense mask [B, T, W] of its slots; else None.
+  window_mask: Any = None
 
 
 # A cache of at most this many blocks is read in one dense pass. The live-block loop pays a
@@ -213,10 +253,15 @@ def reads_live_blocks(config: QwenConfig, cache_len: int, t: int) -> bool:
   return t < cache_len and cache_len > DENSE_MAX_BLOCKS * config.attn_block
 
 
-def live_slots(config: QwenConfig, valid: jax.Array, q_slots: jax.Array) -> LiveSlots:
+def live_slots(config: QwenConfig, valid: jax.Array, q_slots: jax.Array,
+               window: int = 0) -> LiveSlots:
   s, bs = valid.shape[1], config.attn_block
   live = jnp.minimum(jnp.max(q_slots) + 1, s)
-  return LiveSlots(valid, q_slots, ((live + bs - 1) // bs).astype(jnp.int32))
+  n_blocks = ((live + bs - 1) // bs).astype(jnp.int32)
+  if not window:
+    return LiveSlots(valid, q_slots, n_blocks)
+  mask = (jnp.arange(window)[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :window]
+  return LiveSlots(valid, q_slots, n_blocks, mask)
 
 
 def _read_block(c: jax.Array, start, size: int, layer, slot_last: bool) -> jax.Array:
@@ -227,14 +272,17 @@ def _read_block(c: jax.Array, start, size: int, layer, slot_last: bool) -> jax.A
   return jax.lax.dynamic_slice_in_dim(c, start, size, axis=3 if slot_last else 2)
 
 
-def _attend_live(config: QwenConfig, q, kc, vc, live: LiveSlots, layer=None,
+def _attend_live(config: QwenConfig, q, kv: tuple, live: LiveSlots, layer=None,
                  k_transposed: bool = False) -> jax.Array:
   """`_attend` over the cache's first `live.n_blocks` blocks with an online softmax.
 
-  Same operands as `_attend` (kc, vc one layer's cache, or stacked with `layer` its index),
-  but the cost follows the live length instead of S: blocks past the largest query slot are
-  never read. The last block's start is clamped into the cache (S need not be a multiple of
-  the block), and slots an earlier block already covered are masked out.
+  Same operands as `_attend` (kv = (k, v), one layer's cache or stacked with `layer` its
+  index), but the cost follows the live length instead of S: blocks past the largest query
+  slot are never read. The last block's start is clamped into the cache (S need not be a
+  multiple of the block), and slots an earlier block already covered are masked out.
+  With a window (kv = (k, v, k_win, v_win)), slots below it are read from the window in one
+  dense pass (its result starts the online softmax) and the loop starts after it, so a
+  call whose live length fits the window reads no block of k / v.
   """
   b, t, kh, r, dh = q.shape
   s, bs = live.valid.shape[1], config.attn_block
@@ -243,30 +291,41 @@ def _attend_live(config: QwenConfig, q, kc, vc, live: LiveSlots, layer=None,
   batch = ((0, 1), (0, 1))
   k_contract = 2 if k_transposed else 3
 
-  def body(i, carry):
+  def attend_part(carry, kb, vb, ok):
+    """Online-softmax update of carry (m, l, acc) with key/value slots kb, vb where ok."""
     m, l, acc = carry
-    first = i * bs
-    start = jnp.minimum(first, s - bs)
-    kb = _read_block(kc, start, bs, layer, k_transposed).astype(q.dtype)
-    vb = _read_block(vc, start, bs, layer, False).astype(q.dtype)
-    scores = jax.lax.dot_general(qg, kb, (((3,), (k_contract,)), batch),
-                                 preferred_element_type=jnp.float32).reshape(b, kh, r, t, bs)
-    slot = start + jnp.arange(bs)
-    ok = (jax.lax.dynamic_slice_in_dim(live.valid, start, bs, axis=1)[:, None, :]
-          & (slot[None, None, :] <= live.q_slots[:, :, None]) & (slot >= first)[None, None])
-    ok = ok[:, None, None]  # [B, 1, 1, T, bs]
+    n = ok.shape[-1]
+    scores = jax.lax.dot_general(qg, kb.astype(q.dtype), (((3,), (k_contract,)), batch),
+                                 preferred_element_type=jnp.float32).reshape(b, kh, r, t, n)
+    ok = ok[:, None, None]  # [B, 1, 1, T, n]
     scores = jnp.where(ok, scores * scale, _MASK_VALUE)
     m_new = jnp.maximum(m, scores.max(-1))
     p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    pv = jax.lax.dot_general(p.astype(vb.dtype).reshape(b, kh, r * t, bs), vb,
+    pv = jax.lax.dot_general(p.astype(q.dtype).reshape(b, kh, r * t, n), vb.astype(q.dtype),
                              (((3,), (2,)), batch), preferred_element_type=jnp.float32)
     acc = acc * corr[..., None] + pv.reshape(b, kh, r, t, dh)
     return m_new, l * corr + p.sum(-1), acc
 
-  init = (jnp.full((b, kh, r, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, kh, r, t), jnp.float32),
-          jnp.zeros((b, kh, r, t, dh), jnp.float32))
-  _, l, acc = jax.lax.fori_loop(0, live.n_blocks, body, init)
+  def body(i, carry):
+    first = i * bs
+    start = jnp.minimum(first, s - bs)
+    slot = start + jnp.arange(bs)
+    ok = (jax.lax.dynamic_slice_in_dim(live.valid, start, bs, axis=1)[:, None, :]
+          & (slot[None, None, :] <= live.q_slots[:, :, None]) & (slot >= first)[None, None])
+    return attend_part(carry, _read_block(kv[0], start, bs, layer, k_transposed),
+                       _read_block(kv[1], start, bs, layer, False), ok)
+
+  carry = (jnp.full((b, kh, r, t), _MASK_VALUE, jnp.float32),
+           jnp.zeros((b, kh, r, t), jnp.float32), jnp.zeros((b, kh, r, t, dh), jnp.float32))
+  first_block = 0
+  if len(kv) == 4:
+    kw, vw = kv[2:]
+    if layer is not None:
+      kw, vw = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (kw, vw))
+    carry = attend_part(carry, kw, vw, live.window_mask)
+    first_block = live.window_mask.shape[-1] // bs
+  _, l, acc = jax.lax.fori_loop(first_block, live.n_blocks, body, carry)
   out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)  # no valid key: zeros
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * r * dh)
 
@@ -311,10 +370,11 @@ def set_at_slots(x: jax.Array, slots: jax.Array, values) -> jax.Array:
 def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, layer=None):
   """One decoder layer. Without a cache (kv None) attends within x.
 
-  With a cache (kv = (k, v), one layer's or stacked with `layer` its index), scatters this
-  call's k/v at `slots` [B, T] and attends to the cache: to all of it when `mask` is an
-  array (it already covers validity and causality by slot), or to its live blocks only when
-  `mask` is a `LiveSlots`.
+  With a cache (kv = (k, v), or (k, v, k_win, v_win) with its window; one layer's or stacked
+  with `layer` its index), scatters this call's k/v at `slots` [B, T] (into the window too:
+  slots past it are dropped) and attends to the cache: to all of it when `mask` is an array
+  (it already covers validity and causality by slot), or as `_attend_long` when `mask` is a
+  `LiveSlots`.
   """
   lp, x = fsdp.gather(config.fsdp, lp, config.dtype), fsdp.rows(config.fsdp, x)
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
@@ -323,11 +383,17 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
   if kv is None:
     k_att, v_att = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
   else:
-    kv = (_write_kv(kv[0], k, slots, layer, slot_last=per_layer),
-          _write_kv(kv[1], v, slots, layer))
-    ck, cv = kv
+    if len(kv) == 4 and isinstance(mask, LiveSlots):  # slots below the window: window only
+      w = kv[2][0].shape[-1] if per_layer else kv[2].shape[3]
+      slots = (jnp.where(slots < w, kv[0].shape[-1 if per_layer else 3], slots), slots)
+    else:
+      slots = (slots, slots)
+    # Buffers alternate keys and values: k, v[, k_win, v_win].
+    kv = tuple(_write_kv(c, v if i % 2 else k, slots[i // 2], layer,
+                         slot_last=per_layer and not i % 2) for i, c in enumerate(kv))
+    ck, cv = kv[:2]
   if isinstance(mask, LiveSlots):
-    attn = _attend_live(config, q, ck, cv, mask, layer, k_transposed=per_layer)
+    attn = _attend_live(config, q, kv, mask, layer, k_transposed=per_layer)
   else:
     if kv is not None:
       if layer is not None:
@@ -377,7 +443,7 @@ UNROLL_MAX_LAYERS = 4
 
 
 def _run_layers(config: QwenConfig, params, x, rope_cs, mask, kv=None, slots=None):
-  """All decoder layers; kv = (k, v) of the cache or None. Returns (x, kv).
+  """All decoder layers; kv = the cache's buffers (k, v[, k_win, v_win]) or None. Returns (x, kv).
 
   Scans when the layers and the cache are stacked and there are more than
   `UNROLL_MAX_LAYERS`; otherwise runs an unrolled loop (per-layer tuples are read in place,
@@ -398,17 +464,16 @@ def _run_layers(config: QwenConfig, params, x, rope_cs, mask, kv=None, slots=Non
 
     (x, kv), _ = jax.lax.scan(body, (x, kv), (layers, jnp.arange(config.num_layers)))
     return x, kv
-  ks, vs = (None, None) if kv is None else kv
   for i in range(config.num_layers):
     lp = _layer_params(layers, i)
     if kv is None:
       x, _ = layer_fn(config, lp, x, rope_cs, mask)
-    elif is_unstacked(ks):
-      x, (k_i, v_i) = layer_fn(config, lp, x, rope_cs, mask, (ks[i], vs[i]), slots)
-      ks, vs = ks[:i] + (k_i,) + ks[i + 1:], vs[:i] + (v_i,) + vs[i + 1:]
+    elif is_unstacked(kv[0]):
+      x, new = layer_fn(config, lp, x, rope_cs, mask, tuple(c[i] for c in kv), slots)
+      kv = tuple(c[:i] + (n,) + c[i + 1:] for c, n in zip(kv, new))
     else:
-      x, (ks, vs) = layer_fn(config, lp, x, rope_cs, mask, (ks, vs), slots, i)
-  return x, (None if kv is None else (ks, vs))
+      x, kv = layer_fn(config, lp, x, rope_cs, mask, kv, slots, i)
+  return x, kv
 
 
 def _embed(config: QwenConfig, params, tokens):
@@ -509,7 +574,9 @@ def forward_cached(
   before its own slot. When the cache holds more than `DENSE_MAX_BLOCKS` blocks of
   `config.attn_block` slots and more than T (`reads_live_blocks`, static), attention reads it
   in blocks only up to the batch's largest query slot (the live length, start + T), so a
-  step's cost follows the live tokens, not S; shorter caches take one dense pass.
+  step's cost follows the live tokens, not S; shorter caches take one dense pass. A long
+  cache with its window (`with_window`) is written there too, and a call whose queries all
+  sit inside the window reads only the window, densely.
   Returns (final-normed hidden [B, T, D], updated cache).
   Works with stacked or per-layer (`unstack_layers`, tuple `KVCache.k/v`) layouts.
   """
@@ -518,15 +585,17 @@ def forward_cached(
   slots = start[:, None] + jnp.arange(t, dtype=start.dtype)[None]  # [B, T]
   write_slots = jnp.where(token_valid.astype(bool), slots, s)
   valid = set_at_slots(cache.valid, write_slots, True)
+  windowed = cache.k_win is not None
   if reads_live_blocks(config, s, t):  # decode and appends into a long cache
-    mask = live_slots(config, valid, slots)
+    mask = live_slots(config, valid, slots, window_slots(config, s) if windowed else 0)
   else:  # prefill, or a short cache: one dense pass
     mask = (jnp.arange(s)[None, None, :] <= slots[:, :, None]) & valid[:, None, :]
   rope_cs = _rope_tables(positions, config.head_dim, config.rope_theta)
   x = _embed(config, params, tokens)
-  x, (k, v) = _run_layers(config, params, x, rope_cs, mask, (cache.k, cache.v), write_slots)
+  bufs = (cache.k, cache.v) + ((cache.k_win, cache.v_win) if windowed else ())
+  x, bufs = _run_layers(config, params, x, rope_cs, mask, bufs, write_slots)
   h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
-  return h, KVCache(k=k, v=v, valid=valid)
+  return h, KVCache(*bufs[:2], valid, *bufs[2:])
 
 
 # ----- value model (PPO critic) -----------------------------------------------------------

@@ -41,14 +41,26 @@ def write_rows(cache: qwen.KVCache, rows: jax.Array, small: qwen.KVCache) -> qwe
   s, p = cache.valid.shape[1], small.valid.shape[1]
   valid = jnp.pad(small.valid, ((0, 0), (0, s - p)))
   valid = cache.valid.at[rows].set(valid, mode="drop")
-  if qwen.is_unstacked(cache.k):
-    small = qwen.unstack_cache(small)  # keys [R, K, Dh, P], values [R, K, P, Dh]
-    k = tuple(_set_rows(c, rows, n, 0, 3) for c, n in zip(cache.k, small.k))
-    v = tuple(_set_rows(c, rows, n, 0, 2) for c, n in zip(cache.v, small.v))
-  else:
-    small = qwen.stack_cache(small)  # [L, R, K, P, Dh]
-    k, v = _set_rows(cache.k, rows, small.k, 1, 3), _set_rows(cache.v, rows, small.v, 1, 3)
-  return qwen.KVCache(k=k, v=v, valid=valid)
+  per_layer = qwen.is_unstacked(cache.k)
+  small = qwen.unstack_cache(small) if per_layer else qwen.stack_cache(small)
+  # Keys [R, K, Dh, P] and values [R, K, P, Dh] per layer, or both [L, R, K, P, Dh].
+  (k_row, k_slot), (v_row, v_slot) = ((0, 3), (0, 2)) if per_layer else ((1, 3), (1, 3))
+
+  def put_one(big, new, row_axis, slot_axis):
+    n = min(new.shape[slot_axis], big.shape[slot_axis])  # a window takes the first slots
+    return _set_rows(big, rows, jax.lax.slice_in_dim(new, 0, n, axis=slot_axis), row_axis,
+                     slot_axis)
+
+  def put(big, new, row_axis, slot_axis):
+    if per_layer:
+      return tuple(put_one(b, n, row_axis, slot_axis) for b, n in zip(big, new))
+    return put_one(big, new, row_axis, slot_axis)
+
+  k, v = put(cache.k, small.k, k_row, k_slot), put(cache.v, small.v, v_row, v_slot)
+  if cache.k_win is None:
+    return qwen.KVCache(k=k, v=v, valid=valid)
+  return qwen.KVCache(k, v, valid, put(cache.k_win, small.k, k_row, k_slot),
+                      put(cache.v_win, small.v, v_row, v_slot))
 
 
 def _pad_slots_left(cache: qwen.KVCache, p: int) -> qwen.KVCache:

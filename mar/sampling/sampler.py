@@ -113,6 +113,7 @@ def prefill(
   h, cache = qwen.forward_cached(config, params, prompt_tokens, positions, mask, cache,
                                  jnp.zeros((b,), jnp.int32))
   cache = qwen.pad_cache(cache, cache_len)  # attention ran over the P prompt slots only
+  cache = qwen.with_window(config, cache)  # a long cache's first slots, read densely
   last = p - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # last real token (P-1 if left-padded)
   h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
   return SamplerState(
@@ -164,8 +165,9 @@ def _row_specs(state: SamplerState, axis: str) -> SamplerState:
   rows, rep = PartitionSpec(axis), PartitionSpec()
   stacked = PartitionSpec(None, axis)  # [L, B, ...]
   kv = tuple(rows for _ in state.cache.k) if qwen.is_unstacked(state.cache.k) else stacked
+  win = None if state.cache.k_win is None else kv
   return SamplerState(
-      cache=qwen.KVCache(k=kv, v=kv, valid=rows), tokens=rows, logprobs=rows, pos=rows,
+      cache=qwen.KVCache(k=kv, v=kv, valid=rows, k_win=win, v_win=win), tokens=rows, logprobs=rows, pos=rows,
       rope_pos=rows, logits=rows, done=rows, finish=rows, num_new=rows, key=rep,
       stop_state=jax.tree.map(lambda _: rows, state.stop_state))
 

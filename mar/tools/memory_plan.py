@@ -33,6 +33,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from mar import methods
 from mar import parallel
+from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import PRESETS, QwenConfig, dtype_from_name
 from mar.models.init import param_shapes
@@ -117,12 +118,18 @@ def critic_bytes(model: QwenConfig, mesh, rules=sharding_lib.DEFAULT_RULES,
 
 def kv_cache_bytes(model: QwenConfig, mesh, rows: int, slots: int,
                    rules=sharding_lib.DEFAULT_RULES, dtype=jnp.bfloat16) -> int:
-  """Per-device bytes of the rollout's KV cache (k, v and the validity mask), exact."""
+  """Per-device bytes of the rollout's KV cache (k, v, the validity mask and, for a long
+  cache, its window: `models.model.window_slots`), exact."""
   kv = (model.num_layers, rows, model.num_kv_heads, slots, model.head_dim)
   shapes = {"k": jax.ShapeDtypeStruct(kv, dtype), "v": jax.ShapeDtypeStruct(kv, dtype),
             "valid": jax.ShapeDtypeStruct((rows, slots), jnp.bool_)}
+  window = qwen.window_slots(model, slots)
+  if window:
+    win = jax.ShapeDtypeStruct(kv[:3] + (window,) + kv[4:], dtype)
+    shapes.update(k_win=win, v_win=win)
   axes = sharding_lib.cache_logical_axes(model)
-  sh = {n: NamedSharding(mesh, sharding_lib.logical_to_spec(getattr(axes, n), mesh, rules,
+  axes = {**axes._asdict(), "k_win": axes.k, "v_win": axes.v}
+  sh = {n: NamedSharding(mesh, sharding_lib.logical_to_spec(axes[n], mesh, rules,
                                                             shapes[n].shape)) for n in shapes}
   return sharded_bytes(shapes, sh)
 

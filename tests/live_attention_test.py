@@ -24,26 +24,32 @@ def _random_cache(config, b, s, seed):
                       jnp.asarray(rng.randn(*shape), jnp.float32), jnp.asarray(valid))
 
 
+def _decode_case(model_type, t, start, unstacked, seed):
+  """(dense config, params, cache, forward_cached args) of a T-token call at `start` [4]."""
+  dense_cfg = QwenConfig.tiny(model_type, vocab_size=64).replace(attn_block=1024)
+  params = init_params(dense_cfg, jax.random.key(0))
+  cache = _random_cache(dense_cfg, len(start), S, seed=seed)
+  start = jnp.asarray(start, jnp.int32)
+  rng = np.random.RandomState(5)
+  tokens = jnp.asarray(rng.randint(0, 64, (len(start), t)), jnp.int32)
+  positions = start[:, None] + jnp.arange(t)[None]
+  token_valid = jnp.asarray(rng.rand(len(start), t) < 0.9)
+  if unstacked:
+    params, cache = qwen.unstack_layers(params), qwen.unstack_cache(cache)
+  return dense_cfg, params, cache, (tokens, positions, token_valid)
+
+
 class LiveAttentionTest(parameterized.TestCase):
 
   @parameterized.product(t=(1, 3), unstacked=(False, True), model_type=("qwen2", "qwen3"))
   def test_matches_dense(self, t, unstacked, model_type):
-    dense_cfg = QwenConfig.tiny(model_type, vocab_size=64).replace(attn_block=1024)
+    start = [0, 7, 20, S - t]  # live lengths 1..S: 1 to all blocks
+    dense_cfg, params, cache, args = _decode_case(model_type, t, start, unstacked, seed=t)
     block_cfg = dense_cfg.replace(attn_block=8)
-    params = init_params(dense_cfg, jax.random.key(0))
-    b = 4
-    cache = _random_cache(dense_cfg, b, S, seed=t)
-    start = jnp.asarray([0, 7, 20, S - t], jnp.int32)  # live lengths 1..S: 1 to all blocks
-    rng = np.random.RandomState(5)
-    tokens = jnp.asarray(rng.randint(0, 64, (b, t)), jnp.int32)
-    positions = start[:, None] + jnp.arange(t)[None]
-    token_valid = jnp.asarray(rng.rand(b, t) < 0.9)
-    if unstacked:
-      params, cache = qwen.unstack_layers(params), qwen.unstack_cache(cache)
     outs = []
     for cfg in (dense_cfg, block_cfg):
       fn = jax.jit(qwen.forward_cached, static_argnums=0)
-      h, c = fn(cfg, params, tokens, positions, token_valid, cache, start)
+      h, c = fn(cfg, params, *args, cache, jnp.asarray(start, jnp.int32))
       outs.append((np.asarray(h), jax.tree.map(np.asarray, qwen.stack_cache(c))))
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(outs[0][1].valid, outs[1][1].valid)
@@ -55,26 +61,18 @@ class LiveAttentionTest(parameterized.TestCase):
     """A long cache's window (16 slots here) gives the dense path's outputs, whether every
     query sits inside it (read alone) or not (window, then live blocks); the call's writes
     below the window land in the window, the others in k / v."""
-    dense_cfg = QwenConfig.tiny("qwen3", vocab_size=64).replace(attn_block=1024)
+    w = qwen.WINDOW_BLOCKS * 8
+    start = [0, 3, 7, w - t] if inside else [0, 7, 20, S - t]
+    dense_cfg, params, cache, args = _decode_case("qwen3", t, start, unstacked, seed=t)
     block_cfg = dense_cfg.replace(attn_block=8)
-    w = qwen.window_slots(block_cfg, S)
-    self.assertEqual(w, qwen.WINDOW_BLOCKS * 8)
-    params = init_params(dense_cfg, jax.random.key(0))
-    b = 4
-    cache = _random_cache(dense_cfg, b, S, seed=t)
-    start = jnp.asarray([0, 3, 7, w - t] if inside else [0, 7, 20, S - t], jnp.int32)
-    rng = np.random.RandomState(5)
-    tokens = jnp.asarray(rng.randint(0, 64, (b, t)), jnp.int32)
-    positions = start[:, None] + jnp.arange(t)[None]
-    token_valid = jnp.asarray(rng.rand(b, t) < 0.9)
-    if unstacked:
-      params, cache = qwen.unstack_layers(params), qwen.unstack_cache(cache)
+    self.assertEqual(qwen.window_slots(block_cfg, S), w)
     windowed = qwen.with_window(block_cfg, cache)
     self.assertIsNotNone(windowed.k_win)
     self.assertIsNone(qwen.with_window(dense_cfg, windowed).k_win)  # a short cache: none
     fn = jax.jit(qwen.forward_cached, static_argnums=0)
-    h0, c0 = fn(dense_cfg, params, tokens, positions, token_valid, cache, start)
-    h1, c1 = fn(block_cfg, params, tokens, positions, token_valid, windowed, start)
+    start = jnp.asarray(start, jnp.int32)
+    h0, c0 = fn(dense_cfg, params, *args, cache, start)
+    h1, c1 = fn(block_cfg, params, *args, windowed, start)
     np.testing.assert_allclose(np.asarray(h0), np.asarray(h1), atol=2e-5, rtol=2e-5)
     c0, c1 = qwen.stack_cache(c0), qwen.stack_cache(c1)
     for full, mine, win in ((c0.k, c1.k, c1.k_win), (c0.v, c1.v, c1.v_win)):

@@ -167,8 +167,9 @@ def _row_specs(state: SamplerState, axis: str) -> SamplerState:
   kv = tuple(rows for _ in state.cache.k) if qwen.is_unstacked(state.cache.k) else stacked
   win = None if state.cache.k_win is None else kv
   return SamplerState(
-      cache=qwen.KVCache(k=kv, v=kv, valid=rows, k_win=win, v_win=win), tokens=rows, logprobs=rows, pos=rows,
-      rope_pos=rows, logits=rows, done=rows, finish=rows, num_new=rows, key=rep,
+      cache=qwen.KVCache(k=kv, v=kv, valid=rows, k_win=win, v_win=win), tokens=rows,
+      logprobs=rows, pos=rows, rope_pos=rows, logits=rows, done=rows, finish=rows, num_new=rows,
+      key=rep,
       stop_state=jax.tree.map(lambda _: rows, state.stop_state))
 
 

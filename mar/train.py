@@ -93,11 +93,12 @@ def train(config, workdir: str) -> dict:
     last.update({f"rollout/reshard_{k}": v for k, v in run.runner.reshard_stats.items()})
     last = parallel.mean_over_hosts(last)
     done = step + 1
-    if _should_eval(config, done):  # before the row is written: it carries eval/* scalars
+    evaluated = _should_eval(config, done)
+    if evaluated:  # before the row is written: it carries eval/* scalars
       last.update(evaluate.scalars(
           evaluate.run_eval(config, run, state["policy"], workdir, step=done)))
     writer.write(done, last)
-    if _should_eval(config, done) and done < config.train.num_steps:  # the last: drawn below
+    if evaluated and done < config.train.num_steps:  # the last: drawn below
       _draw_plots(workdir)
     bar.update(1)
     bar.set_postfix(loss=last.get("loss"), reward=last.get("reward_mean"))

@@ -371,10 +371,10 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
   """One decoder layer. Without a cache (kv None) attends within x.
 
   With a cache (kv = (k, v), or (k, v, k_win, v_win) with its window; one layer's or stacked
-  with `layer` its index), scatters this call's k/v at `slots` [B, T] (into the window too:
-  slots past it are dropped) and attends to the cache: to all of it when `mask` is an array
-  (it already covers validity and causality by slot), or as `_attend_long` when `mask` is a
-  `LiveSlots`.
+  with `layer` its index), scatters this call's k/v at `slots` [B, T] and attends to the
+  cache: to all of it when `mask` is an array (it already covers validity and causality by
+  slot; the window, if any, is written too, slots past it dropped), or as `_attend_live` when
+  `mask` is a `LiveSlots` (then slots below the window are written to the window only).
   """
   lp, x = fsdp.gather(config.fsdp, lp, config.dtype), fsdp.rows(config.fsdp, x)
   h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
@@ -383,13 +383,12 @@ def _layer(config: QwenConfig, lp: dict, x, rope_cs, mask, kv=None, slots=None, 
   if kv is None:
     k_att, v_att = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
   else:
-    if len(kv) == 4 and isinstance(mask, LiveSlots):  # slots below the window: window only
-      w = kv[2][0].shape[-1] if per_layer else kv[2].shape[3]
-      slots = (jnp.where(slots < w, kv[0].shape[-1 if per_layer else 3], slots), slots)
-    else:
-      slots = (slots, slots)
+    long_slots = slots
+    if isinstance(mask, LiveSlots) and mask.window_mask is not None:  # below it: window only
+      s, w = mask.valid.shape[1], mask.window_mask.shape[-1]
+      long_slots = jnp.where(slots < w, s, slots)  # slot S: dropped
     # Buffers alternate keys and values: k, v[, k_win, v_win].
-    kv = tuple(_write_kv(c, v if i % 2 else k, slots[i // 2], layer,
+    kv = tuple(_write_kv(c, v if i % 2 else k, slots if i > 1 else long_slots, layer,
                          slot_last=per_layer and not i % 2) for i, c in enumerate(kv))
     ck, cv = kv[:2]
   if isinstance(mask, LiveSlots):
@@ -575,8 +574,8 @@ def forward_cached(
   `config.attn_block` slots and more than T (`reads_live_blocks`, static), attention reads it
   in blocks only up to the batch's largest query slot (the live length, start + T), so a
   step's cost follows the live tokens, not S; shorter caches take one dense pass. A long
-  cache with its window (`with_window`) is written there too, and a call whose queries all
-  sit inside the window reads only the window, densely.
+  cache with its window (`with_window`) keeps the slots below the window there: the blocks
+  pass reads them in one dense pass over the window, then only the live blocks past it.
   Returns (final-normed hidden [B, T, D], updated cache).
   Works with stacked or per-layer (`unstack_layers`, tuple `KVCache.k/v`) layouts.
   """

@@ -26,8 +26,10 @@ from mar.sampling.sampler import prefill
 
 def _set_rows(big: jax.Array, rows: jax.Array, small: jax.Array, row_axis: int,
               slot_axis: int) -> jax.Array:
-  """big[..., rows, ..., :P, ...] = small (rows == B are dropped)."""
-  p = small.shape[slot_axis]
+  """big[..., rows, ..., :P, ...] = small (rows == B are dropped); a big with fewer slots than
+  small (a cache window) takes small's first ones."""
+  p = min(small.shape[slot_axis], big.shape[slot_axis])
+  small = jax.lax.slice_in_dim(small, 0, p, axis=slot_axis)
   idx = [slice(None)] * big.ndim
   idx[row_axis] = rows
   idx[slot_axis] = slice(0, p)
@@ -43,24 +45,15 @@ def write_rows(cache: qwen.KVCache, rows: jax.Array, small: qwen.KVCache) -> qwe
   valid = cache.valid.at[rows].set(valid, mode="drop")
   per_layer = qwen.is_unstacked(cache.k)
   small = qwen.unstack_cache(small) if per_layer else qwen.stack_cache(small)
-  # Keys [R, K, Dh, P] and values [R, K, P, Dh] per layer, or both [L, R, K, P, Dh].
-  (k_row, k_slot), (v_row, v_slot) = ((0, 3), (0, 2)) if per_layer else ((1, 3), (1, 3))
-
-  def put_one(big, new, row_axis, slot_axis):
-    n = min(new.shape[slot_axis], big.shape[slot_axis])  # a window takes the first slots
-    return _set_rows(big, rows, jax.lax.slice_in_dim(new, 0, n, axis=slot_axis), row_axis,
-                     slot_axis)
-
-  def put(big, new, row_axis, slot_axis):
-    if per_layer:
-      return tuple(put_one(b, n, row_axis, slot_axis) for b, n in zip(big, new))
-    return put_one(big, new, row_axis, slot_axis)
-
-  k, v = put(cache.k, small.k, k_row, k_slot), put(cache.v, small.v, v_row, v_slot)
+  # (row axis, slot axis) of keys [R, K, Dh, P] and values [R, K, P, Dh] per layer, or of
+  # both [L, R, K, P, Dh].
+  k_axes, v_axes = ((0, 3), (0, 2)) if per_layer else ((1, 3), (1, 3))
+  put = lambda big, new, axes: jax.tree.map(lambda b, n: _set_rows(b, rows, n, *axes), big, new)
+  k, v = put(cache.k, small.k, k_axes), put(cache.v, small.v, v_axes)
   if cache.k_win is None:
     return qwen.KVCache(k=k, v=v, valid=valid)
-  return qwen.KVCache(k, v, valid, put(cache.k_win, small.k, k_row, k_slot),
-                      put(cache.v_win, small.v, v_row, v_slot))
+  return qwen.KVCache(k, v, valid, put(cache.k_win, small.k, k_axes),
+                      put(cache.v_win, small.v, v_axes))
 
 
 def _pad_slots_left(cache: qwen.KVCache, p: int) -> qwen.KVCache:

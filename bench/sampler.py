@@ -84,6 +84,21 @@ def interleaved_best(fns: dict, repeats: int, idle_wait_s: float = 0.0) -> dict:
   return best
 
 
+def host_cpu() -> dict:
+  """The host's CPU model and the vector ISAs its kernels can use (from /proc/cpuinfo): the
+  sampler's ratios move with them, so a result names the CPU it was taken on."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return {}
+  field = lambda key: next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                            if l.startswith(key)), "")
+  flags = set(field("flags").split())
+  return {"cpu_model": field("model name"),
+          "isa": [i for i in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if i in flags]}
+
+
 def machine_limits(repeats: int = 5, idle_wait_s: float = 0.0) -> dict:
   """Measured compute roofline (f32 matmul) and read bandwidth (sum over 256 MB)."""
   a = jnp.asarray(np.random.RandomState(0).randn(1024, 1024).astype(np.float32))
@@ -143,11 +158,42 @@ def hf_runner(model, tokens: np.ndarray, new: int):
           out[:, tokens.shape[1]:].cpu().numpy())
 
 
+def hf_matmul_floor_runner(model, b: int, new: int):
+  """Timed run of HF's side of the floor: `new` steps of only the decode step's weight matmuls
+  through the model's own Linear modules (q, k, v, o, gate, up, down, lm head), b rows.
+
+  The torch counterpart of `matmul_floor_program`: how fast the host's torch kernels read the
+  same weights, so that mar's floor can be set against HF's and not only against HF's step.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  d = model.config.hidden_size
+  layers = [(l.self_attn, l.mlp) for l in model.model.layers]
+
+  def step(x):
+    for attn, mlp in layers:
+      qkv = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+      x = x + attn.o_proj(qkv[:, :attn.o_proj.in_features])
+      x = x + mlp.down_proj(mlp.gate_proj(x) * mlp.up_proj(x))
+    return x + model.lm_head(x)[:, :d] * 1e-6
+
+  def timed():
+    x = torch.ones(b, d)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      for _ in range(new):
+        x = step(x)
+    return time.perf_counter() - t0
+
+  return {"hf_floor": timed}
+
+
 def hf_summary(t: dict, b: int, new: int) -> dict:
   return {
       "total_s": t["hf_all"],
       "tokens_per_s": b * new / t["hf_all"],
       "decode_tokens_per_s": b * (new - 1) / max(t["hf_all"] - t["hf_one"], 1e-9),
+      "matmul_floor_step_ms": t["hf_floor"] / new * 1e3,
   }
 
 
@@ -277,6 +323,7 @@ def matmul_floor(cfg: QwenConfig, floor_s: float, mar: dict, hf: dict, b: int, n
       "step_ms": step * 1e3,
       "decode_step_over_floor": mar["decode_s"] / floor_s,
       "speedup_decode_at_floor": b / step / hf["decode_tokens_per_s"],
+      "over_hf_matmul_floor": step * 1e3 / hf["matmul_floor_step_ms"],
       "weights_share_of_bandwidth_roofline":
           matmul_params(cfg) * weight_bytes / step / 1e9 / limits["read_gb_s"],
   }
@@ -292,6 +339,7 @@ def run_config(name: str, repeats: int, weights: list[str], unroll: bool | None,
     cfg, params = hf_io.load_hf(tmp)
   tokens = np.random.RandomState(1).randint(0, c["vocab"], (b, c["prompt"]))
   fns, hf_tokens = hf_runner(model, tokens, new)
+  fns.update(hf_matmul_floor_runner(model, b, new))
   compiles, outs = {}, {}
   for w in weights:
     p = params
@@ -425,7 +473,7 @@ def main():
   torch.set_num_threads(args.threads)
   unroll = {"auto": None, "yes": True, "no": False}[args.unroll]
   limits = machine_limits(idle_wait_s=args.idle_wait_s)
-  result = {"machine": {**limits, "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+  result = {"machine": {**limits, **host_cpu(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                         "jax": jax.__version__, "backend": jax.default_backend(),
                         "loadavg_at_start": os.getloadavg()[0]}}
   for name in filter(None, args.configs.split(",")):

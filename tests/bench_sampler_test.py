@@ -1,4 +1,4 @@
-"""bench/sampler.py's matmul floor: the program it times must hold every weight matmul whole."""
+"""bench/sampler.py's matmul floors: the programs it times must hold every weight matmul whole."""
 import collections
 import re
 
@@ -36,6 +36,24 @@ class MatmulFloorTest(parameterized.TestCase):
                                 (b, cfg.vocab_size): 1})
     self.assertEqual(_dot_output_shapes(hlo), want)
     self.assertTrue(np.isfinite(np.asarray(program(params, x0))).all())
+
+  def test_hf_floor_runs_every_linear_once_per_step(self):
+    import torch  # pylint: disable=g-import-not-at-top
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # pylint: disable=g-import-not-at-top
+
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=112, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2)).eval()
+    calls = collections.Counter()
+    for name, module in model.named_modules():
+      if isinstance(module, torch.nn.Linear):
+        module.register_forward_hook(lambda m, i, o, name=name: calls.update([(name, o.shape)]))
+    run = bench_sampler.hf_matmul_floor_runner(model, b=3, new=5)["hf_floor"]
+    self.assertGreater(run(), 0.0)
+    linears = [(n, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    self.assertEqual(len(linears), 3 * 7 + 1)
+    self.assertEqual(calls, collections.Counter({(n, (3, out)): 5 for n, out in linears}))
 
 
 if __name__ == "__main__":

@@ -155,9 +155,9 @@ def _rope_tables(positions: jax.Array, head_dim: int, theta: float):
   """cos, sin [B, T, Dh/2] (f32) for positions [B, T]; computed once per pass, not per layer."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  # The barrier keeps XLA:TPU from fusing (and so re-evaluating) cos/sin into every layer's use
-  # (one cosine in a compiled forward+backward); XLA:CPU drops barriers before fusion and
-  # recomputes them per layer, ~5 % of the tiny model's forward+backward on the CPU.
+  # The barrier asks XLA not to fuse (and so re-evaluate) cos/sin into every layer's use.
+  # Compiled forward+backward: XLA:TPU holds one cosine with or without it; XLA:CPU drops
+  # barriers before fusion and recomputes them per layer (~5 % of the tiny model's pass).
   return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
 
 

@@ -473,7 +473,8 @@ def main():
   torch.set_num_threads(args.threads)
   unroll = {"auto": None, "yes": True, "no": False}[args.unroll]
   limits = machine_limits(idle_wait_s=args.idle_wait_s)
-  result = {"machine": {**limits, **host_cpu(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+  result = {"machine": {**limits, **host_cpu(), "cpu_count": os.cpu_count(),
+                        "torch_threads": args.threads,
                         "jax": jax.__version__, "backend": jax.default_backend(),
                         "loadavg_at_start": os.getloadavg()[0]}}
   for name in filter(None, args.configs.split(",")):

@@ -24,6 +24,7 @@ from mar import models, parallel  # noqa: E402
 from mar.models import model as qwen  # noqa: E402
 from mar.models import sharding  # noqa: E402
 from mar.rl import optim  # noqa: E402
+from mar.tools import compiled_memory as cm  # noqa: E402
 from mar.tools import memory_plan as pm  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +152,21 @@ class PlanTest(absltest.TestCase):
     table = pm.format_plan(pl)
     self.assertIn("| params (f32) | 3.82 |", table)
     self.assertIn("fits in 80 GiB per device", table)
+
+  def test_compiled_kv_counts_see_the_cache_window(self):
+    """The compiled report's KV figures (expected bytes, and those read off the decode loop's
+    carried state) count a long cache's window, as the planner does."""
+    model = models.QwenConfig.qwen2_5_math_1_5b()
+    rows, slots = 32, 4120
+    self.assertEqual(qwen.window_slots(model, slots), 512)
+    cache = jax.eval_shape(lambda: qwen.unstack_cache(
+        qwen.init_cache(model, rows, slots, jnp.bfloat16)))
+    dtypes = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.bool_): "pred"}
+    carried = [(dtypes[x.dtype], x.shape) for x in jax.tree.leaves(cache)]
+    one = pm.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    planned = pm.kv_cache_bytes(model, one, rows, slots)
+    self.assertEqual(cm.loop_kv_bytes(carried, model, slots), planned)
+    self.assertEqual(cm.kv_bytes(model, rows, slots, jnp.bfloat16), planned)
 
   def test_tensor_axis_splits_kv_and_activations(self):
     model = models.QwenConfig.qwen3_8b_base()

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mar import methods
 from mar import episodes as episodes_lib
 from mar import parallel
+from mar.models import model as qwen
 from mar.models import sharding as sharding_lib
 from mar.models.config import QwenConfig, dtype_from_name
 from mar.models.init import init_params, param_shapes
@@ -185,8 +186,9 @@ def unstacked_structs(params: dict) -> dict:
 
 
 def kv_bytes(model: QwenConfig, rows: int, slots: int, dtype) -> int:
-  """k and v of every layer plus the validity mask, all rows."""
-  kv = 2 * model.num_layers * rows * model.num_kv_heads * slots * model.head_dim
+  """k and v of every layer (with a long cache's window) plus the validity mask, all rows."""
+  cached = slots + qwen.window_slots(model, slots)
+  kv = 2 * model.num_layers * rows * model.num_kv_heads * cached * model.head_dim
   return kv * np.dtype(dtype).itemsize + rows * slots
 
 
@@ -602,12 +604,14 @@ def program_collectives(hlo: str, weight_sizes: set[int], num_layers: int) -> di
 def loop_kv_bytes(carried, model: QwenConfig, slots: int) -> int:
   """Per-device bytes of the KV cache the decode loop carries (from its loop state's shapes).
 
-  A layer's k or v buffer is the rank-4 state of dims {rows, KV heads, slots, head_dim};
-  one [rows, slots] validity mask is counted too (the continuous engine also carries
+  A layer's k or v buffer is the rank-4 state of dims {rows, KV heads, slots, head_dim}, and
+  of a long cache's window the same with the window's slots in place of slots; one
+  [rows, slots] validity mask is counted too (the continuous engine also carries
   [episodes, slots] output masks, which are not cache).
   """
+  lengths = {slots, qwen.window_slots(model, slots)} - {0}
   kv = [(dt, dims) for dt, dims in carried if dt in _DTYPE_BYTES and len(dims) == 4
-        and slots in dims and model.head_dim in dims]
+        and lengths & set(dims) and model.head_dim in dims]
   total = sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in kv)
   rows = kv[0][1][0] if kv else None
   if (rows, slots) in [dims for dt, dims in carried if dt == "pred"]:

@@ -17,7 +17,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 
-from configs import lte_qwen, multi_attempt_qwen
+from configs import grpo_qwen, hybrid_qwen, lte_qwen, multi_attempt_qwen, ppo_qwen
 from mar import parallel
 from mar.models import model as qwen
 from mar.models.config import PRESETS, QwenConfig
@@ -255,9 +255,13 @@ class TpuPaperShapesTest(parameterized.TestCase):
   """The issue's checks at the paper configs' real shapes and models, 8 TPU v5p chips."""
 
   @parameterized.parameters(("multi_attempt_qwen", "qwen2_5_math_1_5b"),
-                            ("lte_qwen", "qwen3_8b_base"))
+                            ("lte_qwen", "qwen3_8b_base"),
+                            ("ppo_qwen", "qwen2_5_math_1_5b"),
+                            ("hybrid_qwen", "qwen2_5_math_1_5b"),
+                            ("grpo_qwen", "qwen3_8b_base"))
   def test_paper_config(self, name, preset):
-    module = {"multi_attempt_qwen": multi_attempt_qwen, "lte_qwen": lte_qwen}[name]
+    module = {"multi_attempt_qwen": multi_attempt_qwen, "lte_qwen": lte_qwen,
+              "ppo_qwen": ppo_qwen, "hybrid_qwen": hybrid_qwen, "grpo_qwen": grpo_qwen}[name]
     report = pm.compiled_report(module.get_config(), PRESETS[preset](), None, "v5p:2x2x2")
     r = report["rollout"]
     self.assertEqual(report["sampling_mesh"], {"data": 8, "fsdp": 1, "tensor": 1})

@@ -417,18 +417,22 @@ def _gathered_rows(rows: int, mesh, rules) -> int:
   return math.ceil(rows / _split(rows, mesh, rules, "batch"))
 
 
-def layer_weight_bytes(model: QwenConfig, mesh, rules, dtype) -> int:
-  """Per-device bytes of one layer's weights gathered over the batch's mesh axes (FSDP),
-  still split over 'tensor'."""
+def gathered_weight_bytes(model: QwenConfig, mesh, rules, dtype, names=None) -> int:
+  """Per-device bytes of weights gathered over the batch's mesh axes (FSDP), still split over
+  'tensor': one layer's (`names` None) or the named top-level params ('embed', 'lm_head')."""
   gathered = {a: (1 if a in _mesh_axes(mesh, rules, "batch") else n)
               for a, n in mesh.shape.items()}
-  shapes = {k: jax.ShapeDtypeStruct(v[1:], dtype)
-            for k, v in param_shapes(model)["layers"].items()}
-  axes = {k: v[1:] for k, v in sharding_lib.param_logical_axes(model)["layers"].items()}
+  if names is None:
+    shapes = {k: v[1:] for k, v in param_shapes(model)["layers"].items()}
+    axes = {k: v[1:] for k, v in sharding_lib.param_logical_axes(model)["layers"].items()}
+  else:
+    shapes = {k: param_shapes(model)[k] for k in names}
+    axes = {k: sharding_lib.param_logical_axes(model)[k] for k in names}
   am = abstract_mesh(gathered)
-  sh = {k: NamedSharding(am, sharding_lib.logical_to_spec(axes[k], am, rules, v.shape))
+  structs = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
+  sh = {k: NamedSharding(am, sharding_lib.logical_to_spec(axes[k], am, rules, v))
         for k, v in shapes.items()}
-  return sharded_bytes(shapes, sh)
+  return sharded_bytes(structs, sh)
 
 
 def update_activation_bytes(model: QwenConfig, mesh, rows: int, seq: int, remat: bool,
@@ -488,9 +492,10 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
 
   For the whole program: its arguments (the f32 params being trained, their optimizer
   state, one mini-batch of `compiled_memory.update_shape`: every sequence in its own row),
-  the f32 gradient accumulator, and the weights cast to the compute dtype (the cast is
-  hoisted out of the layer scan). On top, the larger of the forward's logits phase (policy
-  programs) and the backward's layer phase, which also holds one micro-batch's f32
+  the f32 gradient accumulator, the weights cast to the compute dtype (the cast is hoisted
+  out of the layer scan) and the embedding (and an untied LM head) gathered whole. On top,
+  the larger of the logits phase (policy programs: the scoring chunks' logits and the head's
+  whole gradient) and the backward's layer phase, which also holds one micro-batch's f32
   gradients (`update_activation_bytes`).
   """
   from mar.tools import compiled_memory as cm  # pylint: disable=g-import-not-at-top
@@ -530,15 +535,25 @@ def update_program_plan(config, model: QwenConfig, train_shape: dict[str, int],
                                   logits=not critic)
     # The backward's layer also holds that layer's gathered weights and their full
     # (not yet reduced) gradient, in the compute dtype.
-    gathered = 2 * layer_weight_bytes(cfg, mesh, rules, compute) if us.micro_rows else 0
-    phases = {"logits": act["logits"], "backward": params + act["layer"] + gathered}
-    whole = params + state + batch + params + cast + act["residuals"]
+    gathered = 2 * gathered_weight_bytes(cfg, mesh, rules, compute) if us.micro_rows else 0
+    # The embedding (and an untied LM head) gathered in the compute dtype, hoisted out of
+    # the loops; a policy's scoring-chunk backward adds the head's whole f32 gradient and
+    # its compute-dtype all-reduce (the v5p compiles' buffer assignments, bench/README.md).
+    head = "embed" if cfg.tie_word_embeddings else "lm_head"
+    tops = ("embed",) if critic or cfg.tie_word_embeddings else ("embed", "lm_head")
+    top = gathered_weight_bytes(cfg, mesh, rules, compute, tops)
+    head_grad = 0 if critic else sum(
+        gathered_weight_bytes(cfg, mesh, rules, d, (head,)) for d in (jnp.float32, compute))
+    logits = act["logits"] + head_grad
+    phases = {"logits": logits, "backward": params + act["layer"] + gathered}
+    whole = params + state + batch + params + cast + top + act["residuals"]
     out[name] = {"params_bytes_per_device": params, "optimizer_state_bytes_per_device": state,
                  "batch_bytes_per_device": batch, "gradient_accumulator_bytes_per_device": params,
                  "micro_batch_gradient_bytes_per_device": params,
                  "compute_dtype_weights_bytes_per_device": cast,
                  "residual_bytes_per_device": act["residuals"],
-                 "logits_bytes_per_device": act["logits"],
+                 "gathered_embedding_bytes_per_device": top,
+                 "logits_bytes_per_device": logits,
                  "layer_backward_bytes_per_device": act["layer"],
                  "peak_phase": max(phases, key=phases.get),
                  "peak_bytes_per_device": whole + max(phases.values()),

@@ -218,6 +218,13 @@ class TpuTopologyTest(parameterized.TestCase):
       self.assertGreaterEqual(coll["per_layer"].get("all_reduces", 0)
                               + coll["per_layer"].get("weight_reduce_scatters", 0), 1, coll)
 
+  def test_hint_feedback_rollout_compiles(self):
+    """hybrid_qwen's feedback turn comes from a host callback inside the per-shard engine;
+    libtpu once refused it (a tokens + lengths callback: "sharding doesn't match rank")."""
+    r = pm.compiled_report(_small(hybrid_qwen), _model("qwen2"), None, "v5p:2x2x2",
+                           with_update=False)["rollout"]
+    self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])
+
   def test_fit_with_roofline(self):
     """--fit for a TPU v4-8 (libtpu lists its 2 TensorCores per chip as devices)."""
     from jax.experimental import topologies  # pylint: disable=g-import-not-at-top

@@ -220,7 +220,8 @@ class TpuTopologyTest(parameterized.TestCase):
 
   def test_hint_feedback_rollout_compiles(self):
     """hybrid_qwen's feedback turn comes from a host callback inside the per-shard engine;
-    libtpu once refused it (a tokens + lengths callback: "sharding doesn't match rank")."""
+    its TPU lowering once failed (a tokens + lengths callback: "sharding doesn't match
+    tensor rank")."""
     r = pm.compiled_report(_small(hybrid_qwen), _model("qwen2"), None, "v5p:2x2x2",
                            with_update=False)["rollout"]
     self.assertEqual(r["decode_loop_collectives"], 0, r["decode_loop_collective_ops"])

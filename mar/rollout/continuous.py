@@ -250,8 +250,8 @@ class ModelPolicy(schedule.Policy):
     r = self.spec.rollout
     width = ctl.feed_tok.shape[1]
     if r.hint_feedback_len:
-      # One [B, width + 1] result (the tokens, then the length): libtpu's host-transfer
-      # lowering of a callback inside shard_map gave its rank-2 and rank-1 results each
+      # One [B, width + 1] result (the tokens, then the length): JAX's TPU lowering of a
+      # callback (host send / recv) inside shard_map gave its rank-2 and rank-1 results each
       # other's shardings ("sharding doesn't match tensor rank"), so hybrid_qwen's rollout
       # did not compile for TPU.
       fn = self.verify_fn
@@ -262,8 +262,8 @@ class ModelPolicy(schedule.Policy):
         return np.concatenate([np.asarray(toks, np.int32),
                                np.asarray(lengths, np.int32)[:, None]], axis=1)
 
-      out = jax.pure_callback(host, jax.ShapeDtypeStruct((go_on.shape[0], width + 1), jnp.int32),
-                              self._global(ctl.seq), ctl.attempts_left, go_on)
+      shape = jax.ShapeDtypeStruct((go_on.shape[0], width + 1), jnp.int32)
+      out = jax.pure_callback(host, shape, self._global(ctl.seq), ctl.attempts_left, go_on)
       return out[:, :width], out[:, width]
     toks = jnp.pad(self.fb_tokens, ((0, 0), (0, width - self.fb_tokens.shape[1])))
     left = jnp.clip(ctl.attempts_left, 0, toks.shape[0] - 1)

@@ -186,10 +186,10 @@ def unstacked_structs(params: dict) -> dict:
 
 
 def kv_bytes(model: QwenConfig, rows: int, slots: int, dtype) -> int:
-  """k and v of every layer (with a long cache's window) plus the validity mask, all rows."""
-  cached = slots + qwen.window_slots(model, slots)
-  kv = 2 * model.num_layers * rows * model.num_kv_heads * cached * model.head_dim
-  return kv * np.dtype(dtype).itemsize + rows * slots
+  """All rows' cache as `models.model.init_cache` makes it: k and v of every layer, a long
+  cache's window, the validity mask."""
+  cache = jax.eval_shape(lambda: qwen.init_cache(model, rows, slots, dtype))
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
 
 
 # ----- the learner's update programs ----------------------------------------------------------

@@ -118,15 +118,10 @@ def critic_bytes(model: QwenConfig, mesh, rules=sharding_lib.DEFAULT_RULES,
 
 def kv_cache_bytes(model: QwenConfig, mesh, rows: int, slots: int,
                    rules=sharding_lib.DEFAULT_RULES, dtype=jnp.bfloat16) -> int:
-  """Per-device bytes of the rollout's KV cache (k, v, the validity mask and, for a long
-  cache, its window: `models.model.window_slots`), exact."""
-  kv = (model.num_layers, rows, model.num_kv_heads, slots, model.head_dim)
-  shapes = {"k": jax.ShapeDtypeStruct(kv, dtype), "v": jax.ShapeDtypeStruct(kv, dtype),
-            "valid": jax.ShapeDtypeStruct((rows, slots), jnp.bool_)}
-  window = qwen.window_slots(model, slots)
-  if window:
-    win = jax.ShapeDtypeStruct(kv[:3] + (window,) + kv[4:], dtype)
-    shapes.update(k_win=win, v_win=win)
+  """Per-device bytes of the rollout's KV cache as `models.model.init_cache` makes it (k, v,
+  the validity mask and, for a long cache, its window), exact."""
+  cache = jax.eval_shape(lambda: qwen.init_cache(model, rows, slots, dtype))
+  shapes = {n: s for n, s in cache._asdict().items() if s is not None}
   axes = sharding_lib.cache_logical_axes(model)
   axes = {**axes._asdict(), "k_win": axes.k, "v_win": axes.v}
   sh = {n: NamedSharding(mesh, sharding_lib.logical_to_spec(axes[n], mesh, rules,
@@ -422,12 +417,13 @@ def gathered_weight_bytes(model: QwenConfig, mesh, rules, dtype, names=None) -> 
   'tensor': one layer's (`names` None) or the named top-level params ('embed', 'lm_head')."""
   gathered = {a: (1 if a in _mesh_axes(mesh, rules, "batch") else n)
               for a, n in mesh.shape.items()}
-  if names is None:
-    shapes = {k: v[1:] for k, v in param_shapes(model)["layers"].items()}
-    axes = {k: v[1:] for k, v in sharding_lib.param_logical_axes(model)["layers"].items()}
+  all_shapes, all_axes = param_shapes(model), sharding_lib.param_logical_axes(model)
+  if names is None:  # one layer: the stacked layers' shapes without their leading axis
+    shapes = {k: v[1:] for k, v in all_shapes["layers"].items()}
+    axes = {k: v[1:] for k, v in all_axes["layers"].items()}
   else:
-    shapes = {k: param_shapes(model)[k] for k in names}
-    axes = {k: sharding_lib.param_logical_axes(model)[k] for k in names}
+    shapes = {k: all_shapes[k] for k in names}
+    axes = {k: all_axes[k] for k in names}
   am = abstract_mesh(gathered)
   structs = {k: jax.ShapeDtypeStruct(v, dtype) for k, v in shapes.items()}
   sh = {k: NamedSharding(am, sharding_lib.logical_to_spec(axes[k], am, rules, v))
